@@ -1,0 +1,227 @@
+"""The `fusesnap` command line: the user's interface to everything.
+
+    fusesnap mount MNT [--linear DEV] [--system DEV --diff DIFF] [--foreground] [--debug]
+    fusesnap umount MNT
+    fusesnap status MNT [--json]
+    fusesnap update pause|resume MNT
+    fusesnap diff OLD NEW -o DIFF
+    fusesnap diff-info DIFF [--verify]
+
+Every user error is one line on stderr, `fusesnap: <reason>`, with the exit status
+of `fusesnap.errors` (2 for bad input, 1 for an operation that failed); never a
+traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+from . import diffing, mount
+from .errors import EXIT_FAILED, EXIT_USAGE, UserError
+from .fs import XATTR_COMMAND, XATTR_PID
+from .images import IMAGE_TYPES
+
+LOG_DIR = "/var/log/fusesnap"
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line and exit status 2."""
+
+    def error(self, message):
+        self.exit(EXIT_USAGE, f"fusesnap: {message} (see '{self.prog} --help')\n")
+
+
+def default_log_path(mountpoint: str) -> str:
+    escaped = os.path.realpath(mountpoint).strip("/").replace("/", "-") or "root"
+    return os.path.join(LOG_DIR, escaped + ".log")
+
+
+def mounted_at(path: str) -> str | None:
+    """The filesystem type mounted at `path`, or None."""
+    target = os.path.realpath(path)
+    with open("/proc/self/mountinfo") as mountinfo:
+        for line in mountinfo:
+            fields = line.split()
+            mount_point = fields[4].encode().decode("unicode_escape")
+            if mount_point == target:
+                return fields[fields.index("-") + 1]
+    return None
+
+
+# -- mount -------------------------------------------------------------------------
+
+def cmd_mount(args) -> int:
+    mountpoint = args.mountpoint
+    if not os.path.isdir(mountpoint):
+        raise UserError(f"mountpoint {mountpoint} is not a directory")
+    if mounted_at(mountpoint):
+        raise UserError(f"{mountpoint} is already mounted")
+    if not args.foreground:
+        log_path = args.log or default_log_path(mountpoint)
+        mount.spawn_server(args.argv, log_path)
+        return 0
+
+    mount.setup_logging(args.debug)
+    try:
+        images = [image for image_type in IMAGE_TYPES for image in image_type.images_from_args(args)]
+        if not images:
+            raise UserError("no images to mount: give --linear DEV, or --system DEV --diff DIFF")
+    except UserError as exc:
+        if args.ready_fd is not None:
+            os.write(args.ready_fd, f"{exc.exit_status} {exc}\n".encode())
+        raise
+    os.chdir("/")  # a daemon must not pin the directory it was started from
+    return mount.run_server(os.path.abspath(mountpoint), images, workers=args.workers,
+                            debug=args.debug, ready_fd=args.ready_fd)
+
+
+# -- umount ------------------------------------------------------------------------
+
+def loop_devices_on(mountpoint: str) -> list[str]:
+    """Loop devices whose backing file lies inside the mount, as 'loopN (file)'."""
+    prefix = os.path.realpath(mountpoint) + "/"
+    found = []
+    for name in sorted(os.listdir("/sys/block")):
+        try:
+            with open(f"/sys/block/{name}/loop/backing_file") as backing:
+                path = backing.read().strip()
+        except OSError:
+            continue
+        if path.startswith(prefix):
+            found.append(f"/dev/{name} ({os.path.basename(path)})")
+    return found
+
+
+def _wait_for_exit(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def cmd_umount(args) -> int:
+    mountpoint = args.mountpoint
+    if mounted_at(mountpoint) != "fuse.fusesnap":
+        raise UserError(f"{mountpoint} is not a fusesnap mount")
+    busy = loop_devices_on(mountpoint)
+    if busy:
+        raise UserError(f"{mountpoint} is in use by {', '.join(busy)}: detach with losetup -d first",
+                        EXIT_FAILED)
+    try:
+        pid = int(os.getxattr(mountpoint, XATTR_PID))
+    except OSError as exc:  # typically ENOTCONN: the server died
+        subprocess.run(["umount", "-l", mountpoint], check=False)
+        print(f"{mountpoint}: server was not running ({exc.strerror}); mount removed")
+        return 0
+    send_command(mountpoint, "flush")
+    result = subprocess.run(["umount", mountpoint], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise UserError(f"umount {mountpoint} failed: {result.stderr.strip()}", EXIT_FAILED)
+    if not _wait_for_exit(pid, timeout=120):
+        raise UserError(f"server {pid} did not exit after unmount; see {default_log_path(mountpoint)}",
+                        EXIT_FAILED)
+    return 0
+
+
+# -- status and control ------------------------------------------------------------
+
+def read_status(mountpoint: str, json_form: bool) -> str:
+    if mounted_at(mountpoint) != "fuse.fusesnap":
+        raise UserError(f"{mountpoint} is not a fusesnap mount")
+    name = ".status.json" if json_form else ".status"
+    try:
+        with open(os.path.join(mountpoint, name)) as status:
+            return status.read()
+    except OSError as exc:
+        raise UserError(f"cannot read {mountpoint}/{name}: {exc.strerror}", EXIT_FAILED) from None
+
+
+def cmd_status(args) -> int:
+    sys.stdout.write(read_status(args.mountpoint, args.json))
+    return 0
+
+
+def send_command(mountpoint: str, command: str) -> None:
+    try:
+        os.setxattr(mountpoint, XATTR_COMMAND, command.encode())
+    except OSError as exc:
+        raise UserError(f"{mountpoint}: '{command}' failed: {exc.strerror}", EXIT_FAILED) from None
+
+
+def cmd_update(args) -> int:
+    images = json.loads(read_status(args.mountpoint, True))["images"]
+    if not any(figures["target"] == "update" for figures in images.values()):
+        raise UserError(f"{args.mountpoint} has no update image (mount it with --system and --diff)")
+    send_command(args.mountpoint, f"update {args.action}")
+    return 0
+
+
+# -- the parser --------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(prog="fusesnap", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineParser)
+    commands.required = True
+
+    p = commands.add_parser("mount", help="mount images on MNT",
+                            description="Mount virtual block images as files in MOUNTPOINT. "
+                            "Returns once the mount is usable; the server keeps running in the "
+                            f"background and logs to {LOG_DIR}/<mountpoint with / as ->.log "
+                            "unless --foreground or --log is given.")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT")
+    for image_type in IMAGE_TYPES:
+        image_type.add_mount_arguments(p)
+    p.add_argument("--foreground", action="store_true", help="serve in this process, logging to stderr")
+    p.add_argument("--debug", action="store_true", help="log every request (verbose)")
+    p.add_argument("--log", metavar="FILE", help="log file of the background server")
+    p.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="concurrent request handlers (default 1: fastest for page-cached I/O)")
+    p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+    p.set_defaults(run=cmd_mount)
+
+    p = commands.add_parser("umount", help="flush, unmount and stop the server")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT")
+    p.set_defaults(run=cmd_umount)
+
+    p = commands.add_parser("status", help="print MOUNTPOINT/.status")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT")
+    p.add_argument("--json", action="store_true", help="print .status.json instead")
+    p.set_defaults(run=cmd_status)
+
+    p = commands.add_parser("update", help="pause or resume the background merge of system.img")
+    p.add_argument("action", choices=("pause", "resume"))
+    p.add_argument("mountpoint", metavar="MOUNTPOINT")
+    p.set_defaults(run=cmd_update)
+
+    p = commands.add_parser("diff", help="make an update diff from OLD to NEW")
+    diffing.add_diff_arguments(p)
+    p.set_defaults(run=diffing.run_diff)
+
+    p = commands.add_parser("diff-info", help="describe and check an update diff")
+    diffing.add_diff_info_arguments(p)
+    p.set_defaults(run=diffing.run_diff_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    if argv is None:
+        argv = sys.argv[1:]
+    args = build_parser().parse_args(argv)
+    args.argv = argv
+    try:
+        return args.run(args)
+    except UserError as exc:
+        print(f"fusesnap: {exc}", file=sys.stderr)
+        return exc.exit_status
+    except KeyboardInterrupt:
+        print("fusesnap: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,121 @@
+"""Backing devices: resolve a device argument, learn its size and granularity, and
+do positional I/O on it.
+
+A `BlockDevice` wraps one file descriptor on a block device or a regular file. Every
+method is a plain blocking syscall on that fd (`pread`/`pwrite` are positional, so
+several threads may use one device at once). Images call them from the trio thread
+when the data is expected in the page cache and from worker threads otherwise.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import fcntl
+import os
+import stat
+import struct
+
+from .errors import UserError
+
+BLKGETSIZE64 = 0x80081272
+BLKSSZGET = 0x1268
+BLKROGET = 0x125E
+
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    """fallocate(2) with a mode (Python's os.posix_fallocate takes none)."""
+    if _libc.fallocate(fd, mode, offset, length) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def resolve_device_path(arg: str) -> str:
+    """Turn a device argument into an absolute path.
+
+    A bare name such as `sda1` means `/dev/sda1`; when no such device node exists
+    and a file of that name is in the current directory, the file is meant.
+    """
+    if "/" not in arg:
+        dev_path = os.path.join("/dev", arg)
+        if os.path.exists(dev_path) or not os.path.exists(arg):
+            return dev_path
+    return os.path.abspath(arg)
+
+
+class BlockDevice:
+    """An open block device or regular file used as an image's backing store."""
+
+    def __init__(self, path: str, *, read_only: bool = False):
+        self.path = path
+        self.read_only = read_only
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            raise UserError(f"no such device: {path}") from None
+        except OSError as exc:
+            raise UserError(f"cannot use {path}: {exc.strerror}") from None
+        if not (stat.S_ISBLK(st.st_mode) or stat.S_ISREG(st.st_mode)):
+            raise UserError(f"{path} is neither a block device nor a regular file")
+        self.is_block_device = stat.S_ISBLK(st.st_mode)
+        try:
+            self.fd = os.open(path, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC)
+        except OSError as exc:
+            if read_only or exc.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+                raise UserError(f"cannot open {path}: {exc.strerror}") from None
+            # A write-protected device still makes a (read-only) image.
+            self.read_only = True
+            self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        if self.is_block_device:
+            self.size = struct.unpack("Q", fcntl.ioctl(self.fd, BLKGETSIZE64, b"\0" * 8))[0]
+            self.logical_block_size = struct.unpack("i", fcntl.ioctl(self.fd, BLKSSZGET, b"\0" * 4))[0]
+            if struct.unpack("i", fcntl.ioctl(self.fd, BLKROGET, b"\0" * 4))[0]:
+                self.read_only = True  # Linux lets root open it O_RDWR, but writes fail
+        else:
+            self.size = st.st_size
+            self.logical_block_size = 512
+
+    def pread(self, size: int, offset: int) -> bytes:
+        return os.pread(self.fd, size, offset)
+
+    def pwrite(self, data, offset: int) -> int:
+        """Write all of `data` at `offset` (loops over short writes)."""
+        view = memoryview(data)
+        done = 0
+        while done < len(view):
+            done += os.pwrite(self.fd, view[done:], offset + done)
+        return done
+
+    def punch(self, offset: int, length: int, *, zero_range: bool = False) -> None:
+        """Discard (`PUNCH_HOLE`) or zero (`ZERO_RANGE`) a byte range; it reads back as zeros.
+
+        On a block device the kernel turns this into a discard/write-zeroes request
+        (blkdev_fallocate); on a file it frees or zeroes the blocks.
+        """
+        mode = FALLOC_FL_KEEP_SIZE | (FALLOC_FL_ZERO_RANGE if zero_range else FALLOC_FL_PUNCH_HOLE)
+        fallocate(self.fd, mode, offset, length)
+
+    def fsync(self) -> None:
+        os.fsync(self.fd)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __repr__(self) -> str:
+        return f"<BlockDevice {self.path} {self.size} bytes>"
+
+
+def check_range(image_size: int, offset: int, length: int) -> None:
+    """Raise ENOSPC for a write or discard that reaches past the end of an image."""
+    if offset < 0 or length < 0 or offset + length > image_size:
+        raise OSError(errno.ENOSPC, "beyond the end of the image")

@@ -1,0 +1,259 @@
+"""The FUSE adapter: a protocol translator between pyfuse3 and the images.
+
+It owns the inode table (the root directory, one file per image, `.status` and
+`.status.json`), builds attributes, and maps errors. For I/O it finds the image of a
+file handle and calls `read/write/discard/flush` on it; nothing else happens here.
+
+Error boundary: every handler funnels exceptions through `_to_fuse_error`, so only
+`FUSEError` ever leaves a handler. `OSError` keeps its errno (EIO, ENOSPC, EROFS ...);
+anything else is a bug: it is logged with its traceback and that one request gets EIO.
+
+Control: the root directory's extended attributes are the control channel the CLI
+uses (`user.fusesnap.pid` to read, `user.fusesnap.command` to act).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import stat
+import time
+from typing import Awaitable, Callable
+
+import pyfuse3
+
+from .devices import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE
+from .images.base import Image
+
+log = logging.getLogger(__name__)
+
+XATTR_PID = b"user.fusesnap.pid"
+XATTR_COMMAND = b"user.fusesnap.command"
+
+STATUS_FILES = (".status", ".status.json")
+_FIRST_FILE_INODE = pyfuse3.ROOT_INODE + 1
+
+
+def _to_fuse_error(exc: Exception, what: str) -> pyfuse3.FUSEError:
+    """The one place where exceptions become errnos."""
+    if isinstance(exc, pyfuse3.FUSEError):
+        return exc
+    if isinstance(exc, OSError) and exc.errno:
+        log.debug("%s: %s", what, exc)
+        return pyfuse3.FUSEError(exc.errno)
+    log.error("%s failed unexpectedly, answering EIO", what, exc_info=exc)
+    return pyfuse3.FUSEError(errno.EIO)
+
+
+class StatusRenderer:
+    """Renders `.status` (one line per image, like `dmsetup status`) and `.status.json`."""
+
+    def __init__(self, images: list[Image]):
+        self.images = images
+
+    def as_dict(self) -> dict:
+        return {"images": {img.name: {"target": img.target, **img.status()} for img in self.images}}
+
+    def as_text(self) -> str:
+        lines = []
+        for img in self.images:
+            figures = img.status()
+            fields = " ".join(str(figures[key]) for key in img.status_line_keys)
+            lines.append(f"{img.name}: {img.target} {fields}".rstrip())
+        return "".join(line + "\n" for line in lines)
+
+    def render(self, file_name: str) -> bytes:
+        if file_name == ".status.json":
+            return (json.dumps(self.as_dict(), indent=1, sort_keys=True) + "\n").encode()
+        return self.as_text().encode()
+
+
+class FuseOperations(pyfuse3.Operations):
+    """pyfuse3 handlers for a flat directory of images and status files."""
+
+    def __init__(self, images: list[Image], control: Callable[[str], Awaitable[None]]):
+        super().__init__()
+        self.status = StatusRenderer(images)
+        self.control = control
+        self.mount_time_ns = time.time_ns()
+        # inode -> Image, or the name of a status file
+        self.by_inode: dict[int, Image | str] = {}
+        self.by_name: dict[bytes, int] = {}
+        for inode, entry in enumerate([*images, *STATUS_FILES], start=_FIRST_FILE_INODE):
+            name = entry.name if isinstance(entry, Image) else entry
+            self.by_inode[inode] = entry
+            self.by_name[name.encode()] = inode
+        # file handle -> Image, or the bytes of a status file rendered at open
+        self.open_files: dict[int, Image | bytes] = {}
+        self.next_fh = 1
+
+    # -- attributes -------------------------------------------------------------
+
+    def _attributes(self, inode: int) -> pyfuse3.EntryAttributes:
+        attr = pyfuse3.EntryAttributes()
+        attr.st_ino = inode
+        attr.st_uid = 0
+        attr.st_gid = 0
+        attr.st_atime_ns = attr.st_mtime_ns = attr.st_ctime_ns = self.mount_time_ns
+        attr.st_blksize = 4096
+        if inode == pyfuse3.ROOT_INODE:
+            attr.st_mode = stat.S_IFDIR | 0o755
+            attr.st_nlink = 2
+            attr.st_size = 0
+            attr.attr_timeout = attr.entry_timeout = 300
+            return attr
+        entry = self.by_inode.get(inode)
+        if entry is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        attr.st_nlink = 1
+        if isinstance(entry, Image):
+            attr.st_mode = stat.S_IFREG | 0o600  # read-only images refuse writes at open: EROFS
+            attr.st_size = entry.size
+            attr.attr_timeout = attr.entry_timeout = 300
+        else:
+            attr.st_mode = stat.S_IFREG | 0o444
+            attr.st_size = len(self.status.render(entry))
+            attr.attr_timeout = attr.entry_timeout = 0
+        attr.st_blocks = (attr.st_size + 511) // 512
+        return attr
+
+    async def getattr(self, inode, ctx=None):
+        try:
+            return self._attributes(inode)
+        except Exception as exc:
+            raise _to_fuse_error(exc, "getattr") from None
+
+    async def setattr(self, inode, attr, fields, fh, ctx):
+        if fields.update_size:
+            raise pyfuse3.FUSEError(errno.EPERM)  # images have the size of their device
+        return await self.getattr(inode)
+
+    async def lookup(self, parent_inode, name, ctx=None):
+        if parent_inode != pyfuse3.ROOT_INODE:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        if name == b".":
+            return await self.getattr(pyfuse3.ROOT_INODE)
+        inode = self.by_name.get(name)
+        if inode is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return await self.getattr(inode)
+
+    # -- the directory ----------------------------------------------------------
+
+    async def opendir(self, inode, ctx):
+        if inode != pyfuse3.ROOT_INODE:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        return inode
+
+    async def readdir(self, fh, start_id, token):
+        try:
+            entries = sorted(self.by_name.items())
+            for index, (name, inode) in enumerate(entries[start_id:], start=start_id):
+                if not pyfuse3.readdir_reply(token, name, self._attributes(inode), index + 1):
+                    break
+        except Exception as exc:
+            raise _to_fuse_error(exc, "readdir") from None
+
+    async def statfs(self, ctx):
+        stats = pyfuse3.StatvfsData()
+        stats.f_bsize = stats.f_frsize = 4096
+        stats.f_files = len(self.by_inode) + 1
+        stats.f_namemax = 255
+        return stats
+
+    # -- files ------------------------------------------------------------------
+
+    async def open(self, inode, flags, ctx):
+        try:
+            entry = self.by_inode.get(inode)
+            if entry is None:
+                raise pyfuse3.FUSEError(errno.ENOENT)
+            writing = flags & os.O_ACCMODE != os.O_RDONLY
+            if isinstance(entry, Image):
+                if writing and entry.read_only:
+                    raise pyfuse3.FUSEError(errno.EROFS)
+                opened: Image | bytes = entry
+            else:
+                if writing:
+                    raise pyfuse3.FUSEError(errno.EACCES)
+                # Rendered now, so a reader sees one consistent and current snapshot.
+                opened = self.status.render(entry)
+            fh = self.next_fh
+            self.next_fh += 1
+            self.open_files[fh] = opened
+            # direct_io: no page cache in the FUSE layer. Status files are never
+            # stale, and image data is cached once (by the loop device), not twice.
+            return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False)
+        except Exception as exc:
+            raise _to_fuse_error(exc, "open") from None
+
+    async def read(self, fh, off, size):
+        try:
+            opened = self.open_files[fh]
+            if isinstance(opened, bytes):
+                return opened[off:off + size]
+            return await opened.read(off, size)
+        except Exception as exc:
+            raise _to_fuse_error(exc, "read") from None
+
+    async def write(self, fh, off, buf):
+        try:
+            opened = self.open_files[fh]
+            if isinstance(opened, bytes):
+                raise pyfuse3.FUSEError(errno.EBADF)
+            return await opened.write(off, buf)
+        except Exception as exc:
+            raise _to_fuse_error(exc, "write") from None
+
+    async def fallocate(self, fh, mode, offset, length):
+        try:
+            opened = self.open_files[fh]
+            if isinstance(opened, bytes) or opened.read_only:
+                raise pyfuse3.FUSEError(errno.EBADF if isinstance(opened, bytes) else errno.EROFS)
+            if mode == FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE:
+                await opened.discard(offset, length, zero_range=False)
+            elif mode == FALLOC_FL_KEEP_SIZE | FALLOC_FL_ZERO_RANGE:
+                await opened.discard(offset, length, zero_range=True)
+            elif mode == 0 and offset + length <= opened.size:
+                pass  # allocating inside a fixed-size device: nothing to do
+            else:
+                raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
+        except Exception as exc:
+            raise _to_fuse_error(exc, "fallocate") from None
+
+    async def fsync(self, fh, datasync):
+        try:
+            opened = self.open_files[fh]
+            if isinstance(opened, Image):
+                await opened.flush()
+        except Exception as exc:
+            raise _to_fuse_error(exc, "fsync") from None
+
+    async def flush(self, fh):
+        pass  # close(2) of one descriptor; durability is fsync's job
+
+    async def release(self, fh):
+        self.open_files.pop(fh, None)
+
+    # -- control ----------------------------------------------------------------
+
+    async def getxattr(self, inode, name, ctx):
+        if inode == pyfuse3.ROOT_INODE and name == XATTR_PID:
+            return str(os.getpid()).encode()
+        raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+
+    async def listxattr(self, inode, ctx):
+        return [XATTR_PID] if inode == pyfuse3.ROOT_INODE else []
+
+    async def setxattr(self, inode, name, value, ctx):
+        if inode != pyfuse3.ROOT_INODE or name != XATTR_COMMAND:
+            raise pyfuse3.FUSEError(errno.ENOTSUP)
+        try:
+            await self.control(value.decode())
+        except ValueError as exc:
+            log.warning("control command %r refused: %s", value, exc)
+            raise pyfuse3.FUSEError(errno.EINVAL) from None
+        except Exception as exc:
+            raise _to_fuse_error(exc, "control") from None

@@ -1,0 +1,13 @@
+"""Image types: each module here is one kind of virtual block image.
+
+| module    | image        | what it is                                              |
+|-----------|--------------|---------------------------------------------------------|
+| base      | -            | the `Image` interface the FUSE adapter calls            |
+| linear    | linear.img   | read-write pass-through of a device                     |
+
+`IMAGE_TYPES` is the list `fusesnap mount` consults for its options and images.
+"""
+
+from . import linear
+
+IMAGE_TYPES = (linear,)

@@ -1,0 +1,210 @@
+"""Real parts for tests: fusesnap mounts, loop devices, ext4 filesystems.
+
+Every context manager here cleans up on the way out even when the body raised, and
+never hides the exception already in flight: loop devices first, then the mount,
+then the server process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+FUSESNAP = [sys.executable, "-m", "fusesnap"]
+
+
+def run(cmd, *, check=True, **kwargs) -> subprocess.CompletedProcess:
+    """Run a command, capturing text output; on failure the assertion shows it."""
+    result = subprocess.run(cmd, capture_output=True, text=True, **kwargs)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{cmd} exited {result.returncode}:\n{result.stdout}{result.stderr}")
+    return result
+
+
+def fusesnap(*args, check=True) -> subprocess.CompletedProcess:
+    return run([*FUSESNAP, *map(str, args)], check=check, cwd=REPO)
+
+
+def sha256_of(path, length: int | None = None) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        remaining = length if length is not None else float("inf")
+        while remaining > 0:
+            block = f.read(int(min(4 << 20, remaining)))
+            if not block:
+                break
+            digest.update(block)
+            remaining -= len(block)
+    return digest.hexdigest()
+
+
+def _loop_devices_backed_under(prefix: str) -> list[str]:
+    devices = []
+    for name in os.listdir("/sys/block"):
+        try:
+            backing = Path(f"/sys/block/{name}/loop/backing_file").read_text().strip()
+        except OSError:
+            continue
+        if backing.startswith(prefix):
+            devices.append(f"/dev/{name}")
+    return devices
+
+
+def detach_loop(device: str) -> None:
+    """losetup -d, retrying while udev or a late reader still holds the device."""
+    for _ in range(50):
+        if run(["losetup", "-d", device], check=False).returncode == 0:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"could not detach {device}")
+
+
+@contextlib.contextmanager
+def loop_device(path, *, direct_io: bool = True, read_only: bool = False):
+    """Attach `path` to a free loop device; yields '/dev/loopN'."""
+    cmd = ["losetup", "--find", "--show", f"--direct-io={'on' if direct_io else 'off'}"]
+    if read_only:
+        cmd.append("--read-only")
+    device = run([*cmd, str(path)]).stdout.strip()
+    try:
+        yield device
+    finally:
+        detach_loop(device)
+
+
+@contextlib.contextmanager
+def mounted_dir(device: str, directory: Path, *options: str):
+    """mount(8) a block device (ext4 in our tests) on `directory`."""
+    directory.mkdir(parents=True, exist_ok=True)
+    run(["mount", *options, device, str(directory)])
+    try:
+        yield directory
+    finally:
+        run(["umount", str(directory)])
+
+
+class Mount:
+    """A running fusesnap mount (the server is a background process)."""
+
+    def __init__(self, mountpoint: Path, log: Path):
+        self.mountpoint = mountpoint
+        self.log = log
+        self.pid = int(os.getxattr(mountpoint, "user.fusesnap.pid"))
+
+    def __truediv__(self, name: str) -> Path:
+        return self.mountpoint / name
+
+    def status_text(self) -> str:
+        return (self.mountpoint / ".status").read_text()
+
+    def status(self) -> dict:
+        return json.loads((self.mountpoint / ".status.json").read_text())["images"]
+
+    def kill_server(self) -> None:
+        """kill -9 the server, as a crash would."""
+        os.kill(self.pid, signal.SIGKILL)
+        _wait_gone(self.pid, 10)
+
+
+def _wait_gone(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        # A child of ours that is a zombie counts as gone.
+        try:
+            if Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z":
+                return True
+        except OSError:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def is_mounted(path: Path) -> bool:
+    target = os.path.realpath(path)
+    with open("/proc/self/mountinfo") as mountinfo:
+        return any(line.split()[4] == target for line in mountinfo)
+
+
+@contextlib.contextmanager
+def fusesnap_mount(mountpoint: Path, *image_args, log: Path | None = None):
+    """`fusesnap mount` with the given image arguments; always torn down on exit:
+    loop devices on it, then the mount (`fusesnap umount`, lazily if that fails),
+    then the server process (SIGKILL if it lingers)."""
+    mountpoint.mkdir(parents=True, exist_ok=True)
+    log = log or mountpoint.with_name(mountpoint.name + ".log")
+    fusesnap("mount", mountpoint, *image_args, "--log", log)
+    try:
+        mount = Mount(mountpoint, log)
+    except BaseException:
+        run(["umount", "-l", str(mountpoint)], check=False)
+        raise
+    try:
+        yield mount
+    finally:
+        teardown_mount(mount)
+
+
+def teardown_mount(mount: Mount) -> None:
+    for device in _loop_devices_backed_under(str(mount.mountpoint) + "/"):
+        detach_loop(device)
+    if is_mounted(mount.mountpoint):
+        if fusesnap("umount", mount.mountpoint, check=False).returncode != 0:
+            run(["umount", "-l", str(mount.mountpoint)], check=False)
+    if not _wait_gone(mount.pid, 30):
+        os.kill(mount.pid, signal.SIGKILL)
+        _wait_gone(mount.pid, 10)
+
+
+def leftovers(prefix: str) -> list[str]:
+    """Mounts, loop devices and servers a test run must not leave behind."""
+    found = []
+    with open("/proc/self/mountinfo") as mountinfo:
+        for line in mountinfo:
+            fields = line.split()
+            fstype = fields[fields.index("-") + 1]
+            if fstype == "fuse.fusesnap" or fields[4].startswith(prefix):
+                found.append(f"mount {fields[4]} ({fstype})")
+    found += [f"loop device {dev}" for dev in _loop_devices_backed_under(prefix)]
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"fusesnap" in cmdline and b"--foreground" in cmdline:
+            found.append(f"server process {pid}")
+    return found
+
+
+def make_ext4(path: Path, size_mib: int) -> None:
+    with open(path, "wb") as f:
+        f.truncate(size_mib << 20)
+    run(["mkfs.ext4", "-q", "-F", "-b", "4096", str(path)])
+
+
+def fill_files(root: Path, count: int, seed: int, size: int = 64 << 10) -> dict[str, str]:
+    """Write `count` files of mixed compressible/random content; returns name -> sha256."""
+    import random
+    rng = random.Random(seed)
+    hashes = {}
+    for index in range(count):
+        words = b" ".join(rng.choice([b"block", b"image", b"fusesnap", b"update", b"%d" % index])
+                          for _ in range(size // 8))
+        data = (words[: size // 2] + rng.randbytes(size // 2))
+        name = f"file{index:04d}"
+        (root / name).write_bytes(data)
+        hashes[name] = hashlib.sha256(data).hexdigest()
+    return hashes
