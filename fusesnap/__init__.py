@@ -1,0 +1,19 @@
+"""fusesnap: virtual block images over FUSE, for loop devices to sit on.
+
+Layers, top to bottom (each module's docstring says what it owns and its
+concurrency contract):
+
+| module        | owns                                                              |
+|---------------|-------------------------------------------------------------------|
+| cli           | the command line: parsing, one-line errors, exit statuses         |
+| mount         | the server process: images in, pyfuse3 + trio main loop, teardown |
+| fs            | the FUSE adapter: inodes, attributes, errno mapping, control      |
+| images        | one module per image type, behind `images.base.Image`             |
+| formats       | on-disk formats, pure (pack, unpack, validate)                    |
+| rangemap      | the sorted-range map every image keeps its block state in         |
+| devices       | backing devices: path rules, size, positional I/O, discard        |
+| diffing       | `fusesnap diff` / `diff-info`: making and checking update diffs   |
+| errors        | `UserError` and the exit statuses                                 |
+
+Only `fs` and `mount` know about FUSE; everything below them is plain Python.
+"""
