@@ -1,0 +1,547 @@
+"""The update diff: the on-disk format of the proposed dm-update kernel target, version 0.
+
+See /work/shared/formats.md section 1 for the byte layout. In short: a 64-byte
+superblock, compressed chunks of changed blocks, and one compressed directory of
+16-byte entries ``(dest, src, offset)`` sorted by dest and ended by a sentinel.
+
+Layout written by ``fusesnap diff`` (the reader accepts any layout the rules allow)::
+
+    [0, 64)                        superblock
+    [64, S)                        chunks, one after the other in directory order;
+                                   S is the sentinel's src (the end of the last chunk)
+    [S, S + dir_compressed_size)   the directory (dir_offset == S); the file ends here
+
+The directory goes last because its size is only known once every chunk is
+written. The sentinel's dest is the size of NEW in blocks (greater than every real
+dest) and its offset is 0. An empty diff is a superblock followed by a directory
+holding only the sentinel (``dir_n == 1``, sentinel src 64).
+
+This module is pure format code: packing, unpacking, validation and reading of
+chunks. It never decides policy (what to do with a bad diff) and never touches trio.
+Every violation raises :class:`DiffFormatError` with a one-line message naming the rule.
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import hashlib
+import itertools
+import operator
+import os
+import struct
+import sys
+import threading
+from array import array
+from collections.abc import Iterator, Sequence
+
+import zstandard
+
+MAGIC = b"update\0\0"
+VERSION = 0
+SUPERBLOCK_SIZE = 64
+ENTRY_SIZE = 16
+CHUNKS_OFFSET = SUPERBLOCK_SIZE   # where `fusesnap diff` puts the first chunk
+MIN_BLOCK_BITS = 9
+MAX_BLOCK_BITS = 31               # block_bits < 32
+MAX_CHUNK_BYTES = 1 << 31         # chunk_blocks << block_bits < 2^31
+MAX_48 = 1 << 48                  # dest and src are 48-bit
+COMPRESSIONS = ("zstd", "none")
+COMPRESSION_FIELD = 16
+
+_SB = struct.Struct("<8sBBHI16sQQQQ")
+_ENTRY = struct.Struct("<IHHII")
+_M32 = 0xFFFFFFFF
+_CONTENTSIZE_UNKNOWN = zstandard.CONTENTSIZE_UNKNOWN
+_PIECE = 4096   # input piece size when a zstd frame does not state its content size
+
+assert _SB.size == SUPERBLOCK_SIZE and _ENTRY.size == ENTRY_SIZE
+
+
+class DiffFormatError(ValueError):
+    """The diff breaks a rule of the format; the message is one line naming the rule."""
+
+    def __init__(self, detail: str):
+        super().__init__(f"bad diff: {detail}")
+
+
+class ChunkError(DiffFormatError):
+    """One chunk does not decompress, or decompresses to something its entries cannot use."""
+
+    def __init__(self, chunk_index: int, detail: str):
+        super().__init__(f"chunk {chunk_index}: {detail}")
+        self.chunk_index = chunk_index
+
+
+@dataclasses.dataclass(frozen=True)
+class Superblock:
+    block_bits: int
+    chunk_blocks: int
+    compression: str
+    dir_offset: int
+    dir_compressed_size: int
+    dir_n: int
+    version: int = VERSION
+    magic: bytes = MAGIC
+    pad1: int = 0
+    pad2: int = 0
+
+    @property
+    def block_size(self) -> int:
+        return 1 << self.block_bits
+
+    def pack(self) -> bytes:
+        name = self.compression.encode("ascii")
+        if len(name) >= COMPRESSION_FIELD:
+            raise ValueError(f"compression name {self.compression!r} too long")
+        return _SB.pack(self.magic, self.version, self.block_bits, self.pad1, self.chunk_blocks,
+                        name.ljust(COMPRESSION_FIELD, b"\0"), self.dir_offset,
+                        self.dir_compressed_size, self.dir_n, self.pad2)
+
+    @classmethod
+    def unpack(cls, data: bytes) -> Superblock:
+        """Parse 64 bytes; checks only the magic and that the compression field is a
+        NUL-padded name (so it can become a str). Call :meth:`validate` for the rules.
+        """
+        if len(data) < SUPERBLOCK_SIZE:
+            raise DiffFormatError(f"superblock: need {SUPERBLOCK_SIZE} bytes, got {len(data)}")
+        (magic, version, block_bits, pad1, chunk_blocks, comp, dir_offset,
+         dir_size, dir_n, pad2) = _SB.unpack_from(data)
+        if magic != MAGIC:
+            raise DiffFormatError(f"magic: must be {MAGIC!r}, got {magic!r}")
+        name, nul, tail = comp.partition(b"\0")
+        if not nul:
+            raise DiffFormatError(f"compression: must be NUL-terminated within "
+                                  f"{COMPRESSION_FIELD} bytes, got {comp!r}")
+        if tail.strip(b"\0"):
+            raise DiffFormatError(f"compression: bytes after the NUL must be zero, got {comp!r}")
+        return cls(block_bits=block_bits, chunk_blocks=chunk_blocks,
+                   compression=name.decode("latin-1"), dir_offset=dir_offset,
+                   dir_compressed_size=dir_size, dir_n=dir_n, version=version, magic=magic,
+                   pad1=pad1, pad2=pad2)
+
+    def validate(self) -> None:
+        """The kernel loader's header checks, plus zero pads."""
+        if self.magic != MAGIC:
+            raise DiffFormatError(f"magic: must be {MAGIC!r}, got {self.magic!r}")
+        if self.version != VERSION:
+            raise DiffFormatError(f"version: must be {VERSION}, got {self.version}")
+        if not MIN_BLOCK_BITS <= self.block_bits <= MAX_BLOCK_BITS:
+            raise DiffFormatError(f"block_bits: must be in [{MIN_BLOCK_BITS}, {MAX_BLOCK_BITS}], "
+                                  f"got {self.block_bits}")
+        if self.pad1:
+            raise DiffFormatError(f"pad1: must be 0, got {self.pad1}")
+        if self.chunk_blocks <= 0:
+            raise DiffFormatError(f"chunk_blocks: must be > 0, got {self.chunk_blocks}")
+        if self.chunk_blocks << self.block_bits >= MAX_CHUNK_BYTES:
+            raise DiffFormatError(f"chunk_blocks: chunk_blocks << block_bits must be < 2^31, got "
+                                  f"{self.chunk_blocks} << {self.block_bits}")
+        if self.compression not in COMPRESSIONS:
+            raise DiffFormatError(f"compression: must be one of {', '.join(COMPRESSIONS)}, "
+                                  f"got {self.compression!r}")
+        if self.dir_n < 1:
+            raise DiffFormatError(f"dir_n: must be >= 1, got {self.dir_n}")
+        if self.pad2:
+            raise DiffFormatError(f"pad2: must be 0, got {self.pad2}")
+
+
+def pack_entry(dest: int, src: int, offset: int) -> bytes:
+    if not (0 <= dest < MAX_48 and 0 <= src < MAX_48 and 0 <= offset <= _M32):
+        raise ValueError(f"directory entry out of range: dest={dest} src={src} offset={offset}")
+    return _ENTRY.pack(dest & _M32, dest >> 32, src >> 32, src & _M32, offset)
+
+
+def unpack_entry(data: bytes, index: int = 0) -> tuple[int, int, int]:
+    """(dest, src, offset) of entry `index` of raw directory bytes."""
+    dest_lo, dest_hi, src_hi, src_lo, offset = _ENTRY.unpack_from(data, index * ENTRY_SIZE)
+    return dest_lo | dest_hi << 32, src_lo | src_hi << 32, offset
+
+
+def pack_directory(dests: Sequence[int], srcs: Sequence[int], offsets: Sequence[int]) -> bytes:
+    """Raw directory bytes of parallel sequences (arrays are fastest), sentinel included."""
+    n = len(dests)
+    if not n == len(srcs) == len(offsets):
+        raise ValueError("dests, srcs and offsets must have the same length")
+    if n == 0:
+        return b""
+    if max(dests) >= MAX_48 or max(srcs) >= MAX_48 or max(offsets) > _M32:
+        raise ValueError("directory entry out of range (dest and src are 48-bit, offset 32-bit)")
+    words = array("I", bytes(ENTRY_SIZE * n))
+    if max(dests) <= _M32 and max(srcs) <= _M32:
+        words[0::4] = array("I", dests)
+        words[2::4] = array("I", srcs)
+    else:
+        words[0::4] = array("I", (d & _M32 for d in dests))
+        words[1::4] = array("I", ((d >> 32) | (s >> 32) << 16 for d, s in zip(dests, srcs)))
+        words[2::4] = array("I", (s & _M32 for s in srcs))
+    words[3::4] = array("I", offsets)
+    if sys.byteorder == "big":
+        words.byteswap()
+    return words.tobytes()
+
+
+def _zstd_decompress(dctx: zstandard.ZstdDecompressor, raw: bytes, limit: int,
+                     fail) -> bytes:
+    """Decompress exactly one zstd frame of at most `limit` bytes filling all of `raw`.
+
+    `fail(detail)` builds the exception to raise. The content checksum is verified by
+    libzstd when the frame has one.
+    """
+    try:
+        params = zstandard.get_frame_parameters(raw)
+    except zstandard.ZstdError as e:
+        raise fail(f"not a zstd frame ({e})") from None
+    size = params.content_size
+    if size != _CONTENTSIZE_UNKNOWN and size > limit:
+        raise fail(f"decompresses to {size} bytes, more than the {limit} allowed")
+    dobj = dctx.decompressobj()
+    try:
+        if size != _CONTENTSIZE_UNKNOWN:
+            out = dobj.decompress(raw)
+        else:   # feed small pieces so a decompression bomb stops early
+            parts = []
+            total = 0
+            view = memoryview(raw)
+            for pos in range(0, len(raw), _PIECE):
+                part = dobj.decompress(view[pos:pos + _PIECE])
+                total += len(part)
+                if total > limit:
+                    raise fail(f"decompresses to more than the {limit} bytes allowed")
+                parts.append(part)
+                if dobj.eof:
+                    break
+            out = b"".join(parts)
+    except zstandard.ZstdError as e:
+        raise fail(f"zstd: {e}") from None
+    if not dobj.eof:
+        raise fail("zstd frame is truncated")
+    if dobj.unused_data or (size == _CONTENTSIZE_UNKNOWN and pos + _PIECE < len(raw)):
+        raise fail("trailing bytes after the zstd frame")
+    if len(out) > limit:
+        raise fail(f"decompresses to {len(out)} bytes, more than the {limit} allowed")
+    return out
+
+
+def _first_not_increasing(values: Sequence[int], start: int = 0, stop: int | None = None) -> int | None:
+    """Smallest i in (start, stop) with values[i] <= values[i - 1], or None."""
+    stop = len(values) if stop is None else stop
+    bad = itertools.compress(itertools.count(start + 1),
+                             map(operator.ge, itertools.islice(values, start, stop - 1),
+                                 itertools.islice(values, start + 1, stop)))
+    return next(bad, None)
+
+
+def _split_directory(words: array) -> tuple[array, array, array]:
+    """(dests, srcs, offsets) arrays of directory words, the sentinel included."""
+    hi = words[1::4]
+    if any(hi):
+        dests = array("Q", (lo | (h & 0xFFFF) << 32 for lo, h in zip(words[0::4], hi)))
+        srcs = array("Q", (lo | (h >> 16) << 32 for lo, h in zip(words[2::4], hi)))
+    else:   # the usual case: 32-bit dests and srcs, kept as 4-byte arrays
+        dests = words[0::4]
+        srcs = words[2::4]
+    return dests, srcs, words[3::4]
+
+
+def _first_decreasing(values: Sequence[int], start: int, stop: int) -> int | None:
+    """Smallest i in (start, stop) with values[i] < values[i - 1], or None."""
+    if stop - start < 2:
+        return None
+    bad = itertools.compress(itertools.count(start + 1),
+                             map(operator.gt, itertools.islice(values, start, stop - 1),
+                                 itertools.islice(values, start + 1, stop)))
+    return next(bad, None)
+
+
+class DiffFile:
+    """An opened, fully validated diff: header, directory and chunk layout.
+
+    Owns its file descriptor. Entries live in compact arrays (`array` module): a diff
+    with millions of entries costs 8 bytes per entry (12 if a dest needs more than 32 bits). Reading and decompressing
+    chunks is thread-safe; nothing else mutates after `open`.
+    """
+
+    def __init__(self, path: str, fd: int, superblock: Superblock, file_size: int,
+                 dests: array, offsets: array, chunk_first: array, chunk_src: array,
+                 sentinel_dest: int):
+        self.path = path
+        self._fd = fd
+        self.superblock = superblock
+        self.block_bits = superblock.block_bits
+        self.block_size = 1 << superblock.block_bits
+        self.chunk_blocks = superblock.chunk_blocks
+        self.compression = superblock.compression
+        self.file_size = file_size
+        self.total_blocks = len(dests)
+        self.n_chunks = len(chunk_first) - 1
+        self.sentinel_dest = sentinel_dest
+        self._dests = dests                # real entries only
+        self._offsets = offsets            # real entries only
+        self._chunk_first = chunk_first    # n_chunks + 1: entry index where each chunk starts
+        self._chunk_src = chunk_src        # n_chunks + 1: byte offset of each chunk, then sentinel src
+        self._tls = threading.local()
+
+    # ---- opening and validation -------------------------------------------------------
+
+    @classmethod
+    def open(cls, path) -> DiffFile:
+        """Open and validate; raises DiffFormatError (bad diff) or OSError."""
+        path = os.fspath(path)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            return cls._load(path, fd)
+        except BaseException:
+            os.close(fd)
+            raise
+
+    @classmethod
+    def _load(cls, path: str, fd: int) -> DiffFile:
+        file_size = os.fstat(fd).st_size
+        head = os.pread(fd, SUPERBLOCK_SIZE, 0)
+        if len(head) < SUPERBLOCK_SIZE:
+            raise DiffFormatError(f"file is {len(head)} bytes, shorter than the "
+                                  f"{SUPERBLOCK_SIZE}-byte superblock")
+        sb = Superblock.unpack(head)
+        sb.validate()
+        dir_end = sb.dir_offset + sb.dir_compressed_size
+        if sb.dir_offset < SUPERBLOCK_SIZE:
+            raise DiffFormatError(f"dir_offset: must be >= {SUPERBLOCK_SIZE} (after the superblock), "
+                                  f"got {sb.dir_offset}")
+        if dir_end > file_size:
+            raise DiffFormatError(f"dir_offset + dir_compressed_size: directory must lie inside "
+                                  f"the file ({file_size} bytes), got {sb.dir_offset} + "
+                                  f"{sb.dir_compressed_size}")
+        if sb.dir_compressed_size == 0:
+            raise DiffFormatError("dir_compressed_size: must be > 0, got 0")
+        expected = sb.dir_n * ENTRY_SIZE
+        if sb.compression == "none" and sb.dir_compressed_size != expected:
+            raise DiffFormatError(f"dir_compressed_size: must be dir_n * {ENTRY_SIZE} = {expected} "
+                                  f"with compression none, got {sb.dir_compressed_size}")
+        raw = os.pread(fd, sb.dir_compressed_size, sb.dir_offset)
+        if len(raw) != sb.dir_compressed_size:
+            raise DiffFormatError(f"directory: file truncated, read {len(raw)} of "
+                                  f"{sb.dir_compressed_size} bytes")
+        if sb.compression == "zstd":
+            raw = _zstd_decompress(zstandard.ZstdDecompressor(), raw, expected,
+                                   lambda d: DiffFormatError(f"directory: {d}"))
+        if len(raw) != expected:
+            raise DiffFormatError(f"directory: must decompress to dir_n * {ENTRY_SIZE} = {expected} "
+                                  f"bytes, got {len(raw)}")
+        words = array("I")   # 4 little-endian u32 per entry
+        words.frombytes(raw)
+        del raw              # peak memory: the directory is held once, not twice
+        if sys.byteorder == "big":
+            words.byteswap()
+        dests, srcs, offsets = _split_directory(words)
+        del words
+        return cls._parse_directory(path, fd, sb, file_size, dests, srcs, offsets)
+
+    @classmethod
+    def _parse_directory(cls, path: str, fd: int, sb: Superblock, file_size: int,
+                         dests: array, srcs: array, offsets: array) -> DiffFile:
+        real = sb.dir_n - 1
+        sentinel_dest, sentinel_src = dests[real], srcs[real]
+        del offsets[real:]
+
+        cb = sb.chunk_blocks
+        if real and max(offsets) >= cb:
+            i = next(i for i, o in enumerate(offsets) if o >= cb)
+            raise DiffFormatError(f"directory entry {i}: offset must be < chunk_blocks ({cb}), "
+                                  f"got {offsets[i]}")
+        i = _first_not_increasing(dests)
+        if i is not None:
+            if i == real:
+                raise DiffFormatError(f"sentinel: dest must be greater than every real dest, "
+                                      f"got {dests[i]} after {dests[i - 1]}")
+            raise DiffFormatError(f"directory entry {i}: dests must strictly increase, "
+                                  f"got {dests[i]} after {dests[i - 1]}")
+        del dests[real:]
+
+        # Chunk boundaries: entries where src changes (real entries only).
+        chunk_first = array("Q")
+        if _first_decreasing(srcs, 0, real) is None:   # valid diffs: find them by bisection
+            e = 0
+            while e < real:
+                chunk_first.append(e)
+                e = bisect.bisect_right(srcs, srcs[e], e, real)
+        else:   # invalid: find every change, the checks below name the broken rule
+            chunk_first.extend([0] if real else [])
+            chunk_first.extend(itertools.compress(
+                itertools.count(1),
+                map(operator.ne, itertools.islice(srcs, 0, max(real - 1, 0)),
+                    itertools.islice(srcs, 1, max(real, 1)))))
+        chunk_src = array("Q", (srcs[e] for e in chunk_first))
+        chunk_src.append(sentinel_src)
+        chunk_first.append(real)
+        del srcs
+        n_chunks = len(chunk_first) - 1
+        j = _first_not_increasing(chunk_src)
+        if j is not None:
+            if j == n_chunks:
+                raise DiffFormatError(f"sentinel: src must be greater than the last chunk's src "
+                                      f"(it is the end of that chunk), got {chunk_src[j]} after "
+                                      f"{chunk_src[j - 1]}")
+            e = chunk_first[j]
+            if chunk_src[j] in set(chunk_src[:j]):
+                raise DiffFormatError(f"directory entry {e}: entries of the chunk at src "
+                                      f"{chunk_src[j]} must be contiguous, it reappears after src "
+                                      f"{chunk_src[j - 1]}")
+            raise DiffFormatError(f"directory entry {e}: srcs of consecutive chunks must increase, "
+                                  f"got {chunk_src[j]} after {chunk_src[j - 1]}")
+
+        dir_start, dir_end = sb.dir_offset, sb.dir_offset + sb.dir_compressed_size
+        if sentinel_src > file_size:
+            raise DiffFormatError(f"sentinel: src (end of the last chunk) must be <= the file size "
+                                  f"({file_size}), got {sentinel_src}")
+        if n_chunks:
+            lo = chunk_src[0]
+            if lo < SUPERBLOCK_SIZE:
+                raise DiffFormatError(f"chunk 0: src must be >= {SUPERBLOCK_SIZE} (after the "
+                                      f"superblock), got {lo}")
+            if not (sentinel_src <= dir_start or lo >= dir_end):
+                raise DiffFormatError(f"chunks [{lo}, {sentinel_src}) overlap the directory "
+                                      f"[{dir_start}, {dir_end})")
+        self = cls(path, fd, sb, file_size, dests, offsets, chunk_first, chunk_src, sentinel_dest)
+        if sb.compression == "none":
+            for c in range(n_chunks):
+                self._check_chunk_size(c, self.chunk_extent(c)[1])
+        return self
+
+    # ---- queries ------------------------------------------------------------------------
+
+    def entry(self, index: int) -> tuple[int, int, int]:
+        """(dest, src, offset) of real entry `index`."""
+        if not 0 <= index < self.total_blocks:
+            raise IndexError(index)
+        c = bisect.bisect_right(self._chunk_first, index) - 1
+        return self._dests[index], self._chunk_src[c], self._offsets[index]
+
+    def lookup(self, block: int) -> tuple[int, int] | None:
+        """(chunk_index, offset) holding destination `block`, or None if it is unchanged."""
+        i = bisect.bisect_left(self._dests, block)
+        if i == self.total_blocks or self._dests[i] != block:
+            return None
+        return bisect.bisect_right(self._chunk_first, i) - 1, self._offsets[i]
+
+    def runs(self) -> Iterator[tuple[int, int, int, int]]:
+        """(dest_start_block, n_blocks, chunk_index, first_offset) for maximal runs of entries
+        with consecutive dests, in one chunk, with consecutive offsets; in directory order."""
+        for c in range(self.n_chunks):
+            for dest, n, offset in self.chunk_runs(c):
+                yield dest, n, c, offset
+
+    def chunk_runs(self, chunk_index: int) -> Iterator[tuple[int, int, int]]:
+        """(dest_start_block, n_blocks, first_offset) for the maximal runs of one chunk."""
+        dests, offsets = self._dests, self._offsets
+        a, b = self.entry_range_of_chunk(chunk_index)
+        n = b - a
+        d0, o0 = dests[a], offsets[a]
+        if dests[b - 1] - d0 == n - 1 and offsets[a:b] == array("I", range(o0, o0 + n)):
+            yield d0, n, o0
+            return
+        start = a
+        for e in range(a + 1, b):
+            if dests[e] != dests[e - 1] + 1 or offsets[e] != offsets[e - 1] + 1:
+                yield dests[start], e - start, offsets[start]
+                start = e
+        yield dests[start], b - start, offsets[start]
+
+    def fingerprint(self) -> str:
+        """sha256 of the superblock and the compressed directory: names this diff."""
+        sb = self.superblock
+        directory = os.pread(self._fd, sb.dir_compressed_size, sb.dir_offset)
+        return hashlib.sha256(sb.pack() + directory).hexdigest()
+
+    def chunk_extent(self, chunk_index: int) -> tuple[int, int]:
+        """(byte offset in the file, compressed length) of a chunk."""
+        if not 0 <= chunk_index < self.n_chunks:
+            raise IndexError(chunk_index)
+        start = self._chunk_src[chunk_index]
+        return start, self._chunk_src[chunk_index + 1] - start
+
+    def entry_range_of_chunk(self, chunk_index: int) -> tuple[int, int]:
+        """Directory entry indexes [first, last + 1) of a chunk."""
+        if not 0 <= chunk_index < self.n_chunks:
+            raise IndexError(chunk_index)
+        return self._chunk_first[chunk_index], self._chunk_first[chunk_index + 1]
+
+    # ---- chunk data ---------------------------------------------------------------------
+
+    def read_chunk_raw(self, chunk_index: int) -> bytes:
+        """The compressed bytes of a chunk. Blocking: run it in a thread."""
+        start, length = self.chunk_extent(chunk_index)
+        raw = os.pread(self._fd, length, start)
+        if len(raw) != length:
+            raise ChunkError(chunk_index, f"file truncated, read {len(raw)} of {length} bytes "
+                                          f"at {start}")
+        return raw
+
+    def _decompressor(self) -> zstandard.ZstdDecompressor:
+        dctx = getattr(self._tls, "dctx", None)
+        if dctx is None:
+            dctx = self._tls.dctx = zstandard.ZstdDecompressor()
+        return dctx
+
+    def decompress_chunk(self, chunk_index: int, raw: bytes) -> bytes:
+        """The decompressed chunk, checked against its entries; raises ChunkError. Thread-safe."""
+        _, length = self.chunk_extent(chunk_index)
+        if len(raw) != length:
+            raise ChunkError(chunk_index, f"got {len(raw)} compressed bytes, expected {length}")
+        limit = self.chunk_blocks << self.block_bits
+        if self.compression == "none":
+            data = raw
+        else:
+            data = _zstd_decompress(self._decompressor(), raw, limit,
+                                    lambda d: ChunkError(chunk_index, d))
+        self._check_chunk_size(chunk_index, len(data))
+        return data
+
+    def _check_chunk_size(self, chunk_index: int, size: int) -> None:
+        limit = self.chunk_blocks << self.block_bits
+        if size > limit:
+            raise ChunkError(chunk_index, f"size must be <= chunk_blocks << block_bits = {limit}, "
+                                          f"got {size}")
+        if size % self.block_size:
+            raise ChunkError(chunk_index, f"size must be a multiple of the block size "
+                                          f"{self.block_size}, got {size}")
+        a, b = self._chunk_first[chunk_index], self._chunk_first[chunk_index + 1]
+        need = (max(self._offsets[a:b]) + 1) * self.block_size
+        if size < need:
+            raise ChunkError(chunk_index, f"size {size} does not cover the offsets its entries use "
+                                          f"(needs {need} bytes)")
+
+    # ---- whole-diff checks --------------------------------------------------------------
+
+    def check_device(self, device_size: int, granularity: int) -> None:
+        """Raise DiffFormatError if the diff does not fit a device of `device_size` bytes
+        whose logical block size is `granularity`."""
+        if self.block_size % granularity:
+            raise DiffFormatError(f"block size {self.block_size} must be a multiple of the "
+                                  f"device's logical block size {granularity}")
+        if self.total_blocks:
+            last = self._dests[-1]
+            if (last + 1) * self.block_size > device_size:
+                raise DiffFormatError(f"dest block {last} lies beyond the end of the device "
+                                      f"({device_size} bytes, {device_size // self.block_size} "
+                                      f"blocks of {self.block_size})")
+
+    def verify(self) -> None:
+        """Decompress every chunk and check every rule (open already checked the rest)."""
+        for c in range(self.n_chunks):
+            self.decompress_chunk(c, self.read_chunk_raw(c))
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            fd, self._fd = self._fd, -1
+            os.close(fd)
+
+    def __enter__(self) -> DiffFile:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (f"<DiffFile {self.path!r} blocks={self.total_blocks} chunks={self.n_chunks} "
+                f"block_size={self.block_size} chunk_blocks={self.chunk_blocks} "
+                f"compression={self.compression}>")
