@@ -86,6 +86,16 @@ class BlockDevice:
     def pread(self, size: int, offset: int) -> bytes:
         return os.pread(self.fd, size, offset)
 
+    def pread_into(self, buffer: bytearray, offset: int) -> None:
+        """Fill all of `buffer` from `offset` (EIO if the device ends first)."""
+        view = memoryview(buffer)
+        done = 0
+        while done < len(view):
+            got = os.preadv(self.fd, [view[done:]], offset + done)
+            if got == 0:
+                raise OSError(errno.EIO, f"{self.path} ends before byte {offset + len(view)}")
+            done += got
+
     def pwrite(self, data, offset: int) -> int:
         """Write all of `data` at `offset` (loops over short writes)."""
         view = memoryview(data)

@@ -174,7 +174,7 @@ def leftovers(prefix: str) -> list[str]:
         for line in mountinfo:
             fields = line.split()
             fstype = fields[fields.index("-") + 1]
-            if fstype == "fuse.fusesnap" or fields[4].startswith(prefix):
+            if fields[4].startswith(prefix):
                 found.append(f"mount {fields[4]} ({fstype})")
     found += [f"loop device {dev}" for dev in _loop_devices_backed_under(prefix)]
     for pid in os.listdir("/proc"):
@@ -184,7 +184,7 @@ def leftovers(prefix: str) -> list[str]:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if b"fusesnap" in cmdline and b"--foreground" in cmdline:
+        if b"fusesnap" in cmdline and any(arg.startswith(prefix.encode()) for arg in cmdline):
             found.append(f"server process {pid}")
     return found
 
@@ -208,3 +208,30 @@ def fill_files(root: Path, count: int, seed: int, size: int = 64 << 10) -> dict[
         (root / name).write_bytes(data)
         hashes[name] = hashlib.sha256(data).hexdigest()
     return hashes
+
+
+def make_update_pair(directory: Path, size_mib: int = 64) -> tuple[Path, Path, dict[str, str]]:
+    """An ext4 image OLD with files and NEW = OLD with files changed, added and removed.
+
+    Returns (old, new, new_files) with new_files mapping file name -> sha256 in NEW.
+    """
+    import shutil
+    old, new = directory / "old.img", directory / "new.img"
+    make_ext4(old, size_mib)
+    with loop_device(old) as device, mounted_dir(device, directory / "old-fs") as root:
+        fill_files(root, 60, seed=10)
+    shutil.copyfile(old, new)
+    with loop_device(new) as device, mounted_dir(device, directory / "new-fs") as root:
+        for index in range(0, 60, 3):
+            (root / f"file{index:04d}").unlink()
+        changed = fill_files(root, 20, seed=11, size=96 << 10)  # rewrites file0000..file0019
+        hashes = {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+                  for p in root.iterdir() if p.is_file()}
+    assert changed.items() <= hashes.items()
+    return old, new, hashes
+
+
+def copy_of(source: Path, target: Path) -> Path:
+    import shutil
+    shutil.copyfile(source, target)
+    return target

@@ -1,13 +1,14 @@
 """Image types: each module here is one kind of virtual block image.
 
-| module    | image        | what it is                                              |
-|-----------|--------------|---------------------------------------------------------|
-| base      | -            | the `Image` interface the FUSE adapter calls            |
-| linear    | linear.img   | read-write pass-through of a device                     |
+| module    | image        | what it is                                                   |
+|-----------|--------------|--------------------------------------------------------------|
+| base      | -            | the `Image` interface the FUSE adapter calls                 |
+| linear    | linear.img   | read-write pass-through of a device                          |
+| update    | system.img   | update overlay: a device as updated by a diff, merged live   |
 
 `IMAGE_TYPES` is the list `fusesnap mount` consults for its options and images.
 """
 
-from . import linear
+from . import linear, update
 
-IMAGE_TYPES = (linear,)
+IMAGE_TYPES = (linear, update)

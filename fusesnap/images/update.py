@@ -1,0 +1,340 @@
+"""`system.img`: the update overlay (after dm-update).
+
+The system device as it will be after an update: blocks the diff changes come from
+the diff, every other block from the device, while a background task merges the
+diff into the device. When the merge is complete the device *is* the new image.
+
+State (plain attributes, see `UpdateImage.__init__`):
+  pending        RangeMap block -> (chunk_index, delta): blocks whose new data must
+                 still come from the diff; block b sits at offset b - delta of its
+                 chunk. Runs of consecutive blocks in one chunk are one range.
+  merged_chunks  chunks [0, merged_chunks) are written to the device (directory
+                 order); their blocks are no longer in `pending`.
+  state          merging | paused | done | disabled | error
+
+Concurrency: everything runs on the trio thread except the blocking work handed to
+worker threads (reading and decompressing chunks, writing and fsyncing the device),
+which never touches `pending`. `pending` changes only in `_merged()`, with no await.
+
+Crash safety: the merge writes a chunk's blocks only after the whole chunk
+decompressed and passed its zstd checksum, so the device never holds new data that
+did not come from a good chunk. Progress is persisted only after an fsync of the
+device (see `_persist`), so the progress file never claims more than is durable. A
+restart resumes from the persisted chunk; restarting from zero is always safe too,
+because merging is idempotent: a block's new data is the same whenever it is
+written, and until the merge is done every block of an unmerged chunk is read from
+the diff, never from the device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import errno
+import hashlib
+import json
+import logging
+import os
+
+import trio
+
+from ..devices import BlockDevice, resolve_device_path
+from ..errors import UserError
+from ..formats.update_diff import DiffFile, DiffFormatError
+from ..rangemap import RangeMap
+from .base import Image
+
+log = logging.getLogger(__name__)
+
+PERSIST_INTERVAL = 3.0          # seconds between progress checkpoints while merging
+DEFAULT_CACHE_MIB = 64
+
+
+class ChunkCache:
+    """LRU of decompressed chunks. Concurrent reads of one chunk share one
+    decompression, which runs in a worker thread."""
+
+    def __init__(self, diff: DiffFile, capacity_bytes: int, limiter: trio.CapacityLimiter):
+        self.diff = diff
+        chunk_bytes = diff.chunk_blocks * diff.block_size
+        self.capacity = max(16, capacity_bytes // max(1, chunk_bytes))  # in chunks, at least 16
+        self.limiter = limiter
+        self._chunks: collections.OrderedDict[int, bytes] = collections.OrderedDict()
+        self._loading: dict[int, trio.Event] = {}
+
+    def _load(self, chunk_index: int) -> bytes:
+        return self.diff.decompress_chunk(chunk_index, self.diff.read_chunk_raw(chunk_index))
+
+    async def get(self, chunk_index: int) -> bytes:
+        while True:
+            data = self._chunks.get(chunk_index)
+            if data is not None:
+                self._chunks.move_to_end(chunk_index)
+                return data
+            loading = self._loading.get(chunk_index)
+            if loading is None:
+                break
+            await loading.wait()  # then look again: loaded, or failed (and we retry)
+        done = self._loading[chunk_index] = trio.Event()
+        try:
+            data = await trio.to_thread.run_sync(self._load, chunk_index, limiter=self.limiter)
+        finally:
+            del self._loading[chunk_index]
+            done.set()
+        self._chunks[chunk_index] = data
+        if len(self._chunks) > self.capacity:
+            self._chunks.popitem(last=False)
+        return data
+
+
+class MergeProgress:
+    """The persisted merge progress of one (diff, device) pair: `<DIFF>.progress`.
+
+    JSON written with write-temp, fsync, rename, fsync-directory, so it is either the
+    old or the new version after a crash. It names the diff by a fingerprint of its
+    header and directory and the device by path and size: progress for another diff
+    or device is ignored (the merge restarts from zero, which is always safe).
+    """
+
+    def __init__(self, diff: DiffFile, device: BlockDevice):
+        self.path = diff.path + ".progress"
+        self.identity = {"diff": diff.fingerprint(), "device": device.path, "device_size": device.size}
+
+    def load(self) -> int:
+        """Chunks already merged (0 if unknown)."""
+        try:
+            with open(self.path) as f:
+                saved = json.load(f)
+        except FileNotFoundError:
+            return 0
+        except (OSError, ValueError) as exc:
+            log.warning("ignoring unreadable %s (%s): merging from the start", self.path, exc)
+            return 0
+        if not isinstance(saved, dict) or saved.get("identity") != self.identity:
+            log.info("%s belongs to another diff or device: merging from the start", self.path)
+            return 0
+        merged = saved.get("merged_chunks")
+        return merged if isinstance(merged, int) and merged >= 0 else 0
+
+    def save(self, merged_chunks: int) -> None:
+        """Blocking. The caller has fsync'ed the device first."""
+        temp = self.path + ".tmp"
+        with open(temp, "w") as f:
+            json.dump({"identity": self.identity, "merged_chunks": merged_chunks}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(temp, self.path)
+        dir_fd = os.open(os.path.dirname(os.path.abspath(self.path)), os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+class UpdateImage(Image):
+    target = "update"
+    status_line_keys = ("merged", "total", "state")
+    control_verbs = ("update",)
+
+    def __init__(self, device: BlockDevice, diff: DiffFile, *, background_merge: bool = True,
+                 merge_rate: float = 0.0, cache_bytes: int = DEFAULT_CACHE_MIB << 20,
+                 name: str = "system.img"):
+        super().__init__(name, device.size, read_only=True)
+        self.device = device
+        self.diff = diff
+        self.block_size = diff.block_size
+        self.progress = MergeProgress(diff, device)
+        self.merged_chunks = self.persisted_chunks = min(self.progress.load(), diff.n_chunks)
+        self.pending = RangeMap(index_values=False)  # values are nearly all distinct
+        for dest, n_blocks, chunk_index, first_offset in diff.runs():
+            if chunk_index >= self.merged_chunks:
+                self.pending.assign(dest, dest + n_blocks, (chunk_index, dest - first_offset))
+        self.merged_blocks = (diff.entry_range_of_chunk(self.merged_chunks)[0]
+                              if self.merged_chunks < diff.n_chunks else diff.total_blocks)
+        self.merge_rate = merge_rate  # bytes of changed blocks per second; 0 = unlimited
+        self.limiter = trio.CapacityLimiter(2)
+        self.cache = ChunkCache(diff, cache_bytes, self.limiter)
+        self.error: str | None = None
+        self.last_read = -1.0  # trio clock of the latest read: the merge yields to reads
+        self.unpaused = trio.Event()
+        self.unpaused.set()
+        if self.merged_chunks == diff.n_chunks:
+            self.state = "done"
+        else:
+            self.state = "merging" if background_merge else "disabled"
+
+    # -- reads --------------------------------------------------------------------
+
+    async def read(self, offset: int, size: int) -> bytes:
+        end = min(offset + size, self.size)
+        if offset >= end:
+            return b""
+        self.last_read = trio.current_time()
+        if not self.pending:
+            return self.device.pread(end - offset, offset)
+        bs = self.block_size
+        # A list, not the live iterator: the merge may change `pending` while we await.
+        from_diff = self.pending.overlapping(offset // bs, (end - 1) // bs + 1)
+        if not from_diff:
+            return self.device.pread(end - offset, offset)
+        # One pread for the whole request, then the diff's blocks laid over it: far
+        # cheaper than a pread per gap when changed blocks are scattered.
+        data = bytearray(end - offset)
+        self.device.pread_into(data, offset)
+        for first_block, end_block, (chunk_index, delta) in from_diff:
+            lo, hi = max(offset, first_block * bs), min(end, end_block * bs)
+            try:
+                chunk = await self.cache.get(chunk_index)
+            except DiffFormatError as exc:
+                self._fail(str(exc))
+                raise OSError(errno.EIO, str(exc)) from None
+            at = (first_block - delta) * bs + (lo - first_block * bs)
+            data[lo - offset:hi - offset] = chunk[at:at + hi - lo]
+        return data
+
+    # -- the background merge -----------------------------------------------------
+
+    async def start(self, nursery: trio.Nursery) -> None:
+        if self.state == "merging":
+            nursery.start_soon(self._merge)
+
+    async def _merge(self) -> None:
+        log.info("%s: merging %s into %s from chunk %d of %d", self.name, self.diff.path,
+                 self.device.path, self.merged_chunks, self.diff.n_chunks)
+        last_persist = trio.current_time()
+        while self.merged_chunks < self.diff.n_chunks:
+            if not self.unpaused.is_set():
+                await self._persist()  # progress is saved at every pause
+                await self.unpaused.wait()
+            if self.state == "error":  # a read found a bad chunk
+                await self._persist()
+                return
+            chunk_index = self.merged_chunks
+            started = trio.current_time()
+            try:
+                written = await trio.to_thread.run_sync(self._write_chunk, chunk_index,
+                                                        limiter=self.limiter)
+            except (DiffFormatError, OSError) as exc:
+                self._fail(f"merge of chunk {chunk_index} failed: {exc}")
+                return
+            self._merged(chunk_index)
+            if trio.current_time() - last_persist >= PERSIST_INTERVAL:
+                await self._persist()
+                last_persist = trio.current_time()
+            if self.merge_rate:
+                await trio.sleep_until(started + written / self.merge_rate)
+            elif self.last_read >= started:
+                # Foreground reads came in meanwhile: give them as much time as this
+                # chunk took, so they keep at least about half their speed.
+                await trio.sleep(trio.current_time() - started)
+            else:
+                await trio.sleep(0)  # let waiting requests in between chunks
+        await self._persist()
+        self.state = "done"
+        log.info("%s: merge complete (%d blocks)", self.name, self.merged_blocks)
+
+    def _write_chunk(self, chunk_index: int) -> int:
+        """Worker thread: decompress a whole chunk (checksum verified), then write its
+        blocks. Nothing is written unless the whole chunk is good."""
+        data = self.diff.decompress_chunk(chunk_index, self.diff.read_chunk_raw(chunk_index))
+        bs, written = self.block_size, 0
+        for dest, n_blocks, first_offset in self.diff.chunk_runs(chunk_index):
+            self.device.pwrite(memoryview(data)[first_offset * bs:(first_offset + n_blocks) * bs],
+                               dest * bs)
+            written += n_blocks * bs
+        return written
+
+    def _merged(self, chunk_index: int) -> None:
+        """The chunk's blocks are in the device (its page cache, coherent for our reads):
+        serve them from there from now on. No await: atomic for concurrent reads."""
+        for dest, n_blocks, _ in self.diff.chunk_runs(chunk_index):
+            self.pending.clear(dest, dest + n_blocks)
+        first, end = self.diff.entry_range_of_chunk(chunk_index)
+        self.merged_blocks += end - first
+        self.merged_chunks = chunk_index + 1
+
+    async def _persist(self) -> None:
+        merged_chunks = self.merged_chunks
+        if merged_chunks != self.persisted_chunks:
+            await trio.to_thread.run_sync(self._persist_blocking, merged_chunks, limiter=self.limiter)
+            self.persisted_chunks = merged_chunks
+
+    def _persist_blocking(self, merged_chunks: int) -> None:
+        # Order matters: the device's merged blocks must be durable before the
+        # progress file says they are merged; a crash in between only repeats work.
+        self.device.fsync()
+        self.progress.save(merged_chunks)
+
+    def _fail(self, reason: str) -> None:
+        if self.state != "error":
+            log.error("%s: %s", self.name, reason)
+        self.state, self.error = "error", reason
+        self.unpaused.set()
+
+    # -- control, status, teardown -----------------------------------------------
+
+    def control(self, verb: str, args: list[str]) -> str:
+        if args == ["pause"]:
+            if self.state == "merging":
+                self.state = "paused"
+                self.unpaused = trio.Event()
+        elif args == ["resume"]:
+            if self.state == "paused":
+                self.state = "merging"
+                self.unpaused.set()
+        else:
+            raise ValueError(f"update takes pause or resume, not {' '.join(args)!r}")
+        return self.state
+
+    def status(self) -> dict:
+        return {"merged": self.merged_blocks, "total": self.diff.total_blocks, "state": self.state,
+                "diff": self.diff.path, "device": self.device.path, "error": self.error}
+
+    async def close(self) -> None:
+        await self._persist()
+        self.diff.close()
+        self.device.close()
+
+
+def add_mount_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("update overlay (system.img)")
+    group.add_argument("--system", metavar="DEV", help="the system device the update applies to")
+    group.add_argument("--diff", metavar="DIFF", help="the update diff made by `fusesnap diff`")
+    group.add_argument("--no-bg-update", action="store_true",
+                       help="serve system.img from the diff without merging it into DEV")
+    group.add_argument("--merge-rate", type=float, default=0.0, metavar="MB/s",
+                       help="limit the background merge to this many MB/s of changed blocks "
+                       "(default: unlimited)")
+    group.add_argument("--cache-mib", type=int, default=DEFAULT_CACHE_MIB, metavar="MIB",
+                       help=f"cache of decompressed chunks (default {DEFAULT_CACHE_MIB} MiB, "
+                       "at least 16 chunks)")
+
+
+def images_from_args(args: argparse.Namespace) -> list[Image]:
+    if not args.system and not args.diff:
+        return []
+    if not (args.system and args.diff):
+        raise UserError("--system DEV and --diff DIFF go together")
+    try:
+        diff = DiffFile.open(args.diff)
+    except FileNotFoundError:
+        raise UserError(f"no such diff: {args.diff}") from None
+    except DiffFormatError as exc:
+        raise UserError(f"{args.diff}: {exc}") from None
+    except OSError as exc:
+        raise UserError(f"cannot read {args.diff}: {exc.strerror}") from None
+    try:
+        device = BlockDevice(resolve_device_path(args.system),
+                             read_only=args.no_bg_update)
+        try:
+            diff.check_device(device.size, device.logical_block_size)
+        except DiffFormatError as exc:
+            raise UserError(f"{args.diff} does not fit {device.path}: {exc}") from None
+        if device.read_only and not args.no_bg_update:
+            raise UserError(f"{device.path} is read-only: the merge needs to write it "
+                            "(use --no-bg-update to serve system.img without merging)")
+        return [UpdateImage(device, diff, background_merge=not args.no_bg_update,
+                            merge_rate=args.merge_rate * 1e6, cache_bytes=args.cache_mib << 20)]
+    except BaseException:
+        diff.close()
+        raise
