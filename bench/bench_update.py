@@ -1,0 +1,204 @@
+"""Benchmark system.img (the update overlay) against its limits, side by side in one run.
+
+    python bench/bench_update.py [--size-mib 1024] [--changed 0.25] [--runtime 10] [--repeat 2]
+
+Must run as root. It makes OLD (a compressible mix of text-like and random data) and
+NEW = OLD with a quarter of its 4 KiB blocks changed (in runs of 1-32 blocks), makes
+the diff with `fusesnap diff` (default options), and measures:
+
+1. reads, with the merge off (`--no-bg-update`), all through loop devices with direct I/O:
+   - seq read 1M qd8 of system.img  vs  NEW through a plain loop device (limit; target >= 0.5)
+   - rand read 4K qd16 of system.img  vs  linear.img over NEW in the same mount (target >= 0.5)
+   Runs are paired and alternate which side goes first; the best of --repeat counts.
+2. the background merge on a fresh copy of OLD:
+   - idle: MB/s of changed blocks from mount until `.status` says done (target >= 100)
+   - under load: a sequential O_DIRECT reader (1 MiB, qd 1) of system.img runs while the
+     merge does; its MB/s against the same reader on system.img with no merge running
+     (the --no-bg-update mount of part 1; target >= 0.5), and the merge's MB/s meanwhile.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import mmap
+import os
+import random
+import shutil
+import sys
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import (FUSESNAP, REPO, attached, fio_job, format_table, fusesnap_mounted,  # noqa: E402
+                    header_lines, require_root, run, scratch_dir, terminate_as_interrupt, warm)
+
+BLOCK = 4096
+
+
+def make_images(directory: Path, size: int, changed: float, seed: int = 1) -> tuple[Path, Path, int]:
+    """OLD and NEW images; returns (old, new, changed_blocks)."""
+    rng = random.Random(seed)
+    words = [b"update", b"block", b"fusesnap", b"kernel", b"image", b"diff", b"merge", b"loop"]
+
+    def mixed(n: int) -> bytes:
+        text = b" ".join(rng.choice(words) for _ in range(n // 12))[: n // 2]
+        return text.ljust(n // 2, b".") + rng.randbytes(n - n // 2)
+
+    old, new = directory / "old.raw", directory / "new.raw"
+    with open(old, "wb") as f:
+        for _ in range(size >> 20):
+            f.write(mixed(1 << 20))
+    shutil.copyfile(old, new)
+    n_blocks, target, changed_blocks = size // BLOCK, int(size // BLOCK * changed), 0
+    touched = bytearray(n_blocks)
+    with open(new, "r+b") as f:
+        while changed_blocks < target:
+            start, length = rng.randrange(n_blocks), rng.randint(1, 32)
+            length = min(length, n_blocks - start)
+            f.seek(start * BLOCK)
+            f.write(mixed(length * BLOCK))
+            for block in range(start, start + length):
+                changed_blocks += not touched[block]
+                touched[block] = 1
+    return old, new, changed_blocks
+
+
+def status_of(mount) -> dict:
+    return json.loads((mount / ".status.json").read_text())["images"]["system.img"]
+
+
+def sequential_reader(device: str, stop: threading.Event, result: dict) -> None:
+    """Read `device` front to back (wrapping) with 1 MiB O_DIRECT reads until stopped."""
+    fd = os.open(device, os.O_RDONLY | os.O_DIRECT)
+    buf = mmap.mmap(-1, 1 << 20)
+    size = os.lseek(fd, 0, os.SEEK_END)
+    done, offset, started = 0, 0, time.perf_counter()
+    try:
+        while not stop.is_set():
+            got = os.preadv(fd, [buf], offset)
+            done += got
+            offset = offset + got if offset + got < size else 0
+    finally:
+        os.close(fd)
+    result["mbps"] = done / (time.perf_counter() - started) / 1e6
+
+
+def read_for(device: str, seconds: float) -> float:
+    stop, result = threading.Event(), {}
+    reader = threading.Thread(target=sequential_reader, args=(device, stop, result))
+    reader.start()
+    time.sleep(seconds)
+    stop.set()
+    reader.join()
+    return result["mbps"]
+
+
+def paired(label, left_name, left_dev, right_name, right_dev, kind, runtime, repeat):
+    best = {left_name: None, right_name: None}
+    for round_ in range(repeat):
+        order = [(left_name, left_dev), (right_name, right_dev)]
+        if round_ % 2:
+            order.reverse()
+        for name, device in order:
+            figures = fio_job(device, kind, runtime)
+            print(f"  round {round_ + 1}/{repeat}  {label}  {name} {figures['mbps']:.1f} MB/s "
+                  f"({figures['iops']:.0f} IOPS)", flush=True)
+            if best[name] is None or figures["mbps"] > best[name]["mbps"]:
+                best[name] = figures
+    return best[left_name], best[right_name]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size-mib", type=int, default=1024)
+    parser.add_argument("--changed", type=float, default=0.25, help="fraction of blocks changed")
+    parser.add_argument("--runtime", type=float, default=10, help="seconds per fio run")
+    parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--tmpdir", default=None)
+    args = parser.parse_args()
+    require_root()
+    terminate_as_interrupt()
+    print("\n".join(header_lines()), flush=True)
+    size = args.size_mib << 20
+
+    with scratch_dir("fusesnap-bench-update-", args.tmpdir) as work:
+        old, new, changed_blocks = make_images(work, size, args.changed)
+        diff = work / "diff.img"
+        started = time.perf_counter()
+        run([*FUSESNAP, "diff", old, new, "-o", diff, "--quiet"], cwd=REPO)
+        diff_seconds = time.perf_counter() - started
+        dev = work / "dev.raw"
+        shutil.copyfile(old, dev)
+        for path in (old, new, dev, diff):
+            warm(path)
+        print(f"images: {args.size_mib} MiB, {changed_blocks} of {size // BLOCK} blocks changed; "
+              f"diff {os.path.getsize(diff) / 1e6:.1f} MB made in {diff_seconds:.1f} s", flush=True)
+
+        # 1. Reads with the merge off.
+        with fusesnap_mounted(work / "mnt", "--linear", new, "--system", dev, "--diff", diff,
+                              "--no-bg-update") as mount, \
+                attached(new, read_only=True) as plain, \
+                attached(mount / "linear.img", read_only=True) as linear, \
+                attached(mount / "system.img", read_only=True) as system:
+            seq_limit, seq_system = paired("seq read 1M qd8", "plain loop on NEW", plain,
+                                           "system.img", system, "seqread", args.runtime, args.repeat)
+            rand_limit, rand_system = paired("rand read 4K qd16", "linear.img", linear,
+                                             "system.img", system, "randread", args.runtime,
+                                             args.repeat)
+            # The reader's idle figure: system.img before the merge, nothing else running.
+            idle_read = read_for(system, 3.0)
+
+        # 2. The merge, idle and under a sequential reader.
+        merge_rows = []
+        for under_load in (False, True):
+            dev_copy, diff_copy = work / "dev-merge.raw", work / "diff-merge.img"
+            shutil.copyfile(old, dev_copy)
+            shutil.copyfile(diff, diff_copy)
+            Path(str(diff_copy) + ".progress").unlink(missing_ok=True)
+            warm(dev_copy)
+            warm(diff_copy)
+            with fusesnap_mounted(work / "mnt-merge", "--system", dev_copy, "--diff", diff_copy) \
+                    as mount, attached(mount / "system.img", read_only=True) as system:
+                started = time.perf_counter()
+                stop, result = threading.Event(), {}
+                reader = threading.Thread(target=sequential_reader, args=(system, stop, result))
+                if under_load:
+                    reader.start()
+                while status_of(mount)["state"] == "merging":
+                    time.sleep(0.01)
+                merge_seconds = time.perf_counter() - started
+                stop.set()
+                if under_load:
+                    reader.join()
+                state = status_of(mount)["state"]
+                merge_mbps = changed_blocks * BLOCK / merge_seconds / 1e6
+                if under_load:
+                    merge_rows.append(["merge with a reader running", f"{merge_mbps:.0f} MB/s",
+                                       f"reader {result['mbps']:.0f} MB/s vs idle {idle_read:.0f} MB/s",
+                                       f"{result['mbps'] / idle_read:.2f}", ">= 0.5", state])
+                else:
+                    merge_rows.append(["merge, idle", f"{merge_mbps:.0f} MB/s", "", "",
+                                       ">= 100 MB/s", state])
+
+    print()
+    rows = [
+        ["seq read 1M qd8", f"plain loop on NEW {seq_limit['mbps']:.0f} MB/s",
+         f"{seq_system['mbps']:.0f} MB/s", f"{seq_system['mbps'] / seq_limit['mbps']:.2f}", ">= 0.5"],
+        ["rand read 4K qd16", f"linear.img {rand_limit['iops']:.0f} IOPS",
+         f"{rand_system['iops']:.0f} IOPS", f"{rand_system['iops'] / rand_limit['iops']:.2f}", ">= 0.5"],
+    ]
+    print(format_table(["workload", "limit", "system.img", "ratio", "target"], rows))
+    print()
+    print(format_table(["merge", "changed blocks merged", "foreground reads", "ratio", "target",
+                        "state"], merge_rows))
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        sys.exit(130)
