@@ -95,3 +95,20 @@ def test_read_only_device_gives_a_read_only_image(mount, loop, backing):
         open(m / "linear.img", "r+b")
     assert excinfo.value.errno == errno.EROFS
     assert (m / "linear.img").read_bytes()[:4096] == bytes(4096)
+
+
+def test_acknowledged_writes_survive_a_server_crash(mount, loop, backing):
+    """What a flush (fsync) acknowledged is on the device even if the server is killed -9."""
+    m = mount("--linear", backing)
+    device = loop(m / "linear.img", direct_io=True)
+    payload = os.urandom(1 << 20)
+    fd = os.open(device, os.O_WRONLY)
+    try:
+        os.pwrite(fd, payload, 8 << 20)
+        os.fsync(fd)  # the loop device sends a flush: fsync on linear.img
+    finally:
+        os.close(fd)
+    m.kill_server()
+    with open(backing, "rb") as f:
+        f.seek(8 << 20)
+        assert f.read(1 << 20) == payload
