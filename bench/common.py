@@ -33,8 +33,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from fusesnap.cli import wait_for_exit  # noqa: E402
+from fusesnap.devices import loop_devices_backed_under  # noqa: E402
+from fusesnap.fs import XATTR_PID  # noqa: E402
+
 FUSESNAP = [sys.executable, "-m", "fusesnap"]
-XATTR_PID = "user.fusesnap.pid"
 
 FILL_CHUNK = 4 << 20
 
@@ -179,20 +184,6 @@ def loop_direct_io(device: str) -> bool:
     return Path(f"/sys/block/{name}/loop/dio").read_text().strip() == "1"
 
 
-def loop_devices_under(directory: Path) -> list[str]:
-    """Loop devices whose backing file lies inside `directory`."""
-    prefix = os.path.realpath(directory) + "/"
-    devices = []
-    for name in sorted(os.listdir("/sys/block")):
-        try:
-            backing = Path(f"/sys/block/{name}/loop/backing_file").read_text().strip()
-        except OSError:
-            continue
-        if backing.startswith(prefix):
-            devices.append(f"/dev/{name}")
-    return devices
-
-
 @contextlib.contextmanager
 def attached(path: Path, *, direct_io: bool = True, read_only: bool = False):
     """Attach `path` to a free loop device; yields '/dev/loopN'; detaches on the way out."""
@@ -232,19 +223,6 @@ def is_mounted(path: Path) -> bool:
     return os.path.realpath(path) in _mount_points()
 
 
-def _wait_gone(pid: int, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            return True
-        if state == "Z":
-            return True
-        time.sleep(0.05)
-    return False
-
-
 def log_tail(log: Path, lines: int = 20) -> str:
     try:
         return "".join(log.read_text(errors="replace").splitlines(keepends=True)[-lines:])
@@ -281,7 +259,7 @@ def fusesnap_mounted(mountpoint: Path, *image_args, log: Path | None = None):
 
 
 def _teardown(mount: Mount) -> None:
-    for device in loop_devices_under(mount.mountpoint):
+    for device, _ in loop_devices_backed_under(mount.mountpoint):
         detach(device)
     if is_mounted(mount.mountpoint):
         result = run([*FUSESNAP, "umount", mount.mountpoint], check=False, cwd=REPO)
@@ -289,11 +267,11 @@ def _teardown(mount: Mount) -> None:
             print(f"warning: fusesnap umount failed ({result.stderr.strip()}); "
                   f"unmounting lazily and stopping server {mount.pid}", file=sys.stderr)
             run(["umount", "-l", mount.mountpoint], check=False)
-    if not _wait_gone(mount.pid, 30):
+    if not wait_for_exit(mount.pid, 30):
         for signum, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(mount.pid, signum)
-            if _wait_gone(mount.pid, wait):
+            if wait_for_exit(mount.pid, wait):
                 break
 
 

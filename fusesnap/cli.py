@@ -15,13 +15,16 @@ traceback.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
+import re
 import subprocess
 import sys
 import time
 
 from . import diffing, mount
+from .devices import loop_devices_backed_under
 from .errors import EXIT_FAILED, EXIT_USAGE, UserError
 from .fs import XATTR_COMMAND, XATTR_PID
 from .images import IMAGE_TYPES
@@ -44,13 +47,15 @@ def default_log_path(mountpoint: str) -> str:
 def mounted_at(path: str) -> str | None:
     """The filesystem type mounted at `path`, or None."""
     target = os.path.realpath(path)
+    found = None
     with open("/proc/self/mountinfo") as mountinfo:
         for line in mountinfo:
             fields = line.split()
-            mount_point = fields[4].encode().decode("unicode_escape")
+            # The kernel escapes space, tab, newline and backslash as \ooo.
+            mount_point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), fields[4])
             if mount_point == target:
-                return fields[fields.index("-") + 1]
-    return None
+                found = fields[fields.index("-") + 1]  # the last one is on top
+    return found
 
 
 # -- mount -------------------------------------------------------------------------
@@ -82,27 +87,15 @@ def cmd_mount(args) -> int:
 
 # -- umount ------------------------------------------------------------------------
 
-def loop_devices_on(mountpoint: str) -> list[str]:
-    """Loop devices whose backing file lies inside the mount, as 'loopN (file)'."""
-    prefix = os.path.realpath(mountpoint) + "/"
-    found = []
-    for name in sorted(os.listdir("/sys/block")):
-        try:
-            with open(f"/sys/block/{name}/loop/backing_file") as backing:
-                path = backing.read().strip()
-        except OSError:
-            continue
-        if path.startswith(prefix):
-            found.append(f"/dev/{name} ({os.path.basename(path)})")
-    return found
-
-
-def _wait_for_exit(pid: int, timeout: float) -> bool:
+def wait_for_exit(pid: int, timeout: float) -> bool:
+    """Wait until process `pid` is gone (or a zombie); False on timeout."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+            with open(f"/proc/{pid}/stat") as stat_file:
+                if stat_file.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    return True
+        except OSError:
             return True
         time.sleep(0.05)
     return False
@@ -112,21 +105,29 @@ def cmd_umount(args) -> int:
     mountpoint = args.mountpoint
     if mounted_at(mountpoint) != "fuse.fusesnap":
         raise UserError(f"{mountpoint} is not a fusesnap mount")
-    busy = loop_devices_on(mountpoint)
+    busy = [f"{device} ({os.path.basename(backing)})"
+            for device, backing in loop_devices_backed_under(mountpoint)]
     if busy:
         raise UserError(f"{mountpoint} is in use by {', '.join(busy)}: detach with losetup -d first",
                         EXIT_FAILED)
     try:
         pid = int(os.getxattr(mountpoint, XATTR_PID))
-    except OSError as exc:  # typically ENOTCONN: the server died
-        subprocess.run(["umount", "-l", mountpoint], check=False)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOTCONN, errno.ECONNABORTED):
+            raise UserError(f"cannot reach the server of {mountpoint}: {exc.strerror}",
+                            EXIT_FAILED) from None
+        # "Transport endpoint is not connected": the server died; remove its mount.
+        result = subprocess.run(["umount", "-l", mountpoint], capture_output=True, text=True)
+        if result.returncode != 0:
+            raise UserError(f"umount -l {mountpoint} failed: {result.stderr.strip()}",
+                            EXIT_FAILED)
         print(f"{mountpoint}: server was not running ({exc.strerror}); mount removed")
         return 0
     send_command(mountpoint, "flush")
     result = subprocess.run(["umount", mountpoint], capture_output=True, text=True)
     if result.returncode != 0:
         raise UserError(f"umount {mountpoint} failed: {result.stderr.strip()}", EXIT_FAILED)
-    if not _wait_for_exit(pid, timeout=120):
+    if not wait_for_exit(pid, timeout=120):
         raise UserError(f"server {pid} did not exit after unmount; see {default_log_path(mountpoint)}",
                         EXIT_FAILED)
     return 0

@@ -66,9 +66,14 @@ class BlockDevice:
         if not (stat.S_ISBLK(st.st_mode) or stat.S_ISREG(st.st_mode)):
             raise UserError(f"{path} is neither a block device nor a regular file")
         self.is_block_device = stat.S_ISBLK(st.st_mode)
+        # O_EXCL on a block device: refuse one that is mounted or otherwise claimed.
+        exclusive = os.O_EXCL if self.is_block_device and not read_only else 0
         try:
-            self.fd = os.open(path, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC)
+            self.fd = os.open(path, (os.O_RDONLY if read_only else os.O_RDWR | exclusive)
+                              | os.O_CLOEXEC)
         except OSError as exc:
+            if exc.errno == errno.EBUSY:
+                raise UserError(f"{path} is in use (mounted, or claimed by another program)") from None
             if read_only or exc.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
                 raise UserError(f"cannot open {path}: {exc.strerror}") from None
             # A write-protected device still makes a (read-only) image.
@@ -129,3 +134,19 @@ def check_range(image_size: int, offset: int, length: int) -> None:
     """Raise ENOSPC for a write or discard that reaches past the end of an image."""
     if offset < 0 or length < 0 or offset + length > image_size:
         raise OSError(errno.ENOSPC, "beyond the end of the image")
+
+
+def loop_devices_backed_under(directory: str) -> list[tuple[str, str]]:
+    """(loop device, backing file) of every loop device whose backing file lies
+    inside `directory`."""
+    prefix = os.path.realpath(directory) + "/"
+    found = []
+    for name in sorted(os.listdir("/sys/block")):
+        try:
+            with open(f"/sys/block/{name}/loop/backing_file") as backing:
+                path = backing.read().strip()
+        except OSError:
+            continue
+        if path.startswith(prefix):
+            found.append((f"/dev/{name}", path))
+    return found

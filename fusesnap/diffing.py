@@ -22,6 +22,7 @@ import itertools
 import json
 import os
 import queue
+import stat
 import sys
 import tempfile
 import threading
@@ -101,6 +102,10 @@ def _open_image(path, what: str) -> tuple[int, int]:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as e:
         raise UserError(f"cannot open {what} {os.fspath(path)}: {e.strerror}") from None
+    mode = os.fstat(fd).st_mode
+    if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+        os.close(fd)
+        raise UserError(f"{what} {os.fspath(path)} is neither a regular file nor a block device")
     try:
         size = os.lseek(fd, 0, os.SEEK_END)
         os.lseek(fd, 0, os.SEEK_SET)
@@ -276,10 +281,15 @@ def build_diff(old_path, new_path, out_path, *, compression: str = "zstd",
                 raise UserError(f"NEW ({new_size} bytes) is not a multiple of the block size "
                                 f"({block_size} bytes)")
             out_path = os.fspath(out_path)
+            out_dir = os.path.dirname(os.path.abspath(out_path))
+            if not os.path.isdir(out_dir):
+                raise UserError(f"cannot write {out_path}: {out_dir} is not a directory")
+            if os.path.isdir(out_path):
+                raise UserError(f"cannot write {out_path}: it is a directory")
             for fd, what in ((old_fd, "OLD"), (new_fd, "NEW")):
                 try:
                     st_out = os.stat(out_path)
-                except FileNotFoundError:
+                except OSError:
                     break
                 st_in = os.fstat(fd)
                 if (st_in.st_dev, st_in.st_ino) == (st_out.st_dev, st_out.st_ino):
@@ -547,15 +557,21 @@ def diff_info(diff: DiffFile) -> dict:
     }
 
 
-def run_diff_info(args) -> int:
+def open_diff(path, *, bad_diff_status: int) -> DiffFile:
+    """DiffFile.open for a user's argument: a missing or unreadable file is bad input
+    (exit 2); a diff that breaks a rule exits with `bad_diff_status`."""
     try:
-        diff = DiffFile.open(args.diff)
+        return DiffFile.open(path)
     except FileNotFoundError:
-        raise UserError(f"no such diff: {args.diff}") from None
+        raise UserError(f"no such diff: {path}") from None
     except OSError as e:
-        raise UserError(f"cannot read {args.diff}: {e.strerror}") from None
+        raise UserError(f"cannot read {path}: {e.strerror}") from None
     except DiffFormatError as e:
-        raise UserError(str(e), EXIT_FAILED) from None
+        raise UserError(str(e), bad_diff_status) from None
+
+
+def run_diff_info(args) -> int:
+    diff = open_diff(args.diff, bad_diff_status=EXIT_FAILED)
     with diff:
         info = diff_info(diff)
         if args.verify:

@@ -4,8 +4,9 @@ It owns the inode table (the root directory, one file per image, `.status` and
 `.status.json`), builds attributes, and maps errors. For I/O it finds the image of a
 file handle and calls `read/write/discard/flush` on it; nothing else happens here.
 
-Error boundary: every handler funnels exceptions through `_to_fuse_error`, so only
-`FUSEError` ever leaves a handler. `OSError` keeps its errno (EIO, ENOSPC, EROFS ...);
+Error boundary: every handler that can fail funnels exceptions through
+`_to_fuse_error` (the rest only raise FUSEError themselves), so only `FUSEError`
+ever leaves a handler. `OSError` keeps its errno (EIO, ENOSPC, EROFS ...);
 anything else is a bug: it is logged with its traceback and that one request gets EIO.
 
 Control: the root directory's extended attributes are the control channel the CLI

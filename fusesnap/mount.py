@@ -70,7 +70,7 @@ class MountServer:
             stack.push_async_callback(self._close_images)
             pyfuse3.init(operations, self.mountpoint, options)
             # unmount=False: after a normal `umount` the kernel has already ended the
-            # session; after SIGTERM we unmount below, lazily.
+            # session; after SIGTERM, _stop_on_signal has unmounted lazily.
             stack.callback(pyfuse3.close, unmount=False)
             nursery = await stack.enter_async_context(trio.open_nursery())
             stack.callback(nursery.cancel_scope.cancel)
@@ -110,7 +110,10 @@ def run_server(mountpoint: str, images: list[Image], *, workers: int, debug: boo
                ready_fd: int | None) -> int:
     """Serve in this process until unmounted. Reports readiness on `ready_fd`."""
 
+    ready = [False]
+
     def on_ready() -> None:
+        ready[0] = True
         if ready_fd is not None:
             os.write(ready_fd, (READY + "\n").encode())
             os.close(ready_fd)
@@ -120,7 +123,10 @@ def run_server(mountpoint: str, images: list[Image], *, workers: int, debug: boo
         trio.run(server.serve, on_ready)
     except Exception as exc:  # mount-time failures (e.g. fuse_session_mount)
         log.exception("mount server failed")
-        raise UserError(f"mount failed: {exc}", EXIT_FAILED) from None
+        error = UserError(f"mount failed: {exc}", EXIT_FAILED)
+        if ready_fd is not None and not ready[0]:
+            os.write(ready_fd, f"{error.exit_status} {error}\n".encode())
+        raise error from None
     return 0
 
 
@@ -128,9 +134,13 @@ def spawn_server(argv: Sequence[str], log_path: str) -> None:
     """Start `fusesnap mount ... --foreground` detached, logging to `log_path`, and
     wait until it is serving. Raises UserError with the server's own one-line reason
     if it fails first."""
-    os.makedirs(os.path.dirname(log_path), exist_ok=True)
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(log_path)), exist_ok=True)
+        log_file = open(log_path, "ab")
+    except OSError as exc:
+        raise UserError(f"cannot write the log file {log_path}: {exc.strerror}") from None
     read_end, write_end = os.pipe()
-    with open(log_path, "ab") as log_file:
+    with log_file:
         child = subprocess.Popen(
             [sys.executable, "-m", "fusesnap", *argv, "--foreground", "--ready-fd", str(write_end)],
             stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file,

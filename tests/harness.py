@@ -17,7 +17,9 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from fusesnap.cli import wait_for_exit
+from fusesnap.devices import loop_devices_backed_under
+
 FUSESNAP = [sys.executable, "-m", "fusesnap"]
 
 
@@ -30,7 +32,7 @@ def run(cmd, *, check=True, **kwargs) -> subprocess.CompletedProcess:
 
 
 def fusesnap(*args, check=True) -> subprocess.CompletedProcess:
-    return run([*FUSESNAP, *map(str, args)], check=check, cwd=REPO)
+    return run([*FUSESNAP, *map(str, args)], check=check)
 
 
 def sha256_of(path, length: int | None = None) -> str:
@@ -44,18 +46,6 @@ def sha256_of(path, length: int | None = None) -> str:
             digest.update(block)
             remaining -= len(block)
     return digest.hexdigest()
-
-
-def _loop_devices_backed_under(prefix: str) -> list[str]:
-    devices = []
-    for name in os.listdir("/sys/block"):
-        try:
-            backing = Path(f"/sys/block/{name}/loop/backing_file").read_text().strip()
-        except OSError:
-            continue
-        if backing.startswith(prefix):
-            devices.append(f"/dev/{name}")
-    return devices
 
 
 def detach_loop(device: str) -> None:
@@ -111,24 +101,7 @@ class Mount:
     def kill_server(self) -> None:
         """kill -9 the server, as a crash would."""
         os.kill(self.pid, signal.SIGKILL)
-        _wait_gone(self.pid, 10)
-
-
-def _wait_gone(pid: int, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
-        # A child of ours that is a zombie counts as gone.
-        try:
-            if Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z":
-                return True
-        except OSError:
-            return True
-        time.sleep(0.05)
-    return False
+        wait_for_exit(self.pid, 10)
 
 
 def is_mounted(path: Path) -> bool:
@@ -157,14 +130,14 @@ def fusesnap_mount(mountpoint: Path, *image_args, log: Path | None = None):
 
 
 def teardown_mount(mount: Mount) -> None:
-    for device in _loop_devices_backed_under(str(mount.mountpoint) + "/"):
+    for device, _ in loop_devices_backed_under(mount.mountpoint):
         detach_loop(device)
     if is_mounted(mount.mountpoint):
         if fusesnap("umount", mount.mountpoint, check=False).returncode != 0:
             run(["umount", "-l", str(mount.mountpoint)], check=False)
-    if not _wait_gone(mount.pid, 30):
+    if not wait_for_exit(mount.pid, 30):
         os.kill(mount.pid, signal.SIGKILL)
-        _wait_gone(mount.pid, 10)
+        wait_for_exit(mount.pid, 10)
 
 
 def leftovers(prefix: str) -> list[str]:
@@ -176,7 +149,7 @@ def leftovers(prefix: str) -> list[str]:
             fstype = fields[fields.index("-") + 1]
             if fields[4].startswith(prefix):
                 found.append(f"mount {fields[4]} ({fstype})")
-    found += [f"loop device {dev}" for dev in _loop_devices_backed_under(prefix)]
+    found += [f"loop device {dev}" for dev, _ in loop_devices_backed_under(prefix)]
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
             continue
@@ -189,9 +162,15 @@ def leftovers(prefix: str) -> list[str]:
     return found
 
 
-def make_ext4(path: Path, size_mib: int) -> None:
+def sparse_file(path: Path, size: int) -> Path:
+    """A file of `size` zero bytes that takes no space yet."""
     with open(path, "wb") as f:
-        f.truncate(size_mib << 20)
+        f.truncate(size)
+    return path
+
+
+def make_ext4(path: Path, size_mib: int) -> None:
+    sparse_file(path, size_mib << 20)
     run(["mkfs.ext4", "-q", "-F", "-b", "4096", str(path)])
 
 

@@ -7,17 +7,14 @@ import os
 
 import pytest
 
-from harness import fill_files, mounted_dir, run, sha256_of
+from harness import fill_files, mounted_dir, run, sha256_of, sparse_file
 
 pytestmark = pytest.mark.mount
 
 
 @pytest.fixture
 def backing(tmp_path):
-    path = tmp_path / "linear.raw"
-    with open(path, "wb") as f:
-        f.truncate(256 << 20)
-    return path
+    return sparse_file(tmp_path / "linear.raw", 256 << 20)
 
 
 def test_image_file_mirrors_the_device(mount, backing):

@@ -6,17 +6,15 @@ import os
 
 import pytest
 
-from harness import _wait_gone, fusesnap, is_mounted, loop_device
+from fusesnap.cli import wait_for_exit
+from harness import fusesnap, is_mounted, loop_device, sparse_file
 
 pytestmark = pytest.mark.mount
 
 
 @pytest.fixture
 def device(tmp_path):
-    path = tmp_path / "dev.raw"
-    with open(path, "wb") as f:
-        f.truncate(64 << 20)
-    return path
+    return sparse_file(tmp_path / "dev.raw", 64 << 20)
 
 
 def test_mount_returns_usable_and_umount_stops_the_server(mount, device):
@@ -24,7 +22,7 @@ def test_mount_returns_usable_and_umount_stops_the_server(mount, device):
     assert (m / "linear.img").stat().st_size == 64 << 20  # usable right away
     fusesnap("umount", m.mountpoint)
     assert not is_mounted(m.mountpoint)
-    assert _wait_gone(m.pid, 0.5), "umount returns only after the server exited"
+    assert wait_for_exit(m.pid, 0.5), "umount returns only after the server exited"
 
 
 def test_umount_refuses_while_a_loop_device_is_attached(mount, device):

@@ -175,3 +175,44 @@ def test_a_diff_for_a_bigger_device_is_refused(tmp_path):
     (tmp_path / "mnt").mkdir()
     result = fusesnap("mount", tmp_path / "mnt", "--system", small, "--diff", diff, check=False)
     assert result.returncode == 2 and "beyond the end of the device" in result.stderr
+
+
+def test_progress_of_another_diff_is_refused(tmp_path, mount):
+    """A device half-merged with one diff is never served through another."""
+    old = tmp_path / "old.raw"
+    old.write_bytes(bytes(8 << 20))
+    new1, new2 = tmp_path / "new1.raw", tmp_path / "new2.raw"
+    new1.write_bytes(os.urandom(8 << 20))
+    new2.write_bytes(os.urandom(8 << 20))
+    diff = tmp_path / "diff.img"
+    fusesnap("diff", old, new1, "-o", diff, "--quiet", "--chunk-blocks", "16")
+    m = mount("--system", old, "--diff", diff, "--merge-rate", "1")
+    wait_for(lambda: os.path.exists(str(diff) + ".progress"), timeout=30)
+    fusesnap("umount", m.mountpoint)
+    fusesnap("diff", tmp_path / "new1.raw", new2, "-o", diff, "--quiet")  # same name, other diff
+    (tmp_path / "mnt").mkdir()
+    result = fusesnap("mount", tmp_path / "mnt", "--system", old, "--diff", diff, check=False)
+    assert result.returncode == 2 and "half-updated" in result.stderr
+
+
+def test_progress_is_checked_against_the_device(pair, device, mount):
+    """A device restored to OLD behind a finished merge's back is noticed, not misread."""
+    old, _, _, _ = pair
+    dev, diff = device
+    m = mount("--system", dev, "--diff", diff)
+    wait_for(lambda: system_status(m)["state"] == "done")
+    fusesnap("umount", m.mountpoint)
+    copy_of(old, dev)
+    (dev.parent / "mnt").mkdir()
+    result = fusesnap("mount", dev.parent / "mnt", "--system", dev, "--diff", diff, check=False)
+    assert result.returncode == 2 and "not on the device" in result.stderr
+
+
+def test_relative_diff_path_resumes(pair, device, mount, tmp_path, monkeypatch):
+    dev, diff = device
+    monkeypatch.chdir(tmp_path)
+    m = mount("--system", dev.name, "--diff", diff.name, "--merge-rate", "0.25")
+    wait_for(lambda: os.path.exists(str(diff) + ".progress"), timeout=30)
+    fusesnap("umount", m.mountpoint)
+    m = mount("--system", dev.name, "--diff", diff.name)
+    assert system_status(m)["merged"] > 0

@@ -68,7 +68,3 @@ class Image:
 
     async def close(self) -> None:
         """Stop background work, flush, release devices (the mount is going away)."""
-
-    def read_clipped(self, offset: int, size: int) -> int:
-        """The length of a read of `size` at `offset` once clipped at the image's end."""
-        return max(0, min(size, self.size - offset))

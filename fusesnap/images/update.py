@@ -17,8 +17,8 @@ worker threads (reading and decompressing chunks, writing and fsyncing the devic
 which never touches `pending`. `pending` changes only in `_merged()`, with no await.
 
 Crash safety: the merge writes a chunk's blocks only after the whole chunk
-decompressed and passed its zstd checksum, so the device never holds new data that
-did not come from a good chunk. Progress is persisted only after an fsync of the
+decompressed and passed its checks (the zstd content checksum `fusesnap diff`
+writes, the frame's size), so the device never holds new data from a bad chunk. Progress is persisted only after an fsync of the
 device (see `_persist`), so the progress file never claims more than is durable. A
 restart resumes from the persisted chunk; restarting from zero is always safe too,
 because merging is idempotent: a block's new data is the same whenever it is
@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import collections
 import errno
-import hashlib
 import json
 import logging
 import os
@@ -39,7 +38,8 @@ import os
 import trio
 
 from ..devices import BlockDevice, resolve_device_path
-from ..errors import UserError
+from ..diffing import open_diff
+from ..errors import EXIT_USAGE, UserError
 from ..formats.update_diff import DiffFile, DiffFormatError
 from ..rangemap import RangeMap
 from .base import Image
@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 
 PERSIST_INTERVAL = 3.0          # seconds between progress checkpoints while merging
 # Decompressed chunks kept for reads. A random read of a changed block outside the
-# cache decompresses its whole chunk (512 KiB by default: ~1 ms), so the cache should
+# cache decompresses its whole chunk (512 KiB by default: 1-2 ms), so the cache should
 # hold the diff's hot set; 256 MiB holds every changed block of a 1 GiB image with a
 # quarter of its blocks changed. Memory is only taken as chunks are read.
 DEFAULT_CACHE_MIB = 256
@@ -65,11 +65,14 @@ class ChunkCache:
         self.limiter = limiter
         self._chunks: collections.OrderedDict[int, bytes] = collections.OrderedDict()
         self._loading: dict[int, trio.Event] = {}
+        self.merged: set[int] = set()
 
     def _load(self, chunk_index: int) -> bytes:
         return self.diff.decompress_chunk(chunk_index, self.diff.read_chunk_raw(chunk_index))
 
     def forget(self, chunk_index: int) -> None:
+        """The chunk is merged: its blocks are read from the device now."""
+        self.merged.add(chunk_index)
         self._chunks.pop(chunk_index, None)
 
     async def get(self, chunk_index: int) -> bytes:
@@ -88,6 +91,8 @@ class ChunkCache:
         finally:
             del self._loading[chunk_index]
             done.set()
+        if chunk_index in self.merged:
+            return data  # merged while we decompressed: the device serves it from now on
         self._chunks[chunk_index] = data
         if len(self._chunks) > self.capacity:
             self._chunks.popitem(last=False)
@@ -98,30 +103,43 @@ class MergeProgress:
     """The persisted merge progress of one (diff, device) pair: `<DIFF>.progress`.
 
     JSON written with write-temp, fsync, rename, fsync-directory, so it is either the
-    old or the new version after a crash. It names the diff by a fingerprint of its
-    header and directory and the device by path and size: progress for another diff
-    or device is ignored (the merge restarts from zero, which is always safe).
+    old or the new version after a crash. It names the diff (a fingerprint of its
+    header and directory, its size and mtime) and the device (path and size). A
+    progress file of another diff or device that merged anything is refused: the
+    device may be half-updated by that other diff, and no read could be trusted.
     """
 
     def __init__(self, diff: DiffFile, device: BlockDevice):
         self.path = diff.path + ".progress"
-        self.identity = {"diff": diff.fingerprint(), "device": device.path, "device_size": device.size}
+        st = os.stat(diff.path)
+        self.identity = {"diff": diff.fingerprint(), "diff_size": st.st_size,
+                         "diff_mtime_ns": st.st_mtime_ns,
+                         "device": device.path, "device_size": device.size}
 
     def load(self) -> int:
-        """Chunks already merged (0 if unknown)."""
+        """Chunks already merged (0 if none); UserError if the file is not ours."""
         try:
             with open(self.path) as f:
                 saved = json.load(f)
+            merged = saved["merged_chunks"]
+            identity = saved["identity"]
+            if not isinstance(merged, int) or merged < 0:
+                raise ValueError(f"bad merged_chunks {merged!r}")
         except FileNotFoundError:
             return 0
-        except (OSError, ValueError) as exc:
-            log.warning("ignoring unreadable %s (%s): merging from the start", self.path, exc)
-            return 0
-        if not isinstance(saved, dict) or saved.get("identity") != self.identity:
-            log.info("%s belongs to another diff or device: merging from the start", self.path)
-            return 0
-        merged = saved.get("merged_chunks")
-        return merged if isinstance(merged, int) and merged >= 0 else 0
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise UserError(f"unreadable merge progress {self.path} ({exc}): "
+                            "delete it only if the device was never merged into") from None
+        if identity != self.identity:
+            if merged == 0:
+                return 0
+            raise self.mismatch(f"records {merged} merged chunks of another diff or device")
+        return merged
+
+    def mismatch(self, what: str) -> UserError:
+        return UserError(f"{self.path} {what}: the device may be half-updated. If "
+                         f"{self.identity['device']} is back to OLD, delete {self.path}; "
+                         "otherwise finish the merge with the diff that started it")
 
     def save(self, merged_chunks: int) -> None:
         """Blocking. The caller has fsync'ed the device first."""
@@ -152,6 +170,9 @@ class UpdateImage(Image):
         self.block_size = diff.block_size
         self.progress = MergeProgress(diff, device)
         self.merged_chunks = self.persisted_chunks = min(self.progress.load(), diff.n_chunks)
+        if self.merged_chunks and not self._chunk_is_on_device(self.merged_chunks - 1):
+            raise self.progress.mismatch(f"says {self.merged_chunks} chunks are merged, "
+                                         "but the last of them is not on the device")
         # Runs come sorted and maximal, so this bulk-loads. No value index: values
         # are nearly all distinct.
         self.pending = RangeMap.from_ranges(
@@ -223,7 +244,7 @@ class UpdateImage(Image):
                  self.device.path, self.merged_chunks, self.diff.n_chunks)
         last_persist = trio.current_time()
         while self.merged_chunks < self.diff.n_chunks:
-            if not self.unpaused.is_set():
+            while not self.unpaused.is_set():  # a loop: pause/resume/pause replaces the event
                 await self._persist()  # progress is saved at every pause
                 await self.unpaused.wait()
             if self.state == "error":  # a read found a bad chunk
@@ -259,6 +280,14 @@ class UpdateImage(Image):
                                dest * bs)
             written += n_blocks * bs
         return written
+
+    def _chunk_is_on_device(self, chunk_index: int) -> bool:
+        """Does the device hold this chunk's new blocks? (Checks progress on restart.)"""
+        data = self.diff.decompress_chunk(chunk_index, self.diff.read_chunk_raw(chunk_index))
+        bs = self.block_size
+        return all(self.device.pread(n_blocks * bs, dest * bs)
+                   == data[first_offset * bs:(first_offset + n_blocks) * bs]
+                   for dest, n_blocks, first_offset in self.diff.chunk_runs(chunk_index))
 
     def _merged(self, chunk_index: int) -> None:
         """The chunk's blocks are in the device (its page cache, coherent for our reads):
@@ -308,9 +337,25 @@ class UpdateImage(Image):
                 "diff": self.diff.path, "device": self.device.path, "error": self.error}
 
     async def close(self) -> None:
-        await self._persist()
-        self.diff.close()
-        self.device.close()
+        try:
+            await self._persist()
+        finally:
+            self.diff.close()
+            self.device.close()
+
+
+def _rate(text: str) -> float:
+    rate = float(text)
+    if not 0 <= rate < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number of MB/s >= 0, got {text}")
+    return rate
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
 
 
 def add_mount_arguments(parser: argparse.ArgumentParser) -> None:
@@ -319,10 +364,10 @@ def add_mount_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--diff", metavar="DIFF", help="the update diff made by `fusesnap diff`")
     group.add_argument("--no-bg-update", action="store_true",
                        help="serve system.img from the diff without merging it into DEV")
-    group.add_argument("--merge-rate", type=float, default=0.0, metavar="MB/s",
+    group.add_argument("--merge-rate", type=_rate, default=0.0, metavar="MB/s",
                        help="limit the background merge to this many MB/s of changed blocks "
                        "(default: unlimited)")
-    group.add_argument("--cache-mib", type=int, default=DEFAULT_CACHE_MIB, metavar="MIB",
+    group.add_argument("--cache-mib", type=_positive_int, default=DEFAULT_CACHE_MIB, metavar="MIB",
                        help=f"cache of decompressed chunks (default {DEFAULT_CACHE_MIB} MiB, "
                        "at least 16 chunks)")
 
@@ -332,26 +377,31 @@ def images_from_args(args: argparse.Namespace) -> list[Image]:
         return []
     if not (args.system and args.diff):
         raise UserError("--system DEV and --diff DIFF go together")
+    # Absolute: the server leaves the current directory, and the progress file is
+    # named after the diff.
+    diff = open_diff(os.path.abspath(args.diff), bad_diff_status=EXIT_USAGE)
+    device = None
     try:
-        diff = DiffFile.open(args.diff)
-    except FileNotFoundError:
-        raise UserError(f"no such diff: {args.diff}") from None
-    except DiffFormatError as exc:
-        raise UserError(f"{args.diff}: {exc}") from None
-    except OSError as exc:
-        raise UserError(f"cannot read {args.diff}: {exc.strerror}") from None
-    try:
-        device = BlockDevice(resolve_device_path(args.system),
-                             read_only=args.no_bg_update)
+        device = BlockDevice(resolve_device_path(args.system), read_only=args.no_bg_update)
         try:
             diff.check_device(device.size, device.logical_block_size)
         except DiffFormatError as exc:
             raise UserError(f"{args.diff} does not fit {device.path}: {exc}") from None
-        if device.read_only and not args.no_bg_update:
-            raise UserError(f"{device.path} is read-only: the merge needs to write it "
-                            "(use --no-bg-update to serve system.img without merging)")
-        return [UpdateImage(device, diff, background_merge=not args.no_bg_update,
-                            merge_rate=args.merge_rate * 1e6, cache_bytes=args.cache_mib << 20)]
+        if not args.no_bg_update:
+            if device.read_only:
+                raise UserError(f"{device.path} is read-only: the merge needs to write it "
+                                "(use --no-bg-update to serve system.img without merging)")
+            if not os.access(os.path.dirname(diff.path), os.W_OK):
+                raise UserError(f"cannot save merge progress beside {diff.path}: its directory "
+                                "is not writable (use --no-bg-update to serve without merging)")
+        try:
+            return [UpdateImage(device, diff, background_merge=not args.no_bg_update,
+                                merge_rate=args.merge_rate * 1e6,
+                                cache_bytes=args.cache_mib << 20)]
+        except DiffFormatError as exc:  # checking the progress met a bad chunk
+            raise UserError(f"{diff.path}: {exc}") from None
     except BaseException:
         diff.close()
+        if device is not None:
+            device.close()
         raise
