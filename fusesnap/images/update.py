@@ -18,12 +18,13 @@ which never touches `pending`. `pending` changes only in `_merged()`, with no aw
 
 Crash safety: the merge writes a chunk's blocks only after the whole chunk
 decompressed and passed its checks (the zstd content checksum `fusesnap diff`
-writes, the frame's size), so the device never holds new data from a bad chunk. Progress is persisted only after an fsync of the
-device (see `_persist`), so the progress file never claims more than is durable. A
-restart resumes from the persisted chunk; restarting from zero is always safe too,
-because merging is idempotent: a block's new data is the same whenever it is
-written, and until the merge is done every block of an unmerged chunk is read from
-the diff, never from the device.
+writes, the frame's size), so the device never holds new data from a bad chunk.
+Progress is persisted only after an fsync of the device (see `_persist`), so the
+progress file never claims more than is durable. A restart resumes from the
+persisted chunk, after checking that the last merged chunk really is on the device;
+restarting from zero is always safe too, because merging is idempotent: a block's
+new data is the same whenever it is written, and until a chunk is merged its blocks
+are read from the diff, never from the device.
 """
 
 from __future__ import annotations
