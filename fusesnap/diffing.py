@@ -320,6 +320,9 @@ def _write_diff(old_fd: int, new_fd: int, out_path: str, stats: DiffStats, level
         os.umask(umask)
         os.fchmod(tmp_fd, 0o666 & ~umask)   # mkstemp makes it 0600; a diff is an ordinary file
         _fill_diff(old_fd, new_fd, tmp_fd, stats, level, threads, progress)
+        # Ordering: the whole diff is durable before it takes DIFF's name, and the
+        # directory is fsynced after the rename, so a crash leaves the old DIFF (or
+        # none) or the complete new one, never a half diff under that name.
         os.fsync(tmp_fd)
         os.close(tmp_fd)
         tmp_fd = -1

@@ -199,25 +199,28 @@ class FuseOperations(pyfuse3.Operations):
         except Exception as exc:
             raise _to_fuse_error(exc, "read") from None
 
+    def _image_open_for_writing(self, fh) -> Image:
+        """The image behind a handle the kernel lets write (it checked the open mode;
+        `open` refused write access to read-only images and status files)."""
+        opened = self.open_files[fh]
+        if isinstance(opened, bytes):
+            raise pyfuse3.FUSEError(errno.EBADF)
+        return opened
+
     async def write(self, fh, off, buf):
         try:
-            opened = self.open_files[fh]
-            if isinstance(opened, bytes):
-                raise pyfuse3.FUSEError(errno.EBADF)
-            return await opened.write(off, buf)
+            return await self._image_open_for_writing(fh).write(off, buf)
         except Exception as exc:
             raise _to_fuse_error(exc, "write") from None
 
     async def fallocate(self, fh, mode, offset, length):
         try:
-            opened = self.open_files[fh]
-            if isinstance(opened, bytes) or opened.read_only:
-                raise pyfuse3.FUSEError(errno.EBADF if isinstance(opened, bytes) else errno.EROFS)
+            image = self._image_open_for_writing(fh)
             if mode == FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE:
-                await opened.discard(offset, length, zero_range=False)
+                await image.discard(offset, length, zero_range=False)
             elif mode == FALLOC_FL_KEEP_SIZE | FALLOC_FL_ZERO_RANGE:
-                await opened.discard(offset, length, zero_range=True)
-            elif mode == 0 and offset + length <= opened.size:
+                await image.discard(offset, length, zero_range=True)
+            elif mode == 0 and offset + length <= image.size:
                 pass  # allocating inside a fixed-size device: nothing to do
             else:
                 raise pyfuse3.FUSEError(errno.EOPNOTSUPP)

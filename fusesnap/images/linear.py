@@ -27,6 +27,9 @@ class LinearImage(Image):
 
     async def write(self, offset: int, data: bytes) -> int:
         check_range(self.size, offset, len(data))
+        # Acknowledged only after pwrite returned: the data is then in the kernel's
+        # page cache of the device and survives a crash of this server; flush()
+        # makes it durable against power loss.
         return self.device.pwrite(data, offset)
 
     async def discard(self, offset: int, length: int, *, zero_range: bool) -> None:
