@@ -37,7 +37,7 @@ sys.path.insert(0, str(REPO))
 
 from fusesnap.cli import wait_for_exit  # noqa: E402
 from fusesnap.devices import loop_devices_backed_under  # noqa: E402
-from fusesnap.fs import XATTR_PID  # noqa: E402
+from fusesnap.control import XATTR_PID  # noqa: E402
 
 FUSESNAP = [sys.executable, "-m", "fusesnap"]
 

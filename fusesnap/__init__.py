@@ -7,6 +7,7 @@ concurrency contract):
 |---------------|-------------------------------------------------------------------|
 | cli           | the command line: parsing, one-line errors, exit statuses         |
 | mount         | the server process: images in, pyfuse3 + trio main loop, teardown |
+| control       | the CLI side of the control channel: find a mount, status, commands |
 | fs            | the FUSE adapter: inodes, attributes, errno mapping, control      |
 | images        | one module per image type, behind `images.base.Image`             |
 | formats       | on-disk formats, pure (pack, unpack, validate)                    |

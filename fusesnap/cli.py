@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import argparse
 import errno
-import json
 import os
-import re
 import subprocess
 import sys
 import time
@@ -26,7 +24,7 @@ import time
 from . import diffing, mount
 from .devices import loop_devices_backed_under
 from .errors import EXIT_FAILED, EXIT_USAGE, UserError
-from .fs import XATTR_COMMAND, XATTR_PID
+from .control import XATTR_PID, mounted_at, read_status, send_command
 from .images import IMAGE_TYPES
 
 LOG_DIR = "/var/log/fusesnap"
@@ -42,20 +40,6 @@ class OneLineParser(argparse.ArgumentParser):
 def default_log_path(mountpoint: str) -> str:
     escaped = os.path.realpath(mountpoint).strip("/").replace("/", "-") or "root"
     return os.path.join(LOG_DIR, escaped + ".log")
-
-
-def mounted_at(path: str) -> str | None:
-    """The filesystem type mounted at `path`, or None."""
-    target = os.path.realpath(path)
-    found = None
-    with open("/proc/self/mountinfo") as mountinfo:
-        for line in mountinfo:
-            fields = line.split()
-            # The kernel escapes space, tab, newline and backslash as \ooo.
-            mount_point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), fields[4])
-            if mount_point == target:
-                found = fields[fields.index("-") + 1]  # the last one is on top
-    return found
 
 
 # -- mount -------------------------------------------------------------------------
@@ -135,35 +119,12 @@ def cmd_umount(args) -> int:
 
 # -- status and control ------------------------------------------------------------
 
-def read_status(mountpoint: str, json_form: bool) -> str:
-    if mounted_at(mountpoint) != "fuse.fusesnap":
-        raise UserError(f"{mountpoint} is not a fusesnap mount")
-    name = ".status.json" if json_form else ".status"
-    try:
-        with open(os.path.join(mountpoint, name)) as status:
-            return status.read()
-    except OSError as exc:
-        raise UserError(f"cannot read {mountpoint}/{name}: {exc.strerror}", EXIT_FAILED) from None
-
+# -- status ------------------------------------------------------------------------
 
 def cmd_status(args) -> int:
     sys.stdout.write(read_status(args.mountpoint, args.json))
     return 0
 
-
-def send_command(mountpoint: str, command: str) -> None:
-    try:
-        os.setxattr(mountpoint, XATTR_COMMAND, command.encode())
-    except OSError as exc:
-        raise UserError(f"{mountpoint}: '{command}' failed: {exc.strerror}", EXIT_FAILED) from None
-
-
-def cmd_update(args) -> int:
-    images = json.loads(read_status(args.mountpoint, True))["images"]
-    if not any(figures["target"] == "update" for figures in images.values()):
-        raise UserError(f"{args.mountpoint} has no update image (mount it with --system and --diff)")
-    send_command(args.mountpoint, f"update {args.action}")
-    return 0
 
 
 # -- the parser --------------------------------------------------------------------
@@ -198,10 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print .status.json instead")
     p.set_defaults(run=cmd_status)
 
-    p = commands.add_parser("update", help="pause or resume the background merge of system.img")
-    p.add_argument("action", choices=("pause", "resume"))
-    p.add_argument("mountpoint", metavar="MOUNTPOINT")
-    p.set_defaults(run=cmd_update)
+    for image_type in IMAGE_TYPES:
+        image_type.add_commands(commands)
 
     p = commands.add_parser("diff", help="make an update diff from OLD to NEW")
     diffing.add_diff_arguments(p)

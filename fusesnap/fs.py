@@ -25,13 +25,11 @@ from typing import Awaitable, Callable
 
 import pyfuse3
 
+from .control import XATTR_COMMAND, XATTR_PID
 from .devices import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE
 from .images.base import Image
 
 log = logging.getLogger(__name__)
-
-XATTR_PID = b"user.fusesnap.pid"
-XATTR_COMMAND = b"user.fusesnap.command"
 
 STATUS_FILES = (".status", ".status.json")
 _FIRST_FILE_INODE = pyfuse3.ROOT_INODE + 1

@@ -1,8 +1,10 @@
 """The interface every image type implements, and how image types plug into `mount`.
 
 An `Image` is one virtual block device exposed as a file in the mount. An image type
-is a module in this package with two functions, `add_mount_arguments(parser)` and
-`images_from_args(args) -> list[Image]`, listed in `fusesnap.images.IMAGE_TYPES`. The FUSE
+is a module in this package with three functions, `add_mount_arguments(parser)`,
+`add_commands(commands)` (its own subcommands, e.g. `fusesnap update ...`; they reach
+a running mount through `fusesnap.control`) and `images_from_args(args) -> list[Image]`,
+listed in `fusesnap.images.IMAGE_TYPES`. The FUSE
 adapter (`fusesnap.fs`) only ever calls the methods below; everything an image type
 needs beyond them (its range map, its background tasks, its on-disk formats) is its
 own business.

@@ -52,6 +52,10 @@ def add_mount_arguments(parser: argparse.ArgumentParser) -> None:
                         help="expose linear.img, a read-write pass-through of DEV")
 
 
+def add_commands(commands) -> None:
+    """linear.img has no subcommands of its own."""
+
+
 def images_from_args(args: argparse.Namespace) -> list[Image]:
     if not args.linear:
         return []

@@ -38,6 +38,7 @@ import os
 
 import trio
 
+from ..control import require_image, send_command
 from ..devices import BlockDevice, resolve_device_path
 from ..diffing import open_diff
 from ..errors import EXIT_USAGE, UserError
@@ -371,6 +372,19 @@ def add_mount_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--cache-mib", type=_positive_int, default=DEFAULT_CACHE_MIB, metavar="MIB",
                        help=f"cache of decompressed chunks (default {DEFAULT_CACHE_MIB} MiB, "
                        "at least 16 chunks)")
+
+
+def add_commands(commands) -> None:
+    p = commands.add_parser("update", help="pause or resume the background merge of system.img")
+    p.add_argument("action", choices=("pause", "resume"))
+    p.add_argument("mountpoint", metavar="MOUNTPOINT")
+    p.set_defaults(run=cmd_update)
+
+
+def cmd_update(args) -> int:
+    require_image(args.mountpoint, "update", "mount it with --system and --diff")
+    send_command(args.mountpoint, f"update {args.action}")
+    return 0
 
 
 def images_from_args(args: argparse.Namespace) -> list[Image]:
