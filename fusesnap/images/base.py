@@ -38,6 +38,9 @@ class Image:
     status_line_keys: ClassVar[tuple[str, ...]] = ()
     #: control verbs this image answers to (`fusesnap update pause` sends verb "update")
     control_verbs: ClassVar[tuple[str, ...]] = ()
+    #: True for an image that cannot work without discards from the loop device
+    #: (FUSE fallocate requests, which stock pyfuse3 does not pass on)
+    needs_discards: ClassVar[bool] = False
 
     def __init__(self, name: str, size: int, *, read_only: bool):
         self.name = name
