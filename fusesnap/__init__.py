@@ -17,4 +17,8 @@ concurrency contract):
 | errors        | `UserError` and the exit statuses                                 |
 
 Only `fs` and `mount` know about FUSE; everything below them is plain Python.
+`arguments` holds the argparse types every command uses (paths resolved in the
+caller's directory); `pyfuse3_build` installs the patched pyfuse3 (stdlib only).
 """
+
+__version__ = "0.1.0"

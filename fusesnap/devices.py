@@ -13,11 +13,14 @@ import ctypes
 import ctypes.util
 import errno
 import fcntl
+import logging
 import os
 import stat
 import struct
 
 from .errors import UserError
+
+log = logging.getLogger(__name__)
 
 BLKGETSIZE64 = 0x80081272
 BLKSSZGET = 0x1268
@@ -87,6 +90,12 @@ class BlockDevice:
         else:
             self.size = st.st_size
             self.logical_block_size = 512
+        if self.size == 0:
+            self.close()
+            raise UserError(f"{path} is empty (0 bytes): there is nothing to serve")
+        if self.size % 512:
+            log.warning("%s is %d bytes, not a multiple of 512: a loop device on its image "
+                        "ignores the last %d bytes", path, self.size, self.size % 512)
 
     def pread(self, size: int, offset: int) -> bytes:
         return os.pread(self.fd, size, offset)
@@ -134,6 +143,31 @@ def check_range(image_size: int, offset: int, length: int) -> None:
     """Raise ENOSPC for a write or discard that reaches past the end of an image."""
     if offset < 0 or length < 0 or offset + length > image_size:
         raise OSError(errno.ENOSPC, "beyond the end of the image")
+
+
+def processes_using(directory: str) -> list[tuple[int, str]]:
+    """(pid, command name) of every other process with a file, its working directory or
+    its root inside `directory` (what makes `umount` say "target is busy")."""
+    prefix = os.path.realpath(directory) + "/"
+    found = []
+    for pid in sorted(int(name) for name in os.listdir("/proc") if name.isdigit()):
+        if pid == os.getpid():
+            continue
+        try:
+            links = [f"/proc/{pid}/cwd", f"/proc/{pid}/root"]
+            links += [f"/proc/{pid}/fd/{fd}" for fd in os.listdir(f"/proc/{pid}/fd")]
+            targets = []
+            for link in links:
+                try:
+                    targets.append(os.readlink(link) + "/")
+                except OSError:
+                    pass  # the fd was closed meanwhile
+            if any(target.startswith(prefix) for target in targets):
+                with open(f"/proc/{pid}/comm") as comm:
+                    found.append((pid, comm.read().strip()))
+        except OSError:
+            continue  # the process ended meanwhile
+    return found
 
 
 def loop_devices_backed_under(directory: str) -> list[tuple[str, str]]:

@@ -22,6 +22,7 @@ import itertools
 import json
 import os
 import queue
+import signal
 import stat
 import sys
 import tempfile
@@ -32,10 +33,12 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import zstandard
+from tqdm import tqdm
 
+from fusesnap.arguments import positive_int
 from fusesnap.errors import EXIT_FAILED, EXIT_OK, UserError
 from fusesnap.formats.update_diff import (
-    CHUNKS_OFFSET, COMPRESSIONS, ENTRY_SIZE, MAX_CHUNK_BYTES, DiffFile,
+    CHUNKS_OFFSET, COMPRESSIONS, ENTRY_SIZE, MAGIC, MAX_CHUNK_BYTES, SUPERBLOCK_SIZE, DiffFile,
     DiffFormatError, Superblock, pack_directory)
 
 DEFAULT_BLOCK_SIZE = 4096
@@ -432,18 +435,8 @@ def _fill_diff(old_fd: int, new_fd: int, out_fd: int, stats: DiffStats, level: i
 
 # ---- command line ------------------------------------------------------------------------
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text, 0)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
 def _block_size(text: str) -> int:
-    value = _positive_int(text)
+    value = positive_int(text)
     if not (512 <= value <= 65536 and value & (value - 1) == 0):
         raise argparse.ArgumentTypeError(f"must be a power of two from 512 to 65536, got {value}")
     return value
@@ -470,58 +463,49 @@ def add_diff_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--block-size", type=_block_size, default=DEFAULT_BLOCK_SIZE,
                         help=f"block size in bytes, a power of two from 512 to 65536 "
                         f"(default: {DEFAULT_BLOCK_SIZE})")
-    parser.add_argument("--chunk-blocks", type=_positive_int, default=None,
+    parser.add_argument("--chunk-blocks", type=positive_int, default=None,
                         help=f"blocks per compressed chunk (default: {DEFAULT_CHUNK_BYTES // 1024} KiB "
                         f"worth, {default_chunk_blocks(DEFAULT_BLOCK_SIZE)} blocks of "
                         f"{DEFAULT_BLOCK_SIZE}); larger compresses better, smaller makes "
                         f"random reads cheaper")
     parser.add_argument("--level", type=_level, default=DEFAULT_LEVEL,
                         help=f"zstd compression level (default: {DEFAULT_LEVEL})")
-    parser.add_argument("-j", "--threads", type=_positive_int, default=None,
+    parser.add_argument("-j", "--threads", type=positive_int, default=None,
                         help=f"compression threads (default: all cores, {default_threads()} here)")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
 
-class _ProgressBar:
-    """One self-overwriting line on stderr: bytes scanned, changed blocks, MB/s, ETA."""
+class Terminated(Exception):
+    """SIGTERM arrived: unwinds like Ctrl-C, so the temp file next to DIFF is removed."""
 
-    def __init__(self, stream=sys.stderr, interval: float = 0.25):
-        self._stream = stream
-        self._start = time.monotonic()
-        self._last = 0.0
-        self._interval = interval
 
-    def __call__(self, scanned: int, total: int, changed: int) -> None:
-        now = time.monotonic()
-        if now - self._last < self._interval and scanned < total:
-            return
-        self._last = now
-        elapsed = max(now - self._start, 1e-6)
-        rate = scanned / elapsed
-        eta = (total - scanned) / rate if rate else 0.0
-        pct = 100.0 * scanned / total if total else 100.0
-        self._stream.write(f"\r{pct:5.1f}% {scanned / 2**20:,.0f}/{total / 2**20:,.0f} MiB  "
-                           f"{changed:,} changed blocks  {rate / 1e6:,.0f} MB/s  "
-                           f"ETA {eta:4.0f} s ")
-        self._stream.flush()
-
-    def done(self) -> None:
-        self._stream.write("\n")
-        self._stream.flush()
+def _raise_terminated(signum, frame):
+    raise Terminated()
 
 
 def run_diff(args) -> int:
     """`fusesnap diff`: a progress bar and a summary on stderr if it is a TTY (and not
-    --quiet), silent otherwise. UserError for bad input."""
-    bar = _ProgressBar() if not args.quiet and sys.stderr.isatty() else None
+    --quiet), silent otherwise. UserError for bad input; on SIGTERM, as on Ctrl-C, no
+    temp file is left behind (exit status 143)."""
+    bar = tqdm(total=None, unit="B", unit_scale=True, unit_divisor=1024, dynamic_ncols=True,
+               disable=True if args.quiet else None)   # None: only on a terminal
+
+    def progress(scanned: int, total: int, changed: int) -> None:
+        bar.total = total
+        bar.set_postfix_str(f"{changed:,} changed blocks", refresh=False)
+        bar.update(scanned - bar.n)
+
+    previous_handler = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
-        stats = build_diff(args.old, args.new, args.output, compression=args.algorithm,
-                           block_size=args.block_size, chunk_blocks=args.chunk_blocks,
-                           level=args.level, threads=args.threads, progress=bar)
+        with bar:
+            stats = build_diff(args.old, args.new, args.output, compression=args.algorithm,
+                               block_size=args.block_size, chunk_blocks=args.chunk_blocks,
+                               level=args.level, threads=args.threads, progress=progress)
+    except Terminated:
+        raise UserError("terminated", 128 + signal.SIGTERM) from None
     finally:
-        if bar is not None:
-            bar.done()
-    if bar is not None:
+        signal.signal(signal.SIGTERM, previous_handler)
+    if not bar.disable:
         ratio = stats.changed_bytes / stats.chunks_bytes if stats.chunks_bytes else 0.0
         print(f"{args.output}: {stats.changed_blocks} of {stats.new_size // stats.block_size} "
               f"blocks changed, {stats.n_chunks} chunks, {stats.diff_size} bytes "
@@ -570,7 +554,30 @@ def open_diff(path, *, bad_diff_status: int) -> DiffFile:
     except OSError as e:
         raise UserError(f"cannot read {path}: {e.strerror}") from None
     except DiffFormatError as e:
-        raise UserError(str(e), bad_diff_status) from None
+        raise UserError(_what_is_wrong(path, e), bad_diff_status) from None
+
+
+def _what_is_wrong(path, error: DiffFormatError) -> str:
+    """The one-line reason a diff was refused, named after the file: 'FILE is not an
+    update diff', 'FILE is truncated (N of M bytes)', or 'FILE: <the broken rule>'."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(SUPERBLOCK_SIZE)
+            size = os.fstat(f.fileno()).st_size
+    except OSError:
+        return f"{path}: {error}"
+    if not head or not head.startswith(MAGIC[:len(head)]):
+        return f"{path} is not an update diff (made by `fusesnap diff`)"
+    if len(head) < SUPERBLOCK_SIZE:
+        return f"{path} is truncated ({size} bytes, shorter than its {SUPERBLOCK_SIZE}-byte header)"
+    try:
+        superblock = Superblock.unpack(head)
+    except DiffFormatError:
+        return f"{path}: {error}"
+    expected = superblock.dir_offset + superblock.dir_compressed_size
+    if expected > size and superblock.dir_offset >= SUPERBLOCK_SIZE:
+        return f"{path} is truncated ({size} of {expected} bytes)"
+    return f"{path}: {error}"
 
 
 def run_diff_info(args) -> int:
@@ -581,7 +588,7 @@ def run_diff_info(args) -> int:
             try:
                 diff.verify()
             except DiffFormatError as e:
-                raise UserError(str(e), EXIT_FAILED) from None
+                raise UserError(f"{args.diff}: {e}", EXIT_FAILED) from None
             except OSError as e:
                 raise UserError(f"cannot read {args.diff}: {e.strerror}", EXIT_FAILED) from None
             info["verified"] = True

@@ -47,13 +47,16 @@ def _to_fuse_error(exc: Exception, what: str) -> pyfuse3.FUSEError:
 
 
 class StatusRenderer:
-    """Renders `.status` (one line per image, like `dmsetup status`) and `.status.json`."""
+    """Renders `.status` (one line per image, like `dmsetup status`) and `.status.json`
+    (the images, beside `mount_figures`: facts about the whole mount)."""
 
-    def __init__(self, images: list[Image]):
+    def __init__(self, images: list[Image], mount_figures: dict | None = None):
         self.images = images
+        self.mount_figures = mount_figures or {}
 
     def as_dict(self) -> dict:
-        return {"images": {img.name: {"target": img.target, **img.status()} for img in self.images}}
+        return {**self.mount_figures,
+                "images": {img.name: {"target": img.target, **img.status()} for img in self.images}}
 
     def as_text(self) -> str:
         lines = []
@@ -72,9 +75,10 @@ class StatusRenderer:
 class FuseOperations(pyfuse3.Operations):
     """pyfuse3 handlers for a flat directory of images and status files."""
 
-    def __init__(self, images: list[Image], control: Callable[[str], Awaitable[None]]):
+    def __init__(self, images: list[Image], control: Callable[[str], Awaitable[None]],
+                 mount_figures: dict | None = None):
         super().__init__()
-        self.status = StatusRenderer(images)
+        self.status = StatusRenderer(images, mount_figures)
         self.control = control
         self.mount_time_ns = time.time_ns()
         # inode -> Image, or the name of a status file

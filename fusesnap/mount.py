@@ -7,15 +7,22 @@ Life cycle (all inside one `trio.run`, teardown in one `AsyncExitStack`):
   images -> pyfuse3.close.
 
 `run_server` runs in the foreground; `spawn_server` starts it as a detached child
-and waits on a pipe until it is serving or has failed, so `fusesnap mount` returns
-only once the mount is usable.
+and waits on a pipe (`ReadyChannel`) until it is serving or has failed, so `fusesnap
+mount` returns only once the mount is usable, printing the server's start-up warnings
+on the way.
+
+Discards: a loop device sends them as fallocate requests, which only a pyfuse3 built
+with `fusesnap/pyfuse3_patches/` passes on (`discards_supported`). Without it an image
+that needs discards is refused and the others mount with a warning.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import logging.handlers
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -31,6 +38,82 @@ from .images.base import Image
 log = logging.getLogger(__name__)
 
 READY = "ready"
+WARNING = "warning"
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def discards_supported() -> bool:
+    """Does this pyfuse3 pass fallocate requests (discards from loop devices) on?
+    Only one built with fusesnap's patches does; stock pyfuse3 answers them ENOSYS."""
+    return hasattr(pyfuse3, "fuse_fallocate_async")
+
+
+def pyfuse3_fix_command() -> str:
+    """The command that installs the patched pyfuse3 into this Python environment."""
+    return f"{shlex.quote(sys.executable)} -m fusesnap.pyfuse3_build"
+
+
+def discards_report() -> str:
+    """One line: whether discards work, and if not, what fixes it."""
+    where = os.path.dirname(pyfuse3.__file__)
+    if discards_supported():
+        return f"discards: supported (pyfuse3 {pyfuse3.__version__} with fallocate, {where})"
+    return (f"discards: NOT supported (pyfuse3 {pyfuse3.__version__} in {where} has no fallocate "
+            f"handler); fix: {pyfuse3_fix_command()}")
+
+
+def check_discards(images: list[Image]) -> None:
+    """Refuse (UserError, exit 2) images that need discards when pyfuse3 cannot pass
+    them on; warn for the others, whose discards (fstrim, blkdiscard) would fail."""
+    if discards_supported():
+        return
+    needing = [image.name for image in images if image.needs_discards]
+    if needing:
+        raise UserError(f"{', '.join(needing)} cannot work without discards, and this pyfuse3 "
+                        f"has no fallocate handler; fix: {pyfuse3_fix_command()}")
+    log.warning("this pyfuse3 has no fallocate handler: discards through loop devices "
+                "(fstrim, blkdiscard) will fail; fix: %s", pyfuse3_fix_command())
+
+
+class ReadyChannel:
+    """The pipe from a starting server to the `fusesnap mount` waiting for it: lines
+    `warning <text>`, then `ready` or `<exit status> <one-line reason>`. Without a pipe
+    (`--foreground` typed by a user) every method does nothing."""
+
+    def __init__(self, fd: int | None):
+        self.fd = fd
+
+    def _send(self, line: str) -> None:
+        if self.fd is not None:
+            os.write(self.fd, (line.replace("\n", " ") + "\n").encode())
+
+    def _close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def warn(self, text: str) -> None:
+        self._send(f"{WARNING} {text}")
+
+    def ready(self) -> None:
+        self._send(READY)
+        self._close()
+
+    def failed(self, error: UserError) -> None:
+        self._send(f"{error.exit_status} {error}")
+        self._close()
+
+
+class _WarningsToChannel(logging.Handler):
+    """Forwards start-up warnings to the waiting `fusesnap mount` (and nothing once
+    the channel is closed), so they reach the user's terminal, not only the log."""
+
+    def __init__(self, channel: ReadyChannel):
+        super().__init__(logging.WARNING)
+        self.channel = channel
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.channel.warn(record.getMessage())
 
 
 class MountServer:
@@ -44,6 +127,7 @@ class MountServer:
 
     async def control(self, command: str) -> None:
         """Run a control command from the CLI (setxattr on the root). ValueError if bad."""
+        log.info("control: %s", command)
         words = command.split()
         if not words:
             raise ValueError("empty command")
@@ -59,7 +143,8 @@ class MountServer:
             image.control(verb, args)
 
     async def serve(self, on_ready) -> None:
-        operations = FuseOperations(self.images, self.control)
+        operations = FuseOperations(self.images, self.control,
+                                    {"discards": discards_supported()})
         options = set(pyfuse3.default_options)
         options |= {"fsname=fusesnap", "subtype=fusesnap"}
         if self.debug:
@@ -78,7 +163,9 @@ class MountServer:
             for image in self.images:
                 await image.start(nursery)
             on_ready()
-            log.info("serving %s on %s", ", ".join(i.name for i in self.images), self.mountpoint)
+            log.info("serving on %s (%s)", self.mountpoint, discards_report())
+            for line in operations.status.as_text().splitlines():
+                log.info("serving %s", line)
             await pyfuse3.main(min_tasks=1, max_tasks=self.workers)
             log.info("FUSE session ended")
 
@@ -98,42 +185,40 @@ class MountServer:
                 log.exception("closing %s failed", image.name)
 
 
-def setup_logging(debug: bool) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if debug else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+def setup_logging(debug: bool, log_path: str | None, channel: ReadyChannel) -> None:
+    """Log to `log_path` (reopened when logrotate moves it away) or to stderr, and
+    forward warnings to `channel` until the mount is ready."""
+    if log_path:
+        handler: logging.Handler = logging.handlers.WatchedFileHandler(log_path)
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    root = logging.getLogger()
+    root.setLevel(logging.DEBUG if debug else logging.INFO)
+    root.addHandler(handler)
+    root.addHandler(_WarningsToChannel(channel))
 
 
 def run_server(mountpoint: str, images: list[Image], *, workers: int, debug: bool,
-               ready_fd: int | None) -> int:
-    """Serve in this process until unmounted. Reports readiness on `ready_fd`."""
-
-    ready = [False]
-
-    def on_ready() -> None:
-        ready[0] = True
-        if ready_fd is not None:
-            os.write(ready_fd, (READY + "\n").encode())
-            os.close(ready_fd)
-
+               channel: ReadyChannel) -> int:
+    """Serve in this process until unmounted. Reports readiness on `channel`."""
     server = MountServer(mountpoint, images, workers=workers, debug=debug)
     try:
-        trio.run(server.serve, on_ready)
+        trio.run(server.serve, channel.ready)
     except Exception as exc:  # mount-time failures (e.g. fuse_session_mount)
         log.exception("mount server failed")
         error = UserError(f"mount failed: {exc}", EXIT_FAILED)
-        if ready_fd is not None and not ready[0]:
-            os.write(ready_fd, f"{error.exit_status} {error}\n".encode())
+        channel.failed(error)  # nothing if it was ready already
         raise error from None
     return 0
 
 
 def spawn_server(argv: Sequence[str], log_path: str) -> None:
     """Start `fusesnap mount ... --foreground` detached, logging to `log_path`, and
-    wait until it is serving. Raises UserError with the server's own one-line reason
-    if it fails first."""
+    wait until it is serving, printing its start-up warnings. Raises UserError with the
+    server's own one-line reason if it fails first. `argv` holds no --log: the child
+    gets `--log log_path`. Its stdout and stderr go to the log file too (for anything
+    written outside `logging`)."""
     try:
         os.makedirs(os.path.dirname(os.path.abspath(log_path)), exist_ok=True)
         log_file = open(log_path, "ab")
@@ -142,19 +227,22 @@ def spawn_server(argv: Sequence[str], log_path: str) -> None:
     read_end, write_end = os.pipe()
     with log_file:
         child = subprocess.Popen(
-            [sys.executable, "-m", "fusesnap", *argv, "--foreground", "--ready-fd", str(write_end)],
+            [sys.executable, "-m", "fusesnap", *argv, "--log", log_path, "--foreground",
+             "--ready-fd", str(write_end)],
             stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file,
             pass_fds=(write_end,), start_new_session=True,
         )
     os.close(write_end)
     with os.fdopen(read_end, "r") as pipe:
-        message = pipe.read().strip()
-    if message == READY:
-        return
+        for line in pipe:
+            kind, _, text = line.rstrip("\n").partition(" ")
+            if kind == WARNING:
+                print(f"fusesnap: warning: {text}", file=sys.stderr)
+            elif kind == READY:
+                return
+            else:  # "<exit status> <one-line reason>"
+                child.wait()
+                raise UserError(text, int(kind))
     status = child.wait()
-    if message:
-        # The child wrote "<exit status> <one-line reason>".
-        code, _, reason = message.partition(" ")
-        raise UserError(reason, int(code))
     raise UserError(f"mount server exited with status {status} before mounting; see {log_path}",
                     EXIT_FAILED)

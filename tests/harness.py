@@ -31,8 +31,8 @@ def run(cmd, *, check=True, **kwargs) -> subprocess.CompletedProcess:
     return result
 
 
-def fusesnap(*args, check=True) -> subprocess.CompletedProcess:
-    return run([*FUSESNAP, *map(str, args)], check=check)
+def fusesnap(*args, check=True, cwd=None) -> subprocess.CompletedProcess:
+    return run([*FUSESNAP, *map(str, args)], check=check, cwd=cwd)
 
 
 def sha256_of(path, length: int | None = None) -> str:
@@ -111,17 +111,20 @@ def is_mounted(path: Path) -> bool:
 
 
 @contextlib.contextmanager
-def fusesnap_mount(mountpoint: Path, *image_args, log: Path | None = None):
+def fusesnap_mount(mountpoint: Path, *image_args, log: Path | None = None, cwd: Path | None = None):
     """`fusesnap mount` with the given image arguments; always torn down on exit:
     loop devices on it, then the mount (`fusesnap umount`, lazily if that fails),
-    then the server process (SIGKILL if it lingers)."""
-    mountpoint.mkdir(parents=True, exist_ok=True)
-    log = log or mountpoint.with_name(mountpoint.name + ".log")
-    fusesnap("mount", mountpoint, *image_args, "--log", log)
+    then the server process (SIGKILL if it lingers). With `cwd`, the command runs
+    there, so relative paths in the arguments mean paths inside it."""
+    cwd = Path(cwd or Path.cwd())
+    where = cwd / mountpoint
+    where.mkdir(parents=True, exist_ok=True)
+    log = log or Path(str(mountpoint) + ".log")
+    fusesnap("mount", mountpoint, *image_args, "--log", log, cwd=cwd)
     try:
-        mount = Mount(mountpoint, log)
+        mount = Mount(where, cwd / log)
     except BaseException:
-        run(["umount", "-l", str(mountpoint)], check=False)
+        run(["umount", "-l", str(where)], check=False)
         raise
     try:
         yield mount

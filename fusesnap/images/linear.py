@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import argparse
 
-from ..devices import BlockDevice, check_range, resolve_device_path
+from .. import arguments
+from ..devices import BlockDevice, check_range
 from .base import Image
 
 
@@ -48,8 +49,13 @@ class LinearImage(Image):
 
 
 def add_mount_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--linear", metavar="DEV",
+    parser.add_argument("--linear", metavar="DEV", type=arguments.device,
                         help="expose linear.img, a read-write pass-through of DEV")
+
+
+USAGE_EXAMPLES = """\
+  fusesnap mount mnt --linear /dev/sdb        # mnt/linear.img: read-write pass-through of /dev/sdb
+  losetup --find --show mnt/linear.img        # use the printed /dev/loopN as a block device"""
 
 
 def add_commands(commands) -> None:
@@ -59,4 +65,4 @@ def add_commands(commands) -> None:
 def images_from_args(args: argparse.Namespace) -> list[Image]:
     if not args.linear:
         return []
-    return [LinearImage(BlockDevice(resolve_device_path(args.linear)))]
+    return [LinearImage(BlockDevice(args.linear))]

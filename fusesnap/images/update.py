@@ -35,13 +35,16 @@ import errno
 import json
 import logging
 import os
+import time
 
 import trio
+from tqdm import tqdm
 
-from ..control import require_image, send_command
+from .. import arguments
+from ..control import read_status, require_image, send_command
 from ..devices import BlockDevice, resolve_device_path
 from ..diffing import open_diff
-from ..errors import EXIT_USAGE, UserError
+from ..errors import EXIT_FAILED, EXIT_USAGE, UserError
 from ..formats.update_diff import DiffFile, DiffFormatError
 from ..rangemap import RangeMap
 from .base import Image
@@ -346,45 +349,74 @@ class UpdateImage(Image):
             self.device.close()
 
 
-def _rate(text: str) -> float:
-    rate = float(text)
-    if not 0 <= rate < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a number of MB/s >= 0, got {text}")
-    return rate
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return value
-
-
 def add_mount_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("update overlay (system.img)")
-    group.add_argument("--system", metavar="DEV", help="the system device the update applies to")
-    group.add_argument("--diff", metavar="DIFF", help="the update diff made by `fusesnap diff`")
+    group.add_argument("--system", metavar="DEV", type=arguments.device,
+                       help="the system device the update applies to")
+    group.add_argument("--diff", metavar="DIFF", type=arguments.path,
+                       help="the update diff made by `fusesnap diff`")
     group.add_argument("--no-bg-update", action="store_true",
                        help="serve system.img from the diff without merging it into DEV")
-    group.add_argument("--merge-rate", type=_rate, default=0.0, metavar="MB/s",
-                       help="limit the background merge to this many MB/s of changed blocks "
-                       "(default: unlimited)")
-    group.add_argument("--cache-mib", type=_positive_int, default=DEFAULT_CACHE_MIB, metavar="MIB",
-                       help=f"cache of decompressed chunks (default {DEFAULT_CACHE_MIB} MiB, "
-                       "at least 16 chunks)")
+    group.add_argument("--merge-rate", type=arguments.positive_number, default=0.0, metavar="MB/s",
+                       help="limit the background merge to this many MB/s of changed blocks, "
+                       "a number > 0 (default: unlimited; to stop the merge, use "
+                       "`fusesnap update pause`)")
+    group.add_argument("--cache-mib", type=arguments.positive_int, default=DEFAULT_CACHE_MIB,
+                       metavar="MIB", help=f"cache of decompressed chunks (default "
+                       f"{DEFAULT_CACHE_MIB} MiB, at least 16 chunks)")
+
+
+USAGE_EXAMPLES = """\
+  fusesnap diff old.img new.img -o update.diff                # on the build machine
+  fusesnap mount mnt --system /dev/sda1 --diff update.diff    # mnt/system.img reads as new.img
+  losetup --find --show --read-only mnt/system.img            # while the diff merges into sda1
+  fusesnap update wait mnt                                    # until the merge is done"""
 
 
 def add_commands(commands) -> None:
-    p = commands.add_parser("update", help="pause or resume the background merge of system.img")
-    p.add_argument("action", choices=("pause", "resume"))
-    p.add_argument("mountpoint", metavar="MOUNTPOINT")
+    p = commands.add_parser(
+        "update", help="pause, resume or wait for the background merge of system.img",
+        description="Pause or resume the background merge of system.img, or wait until it "
+        "is done (a progress bar on a terminal; exit status 1 if the merge stops in error).")
+    p.add_argument("action", choices=("pause", "resume", "wait"))
+    p.add_argument("mountpoint", metavar="MOUNTPOINT", type=arguments.path)
     p.set_defaults(run=cmd_update)
 
 
 def cmd_update(args) -> int:
     require_image(args.mountpoint, "update", "mount it with --system and --diff")
+    if args.action == "wait":
+        return wait_for_merge(args.mountpoint)
     send_command(args.mountpoint, f"update {args.action}")
     return 0
+
+
+WAIT_POLL_SECONDS = 0.5
+
+
+def wait_for_merge(mountpoint: str) -> int:
+    """Block until system.img's merge is done; exit status 1 (UserError) with the
+    reason if it stops in error, is not running, or the mount goes away. Progress
+    (blocks merged, rate, time left) is a tqdm bar on a terminal, nothing otherwise."""
+    with tqdm(unit=" blocks", unit_scale=True, disable=None, dynamic_ncols=True) as bar:
+        while True:
+            try:
+                images = json.loads(read_status(mountpoint, True))["images"]
+            except UserError:
+                raise UserError(f"{mountpoint} went away before the merge was done",
+                                EXIT_FAILED) from None
+            name, figures = next((name, figures) for name, figures in images.items()
+                                 if figures["target"] == "update")
+            bar.total = figures["total"]
+            bar.update(figures["merged"] - bar.n)
+            bar.set_postfix_str(figures["state"])
+            if figures["state"] == "done":
+                return 0
+            if figures["state"] == "error":
+                raise UserError(f"{name}: {figures['error']}", EXIT_FAILED)
+            if figures["state"] == "disabled":
+                raise UserError(f"{name} does not merge (mounted with --no-bg-update)", EXIT_FAILED)
+            time.sleep(WAIT_POLL_SECONDS)
 
 
 def images_from_args(args: argparse.Namespace) -> list[Image]:

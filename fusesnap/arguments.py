@@ -1,0 +1,73 @@
+"""argparse types and actions every command shares: paths that mean what they mean
+in the caller's directory, numbers whose errors say what was expected, and options
+that may be given only once. Pure parsing, no I/O beyond `os.path`.
+
+Paths are resolved *while parsing*, in the directory `fusesnap` was started in,
+before anything can change it (the mount server changes to `/`). An option or
+argument that names a file or directory declares `type=path`; one that names a
+backing device declares `type=device` (a bare name such as `sda1` means `/dev/sda1`).
+The value that reaches the command is then an absolute path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+
+from .devices import resolve_device_path
+
+
+def path(text: str) -> str:
+    """A file or directory, as an absolute path resolved in the caller's directory."""
+    if not text:
+        raise argparse.ArgumentTypeError("expected a path, got an empty string")
+    return os.path.abspath(text)
+
+
+def device(text: str) -> str:
+    """A backing device or image file (`sda1` means `/dev/sda1`), as an absolute path."""
+    if not text:
+        raise argparse.ArgumentTypeError("expected a device or file, got an empty string")
+    return resolve_device_path(text)
+
+
+def positive_int(text: str) -> int:
+    """A whole number >= 1 (decimal, or 0x... hexadecimal)."""
+    try:
+        value = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value}")
+    return value
+
+
+def positive_number(text: str) -> float:
+    """A finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+    return value
+
+
+class StoreOnce(argparse.Action):
+    """`store`, refusing a second occurrence of the option (`--linear a --linear b`
+    would otherwise silently keep only `b`)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        given = namespace.__dict__.setdefault("_options_given", set())
+        if self.dest in given:
+            raise argparse.ArgumentError(self, "given more than once (a mount takes one of each)")
+        given.add(self.dest)
+        setattr(namespace, self.dest, values)
+
+
+def refuse_repeated_options(parser: argparse.ArgumentParser) -> None:
+    """Make every plain option added to `parser` from now on a `StoreOnce`
+    (argument groups share the parser's registry, so image types' options are covered)."""
+    parser.register("action", None, StoreOnce)
+    parser.register("action", "store", StoreOnce)

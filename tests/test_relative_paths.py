@@ -1,0 +1,67 @@
+"""Every path a user gives means what it means in the caller's directory: each command,
+run from a directory that is not `/`, with relative paths only."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from harness import fusesnap, fusesnap_mount, is_mounted, sparse_file
+
+pytestmark = pytest.mark.mount
+
+
+def update_pair(directory: Path, blocks: int = 2048) -> None:
+    """old.img (random 4 KiB blocks) and new.img with every 8th block changed."""
+    rng = random.Random(7)
+    old = bytearray(rng.randbytes(blocks * 4096))
+    new = bytearray(old)
+    for block in range(0, blocks, 8):
+        new[block * 4096:(block + 1) * 4096] = rng.randbytes(4096)
+    (directory / "old.img").write_bytes(old)
+    (directory / "new.img").write_bytes(new)
+
+
+def test_mount_status_umount_with_a_relative_mountpoint_device_and_log(tmp_path):
+    sparse_file(tmp_path / "dev.img", 16 << 20)
+    with fusesnap_mount(Path("mnt"), "--linear", "dev.img", log=Path("logs/mnt.log"),
+                        cwd=tmp_path) as m:
+        assert m.mountpoint == tmp_path / "mnt" and is_mounted(tmp_path / "mnt")
+        assert m.status()["linear.img"]["device"] == str(tmp_path / "dev.img")
+        assert "serving linear.img" in (tmp_path / "logs" / "mnt.log").read_text()
+        assert fusesnap("status", "mnt", cwd=tmp_path).stdout == m.status_text()
+        fusesnap("umount", "mnt", cwd=tmp_path)
+        assert not is_mounted(tmp_path / "mnt")
+
+
+def test_diff_diff_info_mount_and_update_commands_with_relative_paths(tmp_path):
+    update_pair(tmp_path)
+    fusesnap("diff", "old.img", "new.img", "-o", "update.diff", cwd=tmp_path)
+    info = json.loads(fusesnap("diff-info", "update.diff", "--json", cwd=tmp_path).stdout)
+    assert info["path"] == "update.diff" and info["changed_blocks"] == 256
+    (tmp_path / "dev.img").write_bytes((tmp_path / "old.img").read_bytes())
+    with fusesnap_mount(Path("mnt"), "--system", "dev.img", "--diff", "update.diff",
+                        "--merge-rate", "0.1", cwd=tmp_path) as m:
+        figures = m.status()["system.img"]
+        assert (figures["device"], figures["diff"]) == (str(tmp_path / "dev.img"),
+                                                        str(tmp_path / "update.diff"))
+        fusesnap("update", "pause", "mnt", cwd=tmp_path)
+        assert m.status()["system.img"]["state"] == "paused"
+        fusesnap("update", "resume", "mnt", cwd=tmp_path)
+        assert (m / "system.img").read_bytes() == (tmp_path / "new.img").read_bytes()
+        fusesnap("umount", "mnt", cwd=tmp_path)
+
+
+def test_update_wait_with_a_relative_mountpoint(tmp_path):
+    update_pair(tmp_path)
+    fusesnap("diff", "old.img", "new.img", "-o", "update.diff", cwd=tmp_path)
+    (tmp_path / "dev.img").write_bytes((tmp_path / "old.img").read_bytes())
+    with fusesnap_mount(Path("mnt"), "--system", "dev.img", "--diff", "update.diff",
+                        cwd=tmp_path) as m:
+        result = fusesnap("update", "wait", "mnt", cwd=tmp_path)
+        assert result.stdout == result.stderr == ""  # quiet when not on a terminal
+        assert m.status()["system.img"]["state"] == "done"
+    assert (tmp_path / "dev.img").read_bytes() == (tmp_path / "new.img").read_bytes()
