@@ -95,8 +95,11 @@ class Mount:
     def status_text(self) -> str:
         return (self.mountpoint / ".status").read_text()
 
+    def status_json(self) -> dict:
+        return json.loads((self.mountpoint / ".status.json").read_text())
+
     def status(self) -> dict:
-        return json.loads((self.mountpoint / ".status.json").read_text())["images"]
+        return self.status_json()["images"]
 
     def kill_server(self) -> None:
         """kill -9 the server, as a crash would."""

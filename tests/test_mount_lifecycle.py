@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import types
 
+import pyfuse3
 import pytest
 
 from fusesnap.cli import wait_for_exit
-from harness import fusesnap, is_mounted, loop_device, sparse_file
+from fusesnap.errors import UserError
+from fusesnap.mount import check_discards
+from harness import fusesnap, fusesnap_mount, is_mounted, loop_device, sparse_file
 
 pytestmark = pytest.mark.mount
 
@@ -54,3 +60,78 @@ def test_status_command_prints_status_files(mount, device):
     m = mount("--linear", device)
     assert fusesnap("status", m.mountpoint).stdout == m.status_text()
     assert '"target": "linear"' in fusesnap("status", m.mountpoint, "--json").stdout
+
+
+def test_umount_names_the_processes_that_hold_an_image_open(mount, device):
+    m = mount("--linear", device)
+    holder = subprocess.Popen(["sleep", "60"], stdin=open(m / "linear.img", "rb"))
+    try:
+        result = fusesnap("umount", m.mountpoint, check=False)
+        assert result.returncode == 1
+        assert f"is in use by sleep (pid {holder.pid})" in result.stderr
+        assert is_mounted(m.mountpoint)
+    finally:
+        holder.kill()
+        holder.wait()
+    fusesnap("umount", m.mountpoint)
+
+
+def test_the_log_records_the_devices_served_and_every_control_command(mount, device):
+    m = mount("--linear", device)
+    fusesnap("umount", m.mountpoint)
+    log = m.log.read_text()
+    assert f"serving linear.img: linear {64 << 20} {device}" in log
+    assert "control: flush" in log
+
+
+def test_the_log_file_is_reopened_after_logrotate_moves_it(mount, device):
+    m = mount("--linear", device)
+    m.log.rename(m.log.with_name("rotated.log"))
+    fusesnap("umount", m.mountpoint)
+    assert "control: flush" in m.log.read_text()
+    assert "control: flush" not in m.log.with_name("rotated.log").read_text()
+
+
+MISSING_HANDLER = """\
+import pyfuse3
+del pyfuse3.fuse_fallocate_async  # as in stock pyfuse3, which has no fallocate handler
+"""
+
+
+@pytest.fixture
+def stock_pyfuse3(tmp_path, monkeypatch):
+    """fusesnap commands in this test see a pyfuse3 without the fallocate handler
+    (a sitecustomize module removes it in every Python process they start)."""
+    site = tmp_path / "stock-pyfuse3"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(MISSING_HANDLER)
+    monkeypatch.setenv("PYTHONPATH", str(site))
+
+
+def test_without_the_fallocate_handler_mount_warns_and_status_tells(stock_pyfuse3, tmp_path, device):
+    fix = f"{sys.executable} -m fusesnap.pyfuse3_build"
+    version = fusesnap("--version").stdout
+    assert f"discards: NOT supported" in version and f"fix: {fix}" in version
+    with fusesnap_mount(tmp_path / "mnt", "--linear", device) as m:
+        assert m.status_json()["discards"] is False
+    result = fusesnap("mount", tmp_path / "mnt", "--linear", device, "--log", m.log)
+    try:
+        assert result.stderr == ("fusesnap: warning: this pyfuse3 has no fallocate handler: "
+                                 "discards through loop devices (fstrim, blkdiscard) will fail; "
+                                 f"fix: {fix}\n")
+    finally:
+        fusesnap("umount", tmp_path / "mnt")
+
+
+def test_with_the_fallocate_handler_status_says_discards_work(mount, device):
+    assert mount("--linear", device).status_json()["discards"] is True
+
+
+def test_without_the_fallocate_handler_an_image_that_needs_discards_is_refused(monkeypatch):
+    monkeypatch.delattr(pyfuse3, "fuse_fallocate_async")
+    needy = types.SimpleNamespace(name="bow.img", needs_discards=True)
+    with pytest.raises(UserError) as refused:
+        check_discards([needy])
+    assert refused.value.exit_status == 2
+    assert str(refused.value) == ("bow.img cannot work without discards, and this pyfuse3 has no "
+                                  f"fallocate handler; fix: {sys.executable} -m fusesnap.pyfuse3_build")
