@@ -32,15 +32,25 @@ def device(text: str) -> str:
     return resolve_device_path(text)
 
 
-def positive_int(text: str) -> int:
-    """A whole number >= 1 (decimal, or 0x... hexadecimal)."""
-    try:
-        value = int(text, 0)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value}")
-    return value
+def whole_number(minimum: int, maximum: int | None = None):
+    """An argparse type: a whole number (decimal, or 0x... hexadecimal) in [minimum, maximum]."""
+    expected = (f"a whole number from {minimum} to {maximum}" if maximum is not None
+                else f"a whole number >= {minimum}")
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text, 0)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if value < minimum or (maximum is not None and value > maximum):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {value}")
+        return value
+
+    parse.__name__ = expected  # what argparse would print, were parse to raise anything else
+    return parse
+
+
+positive_int = whole_number(1)
 
 
 def positive_number(text: str) -> float:

@@ -35,7 +35,7 @@ from concurrent.futures import ThreadPoolExecutor
 import zstandard
 from tqdm import tqdm
 
-from fusesnap.arguments import positive_int
+from fusesnap.arguments import positive_int, whole_number
 from fusesnap.errors import EXIT_FAILED, EXIT_OK, UserError
 from fusesnap.formats.update_diff import (
     CHUNKS_OFFSET, COMPRESSIONS, ENTRY_SIZE, MAGIC, MAX_CHUNK_BYTES, SUPERBLOCK_SIZE, DiffFile,
@@ -442,16 +442,6 @@ def _block_size(text: str) -> int:
     return value
 
 
-def _level(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if not MIN_LEVEL <= value <= MAX_LEVEL:
-        raise argparse.ArgumentTypeError(f"must be from {MIN_LEVEL} to {MAX_LEVEL}, got {value}")
-    return value
-
-
 def add_diff_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("old", metavar="OLD", help="the image the device holds now")
     parser.add_argument("new", metavar="NEW", help="the image it should hold after the update "
@@ -468,7 +458,7 @@ def add_diff_arguments(parser: argparse.ArgumentParser) -> None:
                         f"worth, {default_chunk_blocks(DEFAULT_BLOCK_SIZE)} blocks of "
                         f"{DEFAULT_BLOCK_SIZE}); larger compresses better, smaller makes "
                         f"random reads cheaper")
-    parser.add_argument("--level", type=_level, default=DEFAULT_LEVEL,
+    parser.add_argument("--level", type=whole_number(MIN_LEVEL, MAX_LEVEL), default=DEFAULT_LEVEL,
                         help=f"zstd compression level (default: {DEFAULT_LEVEL})")
     parser.add_argument("-j", "--threads", type=positive_int, default=None,
                         help=f"compression threads (default: all cores, {default_threads()} here)")
@@ -588,7 +578,7 @@ def run_diff_info(args) -> int:
             try:
                 diff.verify()
             except DiffFormatError as e:
-                raise UserError(f"{args.diff}: {e}", EXIT_FAILED) from None
+                raise UserError(str(e), EXIT_FAILED) from None
             except OSError as e:
                 raise UserError(f"cannot read {args.diff}: {e.strerror}", EXIT_FAILED) from None
             info["verified"] = True

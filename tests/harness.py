@@ -216,6 +216,18 @@ def make_update_pair(directory: Path, size_mib: int = 64) -> tuple[Path, Path, d
     return old, new, hashes
 
 
+def random_update_pair(directory: Path, blocks: int = 2048) -> None:
+    """old.img (random 4 KiB blocks) and new.img with every 8th block changed."""
+    import random
+    rng = random.Random(7)
+    old = bytearray(rng.randbytes(blocks * 4096))
+    new = bytearray(old)
+    for block in range(0, blocks, 8):
+        new[block * 4096:(block + 1) * 4096] = rng.randbytes(4096)
+    (directory / "old.img").write_bytes(old)
+    (directory / "new.img").write_bytes(new)
+
+
 def copy_of(source: Path, target: Path) -> Path:
     import shutil
     shutil.copyfile(source, target)

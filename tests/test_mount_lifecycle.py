@@ -13,7 +13,7 @@ import pytest
 from fusesnap.cli import wait_for_exit
 from fusesnap.errors import UserError
 from fusesnap.mount import check_discards
-from harness import fusesnap, fusesnap_mount, is_mounted, loop_device, sparse_file
+from harness import fusesnap, fusesnap_mount, is_mounted, loop_device, sparse_file, random_update_pair
 
 pytestmark = pytest.mark.mount
 
@@ -135,3 +135,34 @@ def test_without_the_fallocate_handler_an_image_that_needs_discards_is_refused(m
     assert refused.value.exit_status == 2
     assert str(refused.value) == ("bow.img cannot work without discards, and this pyfuse3 has no "
                                   f"fallocate handler; fix: {sys.executable} -m fusesnap.pyfuse3_build")
+
+
+@pytest.fixture
+def update_files(tmp_path):
+    """dev.img (a copy of OLD) and update.diff turning it into NEW."""
+    random_update_pair(tmp_path)
+    fusesnap("diff", "old.img", "new.img", "-o", "update.diff", cwd=tmp_path)
+    (tmp_path / "dev.img").write_bytes((tmp_path / "old.img").read_bytes())
+    return tmp_path / "dev.img", tmp_path / "update.diff"
+
+
+def test_update_wait_exits_1_with_the_reason_when_the_merge_stops(mount, update_files):
+    device, diff = update_files
+    with open(diff, "r+b") as f:  # a byte of the first chunk: its checksum fails
+        f.seek(200)
+        byte = f.read(1)
+        f.seek(200)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    m = mount("--system", device, "--diff", diff)
+    result = fusesnap("update", "wait", m.mountpoint, check=False)
+    assert result.returncode == 1
+    assert result.stderr.startswith("fusesnap: system.img: merge stopped: ")
+    assert len(result.stderr.splitlines()) == 1
+
+
+def test_update_wait_refuses_a_mount_that_does_not_merge(mount, update_files):
+    device, diff = update_files
+    m = mount("--system", device, "--diff", diff, "--no-bg-update")
+    result = fusesnap("update", "wait", m.mountpoint, check=False)
+    assert (result.returncode, result.stderr) == (
+        1, "fusesnap: system.img does not merge (mounted with --no-bg-update)\n")

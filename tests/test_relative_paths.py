@@ -4,25 +4,13 @@ run from a directory that is not `/`, with relative paths only."""
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import pytest
 
-from harness import fusesnap, fusesnap_mount, is_mounted, sparse_file
+from harness import fusesnap, fusesnap_mount, is_mounted, sparse_file, random_update_pair
 
 pytestmark = pytest.mark.mount
-
-
-def update_pair(directory: Path, blocks: int = 2048) -> None:
-    """old.img (random 4 KiB blocks) and new.img with every 8th block changed."""
-    rng = random.Random(7)
-    old = bytearray(rng.randbytes(blocks * 4096))
-    new = bytearray(old)
-    for block in range(0, blocks, 8):
-        new[block * 4096:(block + 1) * 4096] = rng.randbytes(4096)
-    (directory / "old.img").write_bytes(old)
-    (directory / "new.img").write_bytes(new)
 
 
 def test_mount_status_umount_with_a_relative_mountpoint_device_and_log(tmp_path):
@@ -38,7 +26,7 @@ def test_mount_status_umount_with_a_relative_mountpoint_device_and_log(tmp_path)
 
 
 def test_diff_diff_info_mount_and_update_commands_with_relative_paths(tmp_path):
-    update_pair(tmp_path)
+    random_update_pair(tmp_path)
     fusesnap("diff", "old.img", "new.img", "-o", "update.diff", cwd=tmp_path)
     info = json.loads(fusesnap("diff-info", "update.diff", "--json", cwd=tmp_path).stdout)
     assert info["path"] == "update.diff" and info["changed_blocks"] == 256
@@ -53,10 +41,12 @@ def test_diff_diff_info_mount_and_update_commands_with_relative_paths(tmp_path):
         fusesnap("update", "resume", "mnt", cwd=tmp_path)
         assert (m / "system.img").read_bytes() == (tmp_path / "new.img").read_bytes()
         fusesnap("umount", "mnt", cwd=tmp_path)
+    log = m.log.read_text()
+    assert "control: update pause" in log and "control: update resume" in log
 
 
 def test_update_wait_with_a_relative_mountpoint(tmp_path):
-    update_pair(tmp_path)
+    random_update_pair(tmp_path)
     fusesnap("diff", "old.img", "new.img", "-o", "update.diff", cwd=tmp_path)
     (tmp_path / "dev.img").write_bytes((tmp_path / "old.img").read_bytes())
     with fusesnap_mount(Path("mnt"), "--system", "dev.img", "--diff", "update.diff",

@@ -21,8 +21,7 @@ import pytest
 from fusesnap.cli import build_parser, from_mount_helper, subcommands, wait_for_exit
 from fusesnap.devices import loop_devices_backed_under
 from fusesnap.errors import UserError
-from harness import detach_loop, fusesnap, is_mounted, run, sparse_file
-from test_relative_paths import update_pair
+from harness import detach_loop, fusesnap, is_mounted, run, sparse_file, random_update_pair
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -90,7 +89,7 @@ def test_mount_t_fuse_fusesnap_then_a_plain_umount_ends_the_server(tmp_path):
 
 @pytest.mark.mount
 def test_an_fstab_line_with_the_update_overlay(tmp_path):
-    update_pair(tmp_path)
+    random_update_pair(tmp_path)
     fusesnap("diff", "old.img", "new.img", "-o", "u.diff", cwd=tmp_path)
     (tmp_path / "dev.img").write_bytes((tmp_path / "old.img").read_bytes())
     (tmp_path / "mnt").mkdir()
@@ -144,7 +143,7 @@ def run_flow(name: str, directory: Path) -> subprocess.CompletedProcess:
 
 @pytest.mark.mount
 def test_the_readme_update_flow_runs_as_written(tmp_path):
-    update_pair(tmp_path)
+    random_update_pair(tmp_path)
     result = run_flow("update flow", tmp_path)
     assert "system.img: update " in result.stdout
     assert (tmp_path / "dev.img").read_bytes() == (tmp_path / "new.img").read_bytes()
