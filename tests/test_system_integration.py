@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from fusesnap.cli import build_parser, from_mount_helper, subcommands, wait_for_exit
+from fusesnap.cli import (build_parser, default_log_path, from_mount_helper, subcommands,
+                          wait_for_exit)
 from fusesnap.devices import loop_devices_backed_under
 from fusesnap.errors import UserError
 from harness import detach_loop, fusesnap, is_mounted, run, sparse_file, random_update_pair
@@ -127,7 +128,8 @@ def readme_block(name: str) -> str:
 
 def run_flow(name: str, directory: Path) -> subprocess.CompletedProcess:
     """Run a README block with bash -e in `directory`; whatever it leaves mounted or
-    attached when it fails is cleaned up (filesystem, loop devices, mount)."""
+    attached when it fails is cleaned up (filesystem, loop devices, mount), and so is
+    the server's log in /var/log/fusesnap."""
     env = {**os.environ, "PATH": f"{this_checkouts_fusesnap(directory)}:{os.environ['PATH']}"}
     try:
         return run(["bash", "-euo", "pipefail", "-c", readme_block(name)], cwd=directory, env=env)
@@ -139,6 +141,7 @@ def run_flow(name: str, directory: Path) -> subprocess.CompletedProcess:
         if is_mounted(directory / "mnt"):
             if fusesnap("umount", directory / "mnt", check=False).returncode:
                 run(["umount", "-l", str(directory / "mnt")], check=False)
+        Path(default_log_path(directory / "mnt")).unlink(missing_ok=True)
 
 
 @pytest.mark.mount
