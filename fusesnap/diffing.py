@@ -479,6 +479,7 @@ def run_diff(args) -> int:
     temp file is left behind (exit status 143)."""
     bar = tqdm(total=None, unit="B", unit_scale=True, unit_divisor=1024, dynamic_ncols=True,
                disable=True if args.quiet else None)   # None: only on a terminal
+    on_terminal = not bar.disable  # (closing the bar sets bar.disable)
 
     def progress(scanned: int, total: int, changed: int) -> None:
         bar.total = total
@@ -495,7 +496,7 @@ def run_diff(args) -> int:
         raise UserError("terminated", 128 + signal.SIGTERM) from None
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
-    if not bar.disable:
+    if on_terminal:
         ratio = stats.changed_bytes / stats.chunks_bytes if stats.chunks_bytes else 0.0
         print(f"{args.output}: {stats.changed_blocks} of {stats.new_size // stats.block_size} "
               f"blocks changed, {stats.n_chunks} chunks, {stats.diff_size} bytes "

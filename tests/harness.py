@@ -232,3 +232,28 @@ def copy_of(source: Path, target: Path) -> Path:
     import shutil
     shutil.copyfile(source, target)
     return target
+
+
+def on_a_terminal(*args, cwd=None, columns: int = 120) -> tuple[int, str]:
+    """Run `fusesnap ARGS` with stdout and stderr on a pseudo-terminal; returns its exit
+    status and everything it drew, carriage returns turned into newlines."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
+    process = subprocess.Popen([*FUSESNAP, *map(str, args)], cwd=cwd, stdout=slave, stderr=slave,
+                               stdin=subprocess.DEVNULL)
+    os.close(slave)
+    drawn = bytearray()
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # EIO: the terminal's last writer is gone
+            break
+        if not chunk:
+            break
+        drawn += chunk
+    os.close(master)
+    return process.wait(), drawn.decode(errors="replace").replace("\r", "\n")

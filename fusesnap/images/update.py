@@ -398,7 +398,7 @@ def wait_for_merge(mountpoint: str) -> int:
     """Block until system.img's merge is done; exit status 1 (UserError) with the
     reason if it stops in error, is not running, or the mount goes away. Progress
     (blocks merged, rate, time left) is a tqdm bar on a terminal, nothing otherwise."""
-    with tqdm(unit=" blocks", unit_scale=True, disable=None, dynamic_ncols=True) as bar:
+    with tqdm(unit=" blocks", disable=None, dynamic_ncols=True) as bar:  # None: only on a terminal
         while True:
             try:
                 images = json.loads(read_status(mountpoint, True))["images"]
