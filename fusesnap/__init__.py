@@ -18,3 +18,5 @@ concurrency contract):
 
 Only `fs` and `mount` know about FUSE; everything below them is plain Python.
 """
+
+__version__ = "0.1.0"  # the package version (pyproject.toml reads it from here)

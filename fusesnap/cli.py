@@ -21,7 +21,7 @@ import subprocess
 import sys
 import time
 
-from . import diffing, mount
+from . import diffing, mount, upgrade
 from .devices import loop_devices_backed_under
 from .errors import EXIT_FAILED, EXIT_USAGE, UserError
 from .control import XATTR_PID, mounted_at, read_status, send_command
@@ -64,8 +64,10 @@ def cmd_mount(args) -> int:
         if args.ready_fd is not None:
             os.write(args.ready_fd, f"{exc.exit_status} {exc}\n".encode())
         raise
+    upgrade.record_launch(args.argv)  # a successor re-opens the images from these
+    mountpoint = os.path.abspath(mountpoint)  # before leaving the directory it is relative to
     os.chdir("/")  # a daemon must not pin the directory it was started from
-    return mount.run_server(os.path.abspath(mountpoint), images, workers=args.workers,
+    return mount.run_server(mountpoint, images, workers=args.workers,
                             debug=args.debug, ready_fd=args.ready_fd)
 
 
@@ -161,6 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     for image_type in IMAGE_TYPES:
         image_type.add_commands(commands)
+    upgrade.add_commands(commands)
 
     p = commands.add_parser("diff", help="make an update diff from OLD to NEW")
     diffing.add_diff_arguments(p)
