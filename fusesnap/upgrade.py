@@ -20,7 +20,10 @@ descriptors as SCM_RIGHTS):
   old server                                  successor
   PREPARE argv, cwd (+ log, device fds)   ->
                                           <-  PREPARED version      images open (or error)
-    background tasks stop at a safe point; stop taking requests; drain those in flight
+    background tasks stop at a safe point
+  CATCH-UP image states                   ->
+                                          <-  CAUGHT-UP             applied, still outside the pause
+    stop taking requests; drain those in flight
   HANDOVER state, INIT (+ FUSE fd)        ->
                                           <-  READY                 state restored, INIT replayed
   COMMIT                                  ->  serves from here on
@@ -33,8 +36,8 @@ and images are untouched, and the successor never reads the connection or closes
 image (closing may persist state) before COMMIT.
 
 Crash failover (issue 11) reuses the successor side: a supervisor holding the FUSE
-descriptor, the device descriptors and the saved INIT sends PREPARE and a HANDOVER
-without "adapter" and "images"; the successor then keeps the tables and images as
+descriptor, the device descriptors and the saved INIT sends PREPARE, a CATCH-UP and a
+HANDOVER without "adapter" and "images"; the successor then keeps the tables and images as
 it opened them, that is, as recovered from their persisted state.
 
 Concurrency: the old server's side is trio tasks in the mount's nursery; `serve`
@@ -47,6 +50,7 @@ from __future__ import annotations
 import argparse
 import array
 import base64
+import contextlib
 import json
 import logging
 import os
@@ -256,6 +260,9 @@ class HandOver:
 
     # the hand-over socket: one request per connection, one upgrade at a time
 
+    def _image_states(self) -> dict:
+        return {image.name: image.handover_state() for image in self.server.images}
+
     async def _listen(self, listener) -> None:
         with listener:
             while True:
@@ -320,12 +327,18 @@ class HandOver:
                        old_version=__version__, old_pid=os.getpid(), upgrades=self.upgrades),
                 fds, "prepared", prepare_timeout)
             await self._stop_background()
+            # The images' states as they are now, while requests are still served: the
+            # successor catches up outside the pause (a merge's chunks since its last
+            # persist, say); the states in the pause then differ only by what requests
+            # changed meanwhile, which is cheap to apply.
+            await successor.exchange(encode("catch-up", images=self._image_states()), [],
+                                     "caught-up", prepare_timeout)
             self.paused, self.drained, self.resumed = True, trio.Event(), trio.Event()
             stopped_at = time.monotonic()
             pyfuse3.stop_receiving()
             await self.drained.wait()
             state = {"adapter": adapter_state(self.operations),
-                     "images": {image.name: image.handover_state() for image in self.server.images}}
+                     "images": self._image_states()}
             handover = encode("handover", state=state, stopped_at=stopped_at,
                               init=base64.b64encode(pyfuse3.saved_init_request()).decode())
             await successor.exchange(handover, [pyfuse3.connection_fd()], "ready", HANDOVER_TIMEOUT)
@@ -485,23 +498,20 @@ class Takeover:
         return args, images
 
     def take(self, operations, images: list[Image], options: set[str]) -> None:
+        catch_up, _ = self.receive("catch-up")
+        with self.refusing():
+            restore_images(images, catch_up["images"])
+        self.send("caught-up")
         handover, fds = self.receive("handover")
-        try:
+        with self.refusing():
             (fuse_fd,) = fds
             self.stopped_at = handover["stopped_at"]
             state = handover["state"]
             if state.get("adapter") is not None:
                 restore_adapter(operations, state["adapter"])
-            if state.get("images") is not None:
-                for image in images:
-                    if image.name not in state["images"]:
-                        raise ValueError(f"no hand-over state for {image.name}")
-                    image.restore_handover_state(state["images"][image.name])
+            restore_images(images, state.get("images"))
             pyfuse3.init(operations, f"/dev/fd/{fuse_fd}", options)
             pyfuse3.replay_init(base64.b64decode(handover["init"]))
-        except Exception as exc:
-            self.send("error", reason=f"cannot restore the state: {exc}")
-            raise SuccessorFailed(str(exc)) from None
         self.send("ready")
         self.receive("commit")
         # Ours now. Log where the old server logged (our output went to it so far).
@@ -509,6 +519,28 @@ class Takeover:
         os.dup2(self.log_fd, sys.stderr.fileno())
         os.close(self.log_fd)
         self.channel.close()
+
+
+    @contextlib.contextmanager
+    def refusing(self):
+        """Tell the old server why we cannot take over (it then serves on)."""
+        try:
+            yield
+        except Exception as exc:
+            log.exception("cannot restore the state")
+            self.send("error", reason=f"cannot restore the state: {exc}")
+            raise SuccessorFailed(str(exc)) from None
+
+
+def restore_images(images: list[Image], states: dict | None) -> None:
+    """Apply the old server's image states (None: keep the images as opened, that is,
+    as recovered from what they persisted)."""
+    if states is None:
+        return
+    for image in images:
+        if image.name not in states:
+            raise ValueError(f"no hand-over state for {image.name}")
+        image.restore_handover_state(states[image.name])
 
 
 def run_successor(args: argparse.Namespace) -> int:

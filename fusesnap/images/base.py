@@ -99,7 +99,10 @@ class Image:
 
     def restore_handover_state(self, state: dict[str, Any]) -> None:
         """Take over `state` from the previous server (the image was just opened and
-        is not serving yet). ValueError if the state is not one this code knows."""
+        is not serving yet). ValueError if the state is not one this code knows.
+
+        Called twice: with the state as it was before the pause (apply the costly part
+        then), and with the final one, taken in the pause, which supersedes it."""
         self.check_handover_state(state)
 
     def check_handover_state(self, state: dict[str, Any]) -> int:
