@@ -163,9 +163,13 @@ def main() -> int:
     require_root()
     terminate_as_interrupt()
     print("\n".join(header_lines()), flush=True)
-    with scratch_dir("fusesnap-bench-upgrade-", args.tmpdir) as work:
-        latency_rows, pauses = part_test_images(work, args)
-        large_rows = part_large_map(work, args)
+    try:
+        with scratch_dir("fusesnap-bench-upgrade-", args.tmpdir) as work:
+            latency_rows, pauses = part_test_images(work, args)
+            large_rows = part_large_map(work, args)
+    except KeyboardInterrupt:
+        print(f"{sys.argv[0]}: interrupted; cleaned up", file=sys.stderr)
+        return 130
     print()
     print(format_table(["fio job (4 KiB, qd 16)", "p99 ms without", "p99 ms with upgrades",
                         "max ms without", "max ms with", "IOPS with/without", "errors"],
@@ -180,7 +184,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        sys.exit(130)
+    sys.exit(main())

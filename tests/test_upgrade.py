@@ -20,6 +20,7 @@ import pytest
 import fusesnap
 from fusesnap.diffing import open_diff
 from fusesnap.images.linear import LinearImage
+from fusesnap.images.update import UpdateImage
 from fusesnap.devices import BlockDevice
 from harness import (FUSESNAP, copy_of, fusesnap as run_fusesnap, make_update_pair, run,
                      sha256_of, sparse_file)
@@ -295,6 +296,48 @@ def test_image_state_checks_type_and_version(device):
                 image.restore_handover_state(bad)
     finally:
         image.device.close()
+
+
+def test_merge_position_is_handed_over_and_caught_up(tmp_path):
+    """system.img's state: the successor opens the image at the persisted progress and
+    catches up to where the old server's merge stands; a state behind what is
+    persisted, or of an unknown version, is refused."""
+    old, new = tmp_path / "old.raw", tmp_path / "new.raw"
+    rng = random.Random(3)
+    old.write_bytes(rng.randbytes(4 << 20))
+    data = bytearray(old.read_bytes())
+    for block in rng.sample(range(1024), 300):
+        data[block * 4096:(block + 1) * 4096] = rng.randbytes(4096)
+    new.write_bytes(data)
+    diff = tmp_path / "diff.img"
+    run_fusesnap("diff", old, new, "-o", diff, "--quiet", "--chunk-blocks", "16")
+
+    def open_image():
+        return UpdateImage(BlockDevice(str(old)), open_diff(str(diff), bad_diff_status=2))
+
+    running, successor = open_image(), open_image()
+    try:
+        for chunk_index in range(5):  # the old server merged 5 chunks, persisted none
+            running._write_chunk(chunk_index)
+            running._merged(chunk_index)
+        running.control("update", ["pause"])
+        state = running.handover_state()
+
+        successor.restore_handover_state(state)
+        successor.restore_handover_state(state)  # before the pause, and in it
+
+        assert list(successor.pending) == list(running.pending)
+        assert successor.status() == running.status()
+        assert successor.status()["state"] == "paused"
+        assert not successor.unpaused.is_set()
+        with pytest.raises(ValueError, match="version 2 is unknown"):
+            successor.restore_handover_state({**state, "version": 2})
+        with pytest.raises(ValueError, match="2 merged chunks, but 5 are persisted or merged"):
+            successor.restore_handover_state({**state, "merged_chunks": 2})
+    finally:
+        for image in (running, successor):
+            image.diff.close()
+            image.device.close()
 
 
 # -- rollback ---------------------------------------------------------------------------

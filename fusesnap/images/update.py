@@ -357,7 +357,7 @@ class UpdateImage(Image):
         merged_chunks = state["merged_chunks"]
         if not self.merged_chunks <= merged_chunks <= self.diff.n_chunks:
             raise ValueError(f"{self.name}: handed over with {merged_chunks} merged chunks, "
-                             f"but {self.merged_chunks} are persisted of {self.diff.n_chunks}")
+                             f"but {self.merged_chunks} are persisted or merged, of {self.diff.n_chunks}")
         # The chunks merged since the last persist are on the device (its page cache,
         # shared with the old server): serve them from there, as the old server did.
         for chunk_index in range(self.merged_chunks, merged_chunks):
