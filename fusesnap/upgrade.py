@@ -314,6 +314,8 @@ class HandOver:
         reply for `fusesnap upgrade`."""
         successor = Successor(program, environment, self.server.mountpoint)
         old = {"old_version": __version__, "old_pid": os.getpid()}
+        stopped_at = None
+        log.info("upgrade: starting %s", " ".join(program))
         try:
             await successor.start(self.nursery)
             fds = [sys.stderr.fileno()]
@@ -356,7 +358,8 @@ class HandOver:
                      successor.pid, prepared["version"])
             return {"ok": True, **old, "new_version": prepared["version"], "new_pid": successor.pid}
         reason = await successor.kill(reason)
-        log.warning("upgrade refused, serving on: %s", reason)
+        paused = f" after a pause of {(time.monotonic() - stopped_at) * 1e3:.0f} ms" if stopped_at else ""
+        log.warning("upgrade refused, serving on%s: %s", paused, reason)
         if self.background_stopped.is_set():
             await self._start_background()
         if self.paused:

@@ -64,7 +64,12 @@ VERSION = ('__init__.py', '__version__ = "', '__version__ = "9.9.9+variant-')
 LINEAR_RESTORE = ("images/linear.py", "        self.check_handover_state(state)\n")
 
 
-def broken_restore(breakage: str) -> tuple[str, str, str]:
+def broken_restore(breakage: str, *, in_the_pause: bool = True) -> tuple[str, str, str]:
+    """An edit that breaks linear.img's restore: in the pause (the state is applied
+    twice, before the pause and in it), or in its first call, before the pause."""
+    if in_the_pause:
+        breakage = (f"if getattr(self, 'caught_up', False):\n            {breakage}\n"
+                    "        self.caught_up = True")
     return (*LINEAR_RESTORE, LINEAR_RESTORE[1] + f"        {breakage}\n")
 
 
@@ -213,8 +218,9 @@ def test_fio_with_verify_through_loop_devices_while_upgrading_20_times(tmp_path,
         changed_bytes = diff_file.total_blocks * diff_file.block_size
     system_device = copy_of(old, tmp_path / "system.raw")
     linear_device = sparse_file(tmp_path / "linear.raw", 64 << 20)
-    # Slow enough that the merge goes on through (nearly) all the upgrades.
-    merge_rate = changed_bytes / 40 / 1e6
+    # Slow enough that the merge goes on through most of the upgrades (each one also
+    # cuts short the merge's rate-limiting sleep, so it goes faster than this).
+    merge_rate = changed_bytes / 60 / 1e6
     m = mount("--linear", linear_device, "--system", system_device, "--diff", diff,
               "--merge-rate", f"{merge_rate:.3f}")
     linear_loop = loop(m / "linear.img")
@@ -233,7 +239,7 @@ def test_fio_with_verify_through_loop_devices_while_upgrading_20_times(tmp_path,
     reader.check()
     print(f"longest pause of 20 upgrades under fio: {max(pauses):.1f} ms "
           f"(median {sorted(pauses)[10]:.1f} ms)")
-    assert len(merged) >= 15 and merged == sorted(merged) and merged[-1] > merged[0], \
+    assert len(merged) >= 10 and merged == sorted(merged) and merged[-1] > merged[0], \
         "the merge went on through the upgrades, from where it was"
     assert server_status(m)["upgrades"] == 20
 
@@ -345,9 +351,12 @@ def test_merge_position_is_handed_over_and_caught_up(tmp_path):
 BROKEN_SUCCESSORS = {
     "fails to import": (("upgrade.py", "import trio\n", "import trio\nraise ImportError('broken build')\n"),
                         "broken build"),
+    "hangs before the pause": (broken_restore("__import__('time').sleep(3600)", in_the_pause=False),
+                               "did not answer within 3 s"),
     "raises while restoring": (broken_restore("raise RuntimeError('restore is broken')"),
                                "cannot restore the state: restore is broken"),
-    "hangs": (broken_restore("__import__('time').sleep(3600)"), "did not answer within 3 s"),
+    "hangs in the pause": (broken_restore("__import__('time').sleep(3600)"),
+                           "did not answer within 2 s"),
     "exits after receiving the fd": (broken_restore("__import__('os')._exit(3)"),
                                      "exited with status 3"),
 }
