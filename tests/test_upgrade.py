@@ -5,6 +5,7 @@ server serves on."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import mmap
 import os
@@ -204,6 +205,22 @@ def test_idle_mount_is_handed_over_with_data_handles_and_cached_entries(tmp_path
     assert 0 < status["last_pause_ms"] < 1000
     log = m.log.read_text()
     assert f"handed {m.mountpoint} over to pid {m.pid}" in log and "took over" in log
+
+
+def test_block_device_opened_exclusively_is_handed_over(tmp_path, mount, loop):
+    """A block device is open O_EXCL and cannot be opened twice: the successor gets
+    the old server's descriptor, and the claim holds all through."""
+    block_device = loop(sparse_file(tmp_path / "backing.raw", 32 << 20))
+    m = mount("--linear", Path(block_device).name)  # a bare name means /dev/NAME
+    with open(m / "linear.img", "r+b") as image:
+        image.write(b"on a block device")
+    upgrade(m)
+    with pytest.raises(OSError) as claimed:
+        os.close(os.open(block_device, os.O_RDWR | os.O_EXCL))
+    assert claimed.value.errno == errno.EBUSY
+    with open(m / "linear.img", "rb") as image:
+        assert image.read(17) == b"on a block device"
+    assert m.status()["linear.img"]["device"] == block_device
 
 
 def test_fio_with_verify_through_loop_devices_while_upgrading_20_times(tmp_path, mount, loop):
