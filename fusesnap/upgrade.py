@@ -76,6 +76,9 @@ log = logging.getLogger(__name__)
 PREPARE_TIMEOUT = 60.0     # seconds for a successor to start and open the images (default)
 HANDOVER_TIMEOUT = 2.0     # seconds for it to restore the state: requests wait meanwhile
 PROTOCOL = 1               # version of the messages below
+# Until it takes over, the successor runs this much nicer than the server: its start
+# (imports, opening the images) must not take the CPU from requests being served.
+PREPARE_NICENESS = 10
 MAX_MESSAGE = 1 << 20
 
 
@@ -326,6 +329,7 @@ class HandOver:
                     fds.append(fd)
             prepared = await successor.exchange(
                 encode("prepare", argv=self.launch.argv, cwd=self.launch.cwd, devices=devices,
+                       niceness=os.getpriority(os.PRIO_PROCESS, 0),
                        old_version=__version__, old_pid=os.getpid(), upgrades=self.upgrades),
                 fds, "prepared", prepare_timeout)
             await self._stop_background()
@@ -399,6 +403,9 @@ class Successor:
         finally:
             theirs.close()
         self.socket = trio.socket.from_stdlib_socket(ours)
+        with contextlib.suppress(OSError):  # it may be gone already: we learn that soon
+            os.setpriority(os.PRIO_PROCESS, self.process.pid,
+                           min(19, os.getpriority(os.PRIO_PROCESS, 0) + PREPARE_NICENESS))
         nursery.start_soon(self._copy_output)
 
     async def _copy_output(self) -> None:
@@ -474,6 +481,7 @@ class Takeover:
         self.devices = prepare["devices"]
         self.old_version, self.old_pid = prepare["old_version"], prepare["old_pid"]
         self.upgrades = prepare["upgrades"] + 1
+        self.niceness = prepare["niceness"]
         self.stopped_at = 0.0
 
     def receive(self, expected: str) -> tuple[dict, list[int]]:
@@ -515,6 +523,10 @@ class Takeover:
             restore_images(images, state.get("images"))
             pyfuse3.init(operations, f"/dev/fd/{fuse_fd}", options)
             pyfuse3.replay_init(base64.b64decode(handover["init"]))
+        try:  # serve at the old server's priority again (only root may raise it)
+            os.setpriority(os.PRIO_PROCESS, 0, self.niceness)
+        except OSError as exc:
+            log.warning("serving at a lower priority than the old server: %s", exc)
         self.send("ready")
         self.receive("commit")
         # Ours now. Log where the old server logged (our output went to it so far).

@@ -95,21 +95,28 @@ class BackgroundLoad:
 
 
 class FioLoop(BackgroundLoad):
-    """fio with verify (libaio, direct, qd 16: random 4 KiB writes and sequential
-    1 MiB writes, each region read back and checked) run again and again on a loop
-    device until stopped. Every run must end without an I/O error or a verify failure."""
+    """fio (libaio, direct, qd 16: random 4 KiB and sequential 1 MiB) run again and
+    again on a loop device until stopped: writes with verify (each region read back and
+    checked), or on a read-only device, reads. Every run must end without an I/O error
+    or a verify failure."""
 
-    def __init__(self, device: str):
+    def __init__(self, device: str, *, read_only: bool = False):
         super().__init__()
         self.device = device
+        self.read_only = read_only
         self.runs: list[dict] = []
 
     def command(self) -> list[str]:
-        common = ["--ioengine=libaio", "--direct=1", "--iodepth=16", f"--size={FIO_REGION}",
-                  "--verify=crc32c", "--verify_fatal=1", "--do_verify=1"]
+        common = ["--ioengine=libaio", "--direct=1", "--iodepth=16", f"--size={FIO_REGION}"]
+        if self.read_only:
+            random_rw, sequential_rw = "randread", "read"
+        else:
+            random_rw, sequential_rw = "randwrite", "write"
+            common += ["--verify=crc32c", "--verify_fatal=1", "--do_verify=1"]
         return ["fio", f"--filename={self.device}", "--output-format=json",
-                "--name=rand4k", "--rw=randwrite", "--bs=4k", "--offset=0", *common,
-                "--name=seq1m", "--rw=write", "--bs=1M", f"--offset={FIO_REGION}", *common]
+                "--name=rand4k", f"--rw={random_rw}", "--bs=4k", "--offset=0", *common,
+                "--name=seq1m", f"--rw={sequential_rw}", "--bs=1M", f"--offset={FIO_REGION}",
+                *common]
 
     def _loop(self) -> None:
         while not self._stop.is_set():
@@ -196,6 +203,8 @@ def test_idle_mount_is_handed_over_with_data_handles_and_cached_entries(tmp_path
     finally:
         os.close(handle)
     assert image.stat().st_ino == inode
+    # It prepared at a lower priority, and serves at the old server's (ours).
+    assert os.getpriority(os.PRIO_PROCESS, m.pid) == os.getpriority(os.PRIO_PROCESS, 0)
     with open(image, "rb") as again:  # opened through the cached entry
         again.seek(1 << 20)
         assert again.read(500) == b"after" * 100
@@ -224,8 +233,8 @@ def test_block_device_opened_exclusively_is_handed_over(tmp_path, mount, loop):
 
 
 def test_fio_with_verify_through_loop_devices_while_upgrading_20_times(tmp_path, mount, loop):
-    """linear.img under fio with verify and system.img while merging, read and compared
-    with NEW, both through loop devices; 20 upgrades meanwhile."""
+    """linear.img under fio with verify, and system.img while merging under fio reads
+    and reads compared with NEW, both through loop devices; 20 upgrades meanwhile."""
     (tmp_path / "pair").mkdir()
     old, new, _ = make_update_pair(tmp_path / "pair")
     diff = tmp_path / "diff.img"
@@ -244,7 +253,8 @@ def test_fio_with_verify_through_loop_devices_while_upgrading_20_times(tmp_path,
     system_loop = loop(m / "system.img", read_only=True)
 
     pauses, merged = [], []
-    with FioLoop(linear_loop) as fio, VerifyingReader(system_loop, new) as reader:
+    with FioLoop(linear_loop) as fio, FioLoop(system_loop, read_only=True) as fio_reads, \
+            VerifyingReader(system_loop, new) as reader:
         for _ in range(20):
             upgrade(m)
             pauses.append(server_status(m)["last_pause_ms"])
@@ -253,6 +263,7 @@ def test_fio_with_verify_through_loop_devices_while_upgrading_20_times(tmp_path,
                 merged.append(system["merged"])
             time.sleep(0.2)
     fio.check()
+    fio_reads.check()
     reader.check()
     print(f"longest pause of 20 upgrades under fio: {max(pauses):.1f} ms "
           f"(median {sorted(pauses)[10]:.1f} ms)")
