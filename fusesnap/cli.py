@@ -4,6 +4,7 @@
     fusesnap umount MNT
     fusesnap status MNT [--json]
     fusesnap update pause|resume MNT
+    fusesnap upgrade MNT [--exec PROGRAM]
     fusesnap diff OLD NEW -o DIFF
     fusesnap diff-info DIFF [--verify]
 
