@@ -14,6 +14,7 @@ concurrency contract):
 | rangemap      | the sorted-range map every image keeps its block state in         |
 | devices       | backing devices: path rules, size, positional I/O, discard        |
 | diffing       | `fusesnap diff` / `diff-info`: making and checking update diffs   |
+| upgrade       | `fusesnap upgrade`: handing a live mount to a new server process  |
 | errors        | `UserError` and the exit statuses                                 |
 
 Only `fs` and `mount` know about FUSE; everything below them is plain Python.
@@ -21,4 +22,4 @@ Only `fs` and `mount` know about FUSE; everything below them is plain Python.
 caller's directory); `pyfuse3_build` installs the patched pyfuse3 (stdlib only).
 """
 
-__version__ = "0.1.0"
+__version__ = "0.1.0"  # the package version (pyproject.toml reads it from here)

@@ -4,6 +4,7 @@
     fusesnap umount MNT
     fusesnap status MNT [--json]
     fusesnap update pause|resume|wait MNT
+    fusesnap upgrade MNT [--exec PROGRAM]
     fusesnap diff OLD NEW -o DIFF
     fusesnap diff-info DIFF [--verify]
     fusesnap SOURCE MNT -o OPTIONS      (as mount.fuse3 runs it for `mount -t fuse.fusesnap`)
@@ -23,7 +24,7 @@ import subprocess
 import sys
 import time
 
-from . import __version__, arguments, diffing, mount
+from . import __version__, arguments, diffing, mount, upgrade
 from .devices import loop_devices_backed_under, processes_using
 from .errors import EXIT_FAILED, EXIT_USAGE, UserError
 from .control import XATTR_PID, mounted_at, read_status, send_command
@@ -69,6 +70,7 @@ def cmd_mount(args) -> int:
     except UserError as exc:
         channel.failed(exc)
         raise
+    upgrade.record_launch(args.argv)  # a successor re-opens the images from these
     os.chdir("/")  # a daemon must not pin the directory it was started from
     return mount.run_server(mountpoint, images, workers=args.workers, debug=args.debug,
                             channel=channel)
@@ -265,6 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     for image_type in IMAGE_TYPES:
         image_type.add_commands(commands)
+    upgrade.add_commands(commands)
 
     p = add_command(commands, "diff", "make an update diff from OLD to NEW",
                     "Make an update diff (dm-update format) that turns OLD into NEW.",

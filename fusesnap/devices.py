@@ -41,6 +41,17 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
         raise OSError(err, os.strerror(err))
 
 
+#: Descriptors handed over by a live upgrade, by path (`fusesnap.upgrade`): a
+#: BlockDevice for one of these paths takes the descriptor instead of opening the
+#: path, because a block device opened O_EXCL cannot be opened a second time.
+inherited_fds: dict[str, int] = {}
+
+
+def _open_or_inherit(path: str, flags: int) -> int:
+    inherited = inherited_fds.pop(path, None)
+    return os.open(path, flags) if inherited is None else inherited
+
+
 def resolve_device_path(arg: str) -> str:
     """Turn a device argument into an absolute path.
 
@@ -72,7 +83,7 @@ class BlockDevice:
         # O_EXCL on a block device: refuse one that is mounted or otherwise claimed.
         exclusive = os.O_EXCL if self.is_block_device and not read_only else 0
         try:
-            self.fd = os.open(path, (os.O_RDONLY if read_only else os.O_RDWR | exclusive)
+            self.fd = _open_or_inherit(path, (os.O_RDONLY if read_only else os.O_RDWR | exclusive)
                               | os.O_CLOEXEC)
         except OSError as exc:
             if exc.errno == errno.EBUSY:

@@ -53,10 +53,15 @@ class StatusRenderer:
     def __init__(self, images: list[Image], mount_figures: dict | None = None):
         self.images = images
         self.mount_figures = mount_figures or {}
+        #: figures of the server process for .status.json (version, upgrades; mount.py)
+        self.server_status: Callable[[], dict] | None = None
 
     def as_dict(self) -> dict:
-        return {**self.mount_figures,
-                "images": {img.name: {"target": img.target, **img.status()} for img in self.images}}
+        figures = {**self.mount_figures,
+                   "images": {img.name: {"target": img.target, **img.status()} for img in self.images}}
+        if self.server_status is not None:
+            figures["server"] = self.server_status()
+        return figures
 
     def as_text(self) -> str:
         lines = []

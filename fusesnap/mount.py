@@ -34,6 +34,7 @@ import trio
 from .errors import EXIT_FAILED, UserError
 from .fs import FuseOperations
 from .images.base import Image
+from .upgrade import HandOver
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +125,7 @@ class MountServer:
         self.images = images
         self.workers = workers
         self.debug = debug
+        self.handover = HandOver(self)  # live upgrade: fusesnap/upgrade.py
 
     async def control(self, command: str) -> None:
         """Run a control command from the CLI (setxattr on the root). ValueError if bad."""
@@ -145,6 +147,7 @@ class MountServer:
     async def serve(self, on_ready) -> None:
         operations = FuseOperations(self.images, self.control,
                                     {"discards": discards_supported()})
+        operations.status.server_status = self.handover.status
         options = set(pyfuse3.default_options)
         options |= {"fsname=fusesnap", "subtype=fusesnap"}
         if self.debug:
@@ -153,21 +156,20 @@ class MountServer:
             # Registered first so it runs last: images are flushed and closed only
             # after the FUSE session and every background task have stopped.
             stack.push_async_callback(self._close_images)
-            pyfuse3.init(operations, self.mountpoint, options)
+            self.handover.open_session(operations, self.mountpoint, options)
             # unmount=False: after a normal `umount` the kernel has already ended the
             # session; after SIGTERM, _stop_on_signal has unmounted lazily.
             stack.callback(pyfuse3.close, unmount=False)
             nursery = await stack.enter_async_context(trio.open_nursery())
             stack.callback(nursery.cancel_scope.cancel)
             nursery.start_soon(self._stop_on_signal)
-            for image in self.images:
-                await image.start(nursery)
+            await self.handover.start(nursery)  # the images' background tasks, and upgrades
             on_ready()
             log.info("serving on %s (%s)", self.mountpoint, discards_report())
             for line in operations.status.as_text().splitlines():
                 log.info("serving %s", line)
-            await pyfuse3.main(min_tasks=1, max_tasks=self.workers)
-            log.info("FUSE session ended")
+            await self.handover.serve(max_tasks=self.workers)
+            log.info("handed over" if self.handover.handed_over else "FUSE session ended")
 
     async def _stop_on_signal(self) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
@@ -178,6 +180,8 @@ class MountServer:
                 return
 
     async def _close_images(self) -> None:
+        if not self.handover.owns_images:
+            return  # handed over (or not yet taken over): another server uses them
         for image in self.images:
             try:
                 await image.close()

@@ -18,6 +18,13 @@ with EIO for that request alone.
 
 State is kept in plain attributes of the image object (no closures, no globals), so a
 running mount can hand it to freshly loaded code.
+
+Live upgrade (`fusesnap.upgrade`): the successor process opens every image from the
+mount's command line the way a restart does (with the old server's descriptors, see
+`handover_fds`), *before* the old server pauses; in the pause it only applies the
+small state of `handover_state()`. That state is versioned: `restore_handover_state`
+accepts the versions in `handover_versions` and refuses any other with ValueError,
+which rolls the upgrade back.
 """
 
 from __future__ import annotations
@@ -41,6 +48,9 @@ class Image:
     #: True for an image that cannot work without discards from the loop device
     #: (FUSE fallocate requests, which stock pyfuse3 does not pass on)
     needs_discards: ClassVar[bool] = False
+
+    #: versions of handover_state() this code restores; the first is the one it writes
+    handover_versions: ClassVar[tuple[int, ...]] = (1,)
 
     def __init__(self, name: str, size: int, *, read_only: bool):
         self.name = name
@@ -73,3 +83,36 @@ class Image:
 
     async def close(self) -> None:
         """Stop background work, flush, release devices (the mount is going away)."""
+
+    # -- live upgrade -------------------------------------------------------------
+
+    def handover_fds(self) -> dict[str, int]:
+        """Descriptors a successor must inherit instead of opening the paths again,
+        by path (a block device opened O_EXCL cannot be opened twice)."""
+        return {}
+
+    def handover_state(self) -> dict[str, Any]:
+        """What a successor needs beyond what it rebuilds when it opens the image from
+        the mount's command line (JSON-serialisable, small: it is taken during the
+        pause). Called with no request in flight and background tasks stopped."""
+        return {"target": self.target, "version": self.handover_versions[0]}
+
+    def restore_handover_state(self, state: dict[str, Any]) -> None:
+        """Take over `state` from the previous server (the image was just opened and
+        is not serving yet). ValueError if the state is not one this code knows.
+
+        Called twice: with the state as it was before the pause (apply the costly part
+        then), and with the final one, taken in the pause, which supersedes it."""
+        self.check_handover_state(state)
+
+    def check_handover_state(self, state: dict[str, Any]) -> int:
+        """The version of `state`, after checking it is for this image type and a
+        version this code restores; ValueError otherwise."""
+        if state.get("target") != self.target:
+            raise ValueError(f"{self.name}: hand-over state of a {state.get('target')!r} "
+                             f"image, not {self.target!r}")
+        version = state.get("version")
+        if version not in self.handover_versions:
+            raise ValueError(f"{self.name}: hand-over state version {version!r} is unknown "
+                             f"to this build (it restores {', '.join(map(str, self.handover_versions))})")
+        return version

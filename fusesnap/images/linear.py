@@ -43,6 +43,18 @@ class LinearImage(Image):
     def status(self) -> dict:
         return {"size": self.size, "device": self.device.path}
 
+    def handover_fds(self) -> dict[str, int]:
+        return {self.device.path: self.device.fd}
+
+    def handover_state(self) -> dict:
+        return {**super().handover_state(), "device": self.device.path, "size": self.size}
+
+    def restore_handover_state(self, state: dict) -> None:
+        self.check_handover_state(state)
+        if (state["device"], state["size"]) != (self.device.path, self.size):
+            raise ValueError(f"{self.name}: handed over for {state['device']} ({state['size']} "
+                             f"bytes), but opened {self.device.path} ({self.size} bytes)")
+
     async def close(self) -> None:
         self.device.fsync()
         self.device.close()

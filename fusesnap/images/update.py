@@ -231,7 +231,7 @@ class UpdateImage(Image):
     # -- the background merge -----------------------------------------------------
 
     async def start(self, nursery: trio.Nursery) -> None:
-        if self.state == "merging":
+        if self.state in ("merging", "paused"):  # a paused merge waits in its task
             nursery.start_soon(self._merge_or_fail)
 
     async def _merge_or_fail(self) -> None:
@@ -340,6 +340,34 @@ class UpdateImage(Image):
     def status(self) -> dict:
         return {"merged": self.merged_blocks, "total": self.diff.total_blocks, "state": self.state,
                 "diff": self.diff.path, "device": self.device.path, "error": self.error}
+
+    # -- live upgrade ----------------------------------------------------------------
+
+    def handover_fds(self) -> dict[str, int]:
+        return {self.device.path: self.device.fd}
+
+    def handover_state(self) -> dict:
+        """Where the merge stands. The successor opened the image from the persisted
+        progress (at most PERSIST_INTERVAL behind) and catches up from here."""
+        return {**super().handover_state(), "device": self.device.path, "diff": self.diff.path,
+                "merged_chunks": self.merged_chunks, "state": self.state, "error": self.error}
+
+    def restore_handover_state(self, state: dict) -> None:
+        self.check_handover_state(state)
+        if (state["device"], state["diff"]) != (self.device.path, self.diff.path):
+            raise ValueError(f"{self.name}: handed over for {state['device']} with "
+                             f"{state['diff']}, but opened {self.device.path} with {self.diff.path}")
+        merged_chunks = state["merged_chunks"]
+        if not self.merged_chunks <= merged_chunks <= self.diff.n_chunks:
+            raise ValueError(f"{self.name}: handed over with {merged_chunks} merged chunks, "
+                             f"but {self.merged_chunks} are persisted or merged, of {self.diff.n_chunks}")
+        # The chunks merged since the last persist are on the device (its page cache,
+        # shared with the old server): serve them from there, as the old server did.
+        for chunk_index in range(self.merged_chunks, merged_chunks):
+            self._merged(chunk_index)
+        self.state, self.error = state["state"], state["error"]
+        if self.state == "paused":
+            self.unpaused = trio.Event()
 
     async def close(self) -> None:
         try:

@@ -1,0 +1,416 @@
+"""`fusesnap upgrade`: a new server takes over a running mount without unmounting,
+while loop devices keep doing I/O; a successor that fails is refused and the old
+server serves on."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import mmap
+import os
+import random
+import shutil
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+import fusesnap
+from fusesnap.diffing import open_diff
+from fusesnap.images.linear import LinearImage
+from fusesnap.images.update import UpdateImage
+from fusesnap.devices import BlockDevice
+from harness import (FUSESNAP, copy_of, fusesnap as run_fusesnap, make_update_pair, run,
+                     sha256_of, sparse_file)
+
+pytestmark = pytest.mark.mount
+
+FIO_REGION = 24 << 20
+
+
+def upgrade(m, *args, check=True, cwd=None):
+    """`fusesnap upgrade` of mount `m`; afterwards `m.pid` is the serving process."""
+    result = run([*FUSESNAP, "upgrade", str(m.mountpoint), *map(str, args)], check=check, cwd=cwd)
+    m.pid = int(os.getxattr(m.mountpoint, "user.fusesnap.pid"))
+    return result
+
+
+def server_status(m) -> dict:
+    return json.loads((m / ".status.json").read_text())["server"]
+
+
+def variant_build(directory: Path, *edits: tuple[str, str, str]) -> Path:
+    """A copy of this fusesnap package with `edits` (file, old text, new text),
+    installed in `directory` with a program that runs it, like a separately installed
+    build. Returns the program."""
+    root = directory / "site"
+    shutil.copytree(Path(fusesnap.__file__).parent, root / "fusesnap",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    for file_name, old, new in edits:
+        path = root / "fusesnap" / file_name
+        text = path.read_text()
+        assert old in text, f"{old!r} not in {file_name}"
+        path.write_text(text.replace(old, new))
+    program = directory / "bin" / "fusesnap"
+    program.parent.mkdir(parents=True)
+    program.write_text(f'#!/bin/sh\nPYTHONPATH={root} exec {sys.executable} -m fusesnap "$@"\n')
+    program.chmod(0o755)
+    return program
+
+
+VERSION = ('__init__.py', '__version__ = "', '__version__ = "9.9.9+variant-')
+LINEAR_RESTORE = ("images/linear.py", "        self.check_handover_state(state)\n")
+
+
+def broken_restore(breakage: str, *, in_the_pause: bool = True) -> tuple[str, str, str]:
+    """An edit that breaks linear.img's restore: in the pause (the state is applied
+    twice, before the pause and in it), or in its first call, before the pause."""
+    if in_the_pause:
+        breakage = (f"if getattr(self, 'caught_up', False):\n            {breakage}\n"
+                    "        self.caught_up = True")
+    return (*LINEAR_RESTORE, LINEAR_RESTORE[1] + f"        {breakage}\n")
+
+
+class BackgroundLoad:
+    """A load that runs in a thread from `with` until the end of the block."""
+
+    def __init__(self):
+        self.failures: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info):
+        self._stop.set()
+        self._thread.join()
+
+
+class FioLoop(BackgroundLoad):
+    """fio (libaio, direct, qd 16: random 4 KiB and sequential 1 MiB) run again and
+    again on a loop device until stopped: writes with verify (each region read back and
+    checked), or on a read-only device, reads. Every run must end without an I/O error
+    or a verify failure."""
+
+    def __init__(self, device: str, *, read_only: bool = False):
+        super().__init__()
+        self.device = device
+        self.read_only = read_only
+        self.runs: list[dict] = []
+
+    def command(self) -> list[str]:
+        common = ["--ioengine=libaio", "--direct=1", "--iodepth=16", f"--size={FIO_REGION}"]
+        if self.read_only:
+            random_rw, sequential_rw = "randread", "read"
+        else:
+            random_rw, sequential_rw = "randwrite", "write"
+            common += ["--verify=crc32c", "--verify_fatal=1", "--do_verify=1"]
+        return ["fio", f"--filename={self.device}", "--output-format=json",
+                "--name=rand4k", f"--rw={random_rw}", "--bs=4k", "--offset=0", *common,
+                "--name=seq1m", f"--rw={sequential_rw}", "--bs=1M", f"--offset={FIO_REGION}",
+                *common]
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            result = run(self.command(), check=False)
+            try:
+                report = json.loads(result.stdout[result.stdout.index("{"):])
+                errors = [job["error"] for job in report["jobs"] if job["error"]]
+            except ValueError:
+                errors = ["no report"]
+            self.runs.append({"status": result.returncode})
+            if result.returncode != 0 or errors:
+                self.failures.append(f"fio exited {result.returncode}, errors {errors}: "
+                                     f"{result.stderr[-2000:]}")
+                return
+
+    def check(self) -> None:
+        assert not self.failures, self.failures
+        assert self.runs, "fio never ran"
+
+
+class VerifyingReader(BackgroundLoad):
+    """Random 64 KiB O_DIRECT reads of a read-only loop device, each compared with
+    the file it must read as (NEW), until stopped."""
+
+    def __init__(self, device: str, expected: Path):
+        super().__init__()
+        self.device = device
+        self.expected = expected
+        self.reads = 0
+
+    def _loop(self) -> None:
+        size = self.expected.stat().st_size
+        buffer = mmap.mmap(-1, 64 << 10)  # page-aligned, as O_DIRECT wants
+        rng = random.Random(7)
+        fd = os.open(self.device, os.O_RDONLY | os.O_DIRECT)
+        try:
+            with open(self.expected, "rb") as expected:
+                while not self._stop.is_set():
+                    offset = rng.randrange(size >> 16) << 16
+                    try:
+                        got = os.preadv(fd, [buffer], offset)
+                    except OSError as exc:
+                        self.failures.append(f"read at {offset}: {exc}")
+                        return
+                    expected.seek(offset)
+                    if got != len(buffer) or buffer[:] != expected.read(len(buffer)):
+                        self.failures.append(f"wrong data at {offset}")
+                        return
+                    self.reads += 1
+        finally:
+            os.close(fd)
+
+    def check(self) -> None:
+        assert not self.failures, self.failures
+        assert self.reads, "nothing was read"
+
+
+@pytest.fixture
+def device(tmp_path):
+    return sparse_file(tmp_path / "dev.raw", 64 << 20)
+
+
+# -- the hand-over ------------------------------------------------------------------
+
+def test_idle_mount_is_handed_over_with_data_handles_and_cached_entries(tmp_path, mount, device,
+                                                                         monkeypatch):
+    monkeypatch.chdir(tmp_path)  # relative paths, as users type them
+    m = mount("--linear", "dev.raw")
+    image = m / "linear.img"
+    inode = image.stat().st_ino  # the kernel caches this entry (entry_timeout 300 s)
+    handle = os.open(image, os.O_RDWR)
+    try:
+        os.pwrite(handle, b"before" * 100, 4096)
+        old_pid = m.pid
+
+        result = upgrade(m, cwd=tmp_path)
+
+        assert m.pid != old_pid
+        assert f"fusesnap {fusesnap.__version__} (pid {old_pid}) -> {fusesnap.__version__}" \
+            in result.stdout and " ms" in result.stdout
+        # The handle opened before the upgrade reads and writes through the new server.
+        assert os.pread(handle, 600, 4096) == b"before" * 100
+        os.pwrite(handle, b"after" * 100, 1 << 20)
+    finally:
+        os.close(handle)
+    assert image.stat().st_ino == inode
+    # It prepared at a lower priority, and serves at the old server's (ours).
+    assert os.getpriority(os.PRIO_PROCESS, m.pid) == os.getpriority(os.PRIO_PROCESS, 0)
+    with open(image, "rb") as again:  # opened through the cached entry
+        again.seek(1 << 20)
+        assert again.read(500) == b"after" * 100
+    assert open(device, "rb").read(4096 + 600)[4096:] == b"before" * 100
+    status = server_status(m)
+    assert status["pid"] == m.pid and status["upgrades"] == 1
+    assert 0 < status["last_pause_ms"] < 1000
+    log = m.log.read_text()
+    assert f"handed {m.mountpoint} over to pid {m.pid}" in log and "took over" in log
+
+
+def test_block_device_opened_exclusively_is_handed_over(tmp_path, mount, loop):
+    """A block device is open O_EXCL and cannot be opened twice: the successor gets
+    the old server's descriptor, and the claim holds all through."""
+    block_device = loop(sparse_file(tmp_path / "backing.raw", 32 << 20))
+    m = mount("--linear", Path(block_device).name)  # a bare name means /dev/NAME
+    with open(m / "linear.img", "r+b") as image:
+        image.write(b"on a block device")
+    upgrade(m)
+    with pytest.raises(OSError) as claimed:
+        os.close(os.open(block_device, os.O_RDWR | os.O_EXCL))
+    assert claimed.value.errno == errno.EBUSY
+    with open(m / "linear.img", "rb") as image:
+        assert image.read(17) == b"on a block device"
+    assert m.status()["linear.img"]["device"] == block_device
+
+
+def test_fio_with_verify_through_loop_devices_while_upgrading_20_times(tmp_path, mount, loop):
+    """linear.img under fio with verify, and system.img while merging under fio reads
+    and reads compared with NEW, both through loop devices; 20 upgrades meanwhile."""
+    (tmp_path / "pair").mkdir()
+    old, new, _ = make_update_pair(tmp_path / "pair")
+    diff = tmp_path / "diff.img"
+    # Small chunks: many merge steps, so that there is one in progress at every upgrade.
+    run_fusesnap("diff", old, new, "-o", diff, "--quiet", "--chunk-blocks", "8")
+    with contextlib.closing(open_diff(str(diff), bad_diff_status=2)) as diff_file:
+        changed_bytes = diff_file.total_blocks * diff_file.block_size
+    system_device = copy_of(old, tmp_path / "system.raw")
+    linear_device = sparse_file(tmp_path / "linear.raw", 64 << 20)
+    # Slow enough that the merge goes on through most of the upgrades (each one also
+    # cuts short the merge's rate-limiting sleep, so it goes faster than this).
+    merge_rate = changed_bytes / 60 / 1e6
+    m = mount("--linear", linear_device, "--system", system_device, "--diff", diff,
+              "--merge-rate", f"{merge_rate:.3f}")
+    linear_loop = loop(m / "linear.img")
+    system_loop = loop(m / "system.img", read_only=True)
+
+    pauses, merged = [], []
+    with FioLoop(linear_loop) as fio, FioLoop(system_loop, read_only=True) as fio_reads, \
+            VerifyingReader(system_loop, new) as reader:
+        for _ in range(20):
+            upgrade(m)
+            pauses.append(server_status(m)["last_pause_ms"])
+            system = m.status()["system.img"]
+            if system["state"] == "merging":
+                merged.append(system["merged"])
+            time.sleep(0.2)
+    fio.check()
+    fio_reads.check()
+    reader.check()
+    print(f"longest pause of 20 upgrades under fio: {max(pauses):.1f} ms "
+          f"(median {sorted(pauses)[10]:.1f} ms)")
+    assert len(merged) >= 10 and merged == sorted(merged) and merged[-1] > merged[0], \
+        "the merge went on through the upgrades, from where it was"
+    assert server_status(m)["upgrades"] == 20
+
+    deadline = time.monotonic() + 120
+    while m.status()["system.img"]["state"] != "done":
+        assert time.monotonic() < deadline, m.status()
+        time.sleep(0.2)
+    assert sha256_of(system_loop) == sha256_of(new)
+    assert sha256_of(system_device) == sha256_of(new)
+
+
+# -- other builds ---------------------------------------------------------------------
+
+def test_upgrade_to_a_different_build_runs_its_code_with_the_state(tmp_path, mount, device):
+    program = variant_build(
+        tmp_path / "variant", VERSION,
+        ("images/linear.py", 'return {"size": self.size, "device": self.device.path}',
+         'return {"size": self.size, "device": self.device.path, "build": "variant"}'))
+    m = mount("--linear", device)
+    with open(m / "linear.img", "r+b") as image:
+        image.write(b"carried over")
+        image.flush()
+
+        result = upgrade(m, "--exec", program)
+
+        assert "-> 9.9.9+variant-" in result.stdout
+        assert m.status()["linear.img"]["build"] == "variant"  # its code serves
+        assert server_status(m)["version"].startswith("9.9.9+variant-")
+        image.seek(0)
+        assert image.read(12) == b"carried over"
+
+        upgrade(m)  # and back to this build, state and all
+        assert "build" not in m.status()["linear.img"]
+        assert server_status(m)["upgrades"] == 2
+
+
+def test_state_of_an_unknown_version_is_refused(tmp_path, mount, device):
+    newer = variant_build(tmp_path / "newer", VERSION,
+                          ("images/base.py", "handover_versions: ClassVar[tuple[int, ...]] = (1,)",
+                           "handover_versions: ClassVar[tuple[int, ...]] = (2, 1)"))
+    m = mount("--linear", device)
+    upgrade(m, "--exec", newer)  # the newer build restores version 1 ...
+    newer_pid = m.pid
+
+    result = upgrade(m, check=False)  # ... but this one does not know its version 2
+
+    assert result.returncode == 1
+    assert "hand-over state version 2 is unknown to this build" in result.stderr
+    assert m.pid == newer_pid and server_status(m)["version"].startswith("9.9.9")
+
+
+def test_image_state_checks_type_and_version(device):
+    image = LinearImage(BlockDevice(str(device)))
+    try:
+        state = image.handover_state()
+        image.restore_handover_state(state)
+        for bad in ({**state, "version": 7}, {**state, "target": "update"},
+                    {**state, "device": "/dev/other"}):
+            with pytest.raises(ValueError):
+                image.restore_handover_state(bad)
+    finally:
+        image.device.close()
+
+
+def test_merge_position_is_handed_over_and_caught_up(tmp_path):
+    """system.img's state: the successor opens the image at the persisted progress and
+    catches up to where the old server's merge stands; a state behind what is
+    persisted, or of an unknown version, is refused."""
+    old, new = tmp_path / "old.raw", tmp_path / "new.raw"
+    rng = random.Random(3)
+    old.write_bytes(rng.randbytes(4 << 20))
+    data = bytearray(old.read_bytes())
+    for block in rng.sample(range(1024), 300):
+        data[block * 4096:(block + 1) * 4096] = rng.randbytes(4096)
+    new.write_bytes(data)
+    diff = tmp_path / "diff.img"
+    run_fusesnap("diff", old, new, "-o", diff, "--quiet", "--chunk-blocks", "16")
+
+    def open_image():
+        return UpdateImage(BlockDevice(str(old)), open_diff(str(diff), bad_diff_status=2))
+
+    running, successor = open_image(), open_image()
+    try:
+        for chunk_index in range(5):  # the old server merged 5 chunks, persisted none
+            running._write_chunk(chunk_index)
+            running._merged(chunk_index)
+        running.control("update", ["pause"])
+        state = running.handover_state()
+
+        successor.restore_handover_state(state)
+        successor.restore_handover_state(state)  # before the pause, and in it
+
+        assert list(successor.pending) == list(running.pending)
+        assert successor.status() == running.status()
+        assert successor.status()["state"] == "paused"
+        assert not successor.unpaused.is_set()
+        with pytest.raises(ValueError, match="version 2 is unknown"):
+            successor.restore_handover_state({**state, "version": 2})
+        with pytest.raises(ValueError, match="2 merged chunks, but 5 are persisted or merged"):
+            successor.restore_handover_state({**state, "merged_chunks": 2})
+    finally:
+        for image in (running, successor):
+            image.diff.close()
+            image.device.close()
+
+
+# -- rollback ---------------------------------------------------------------------------
+
+BROKEN_SUCCESSORS = {
+    "fails to import": (("upgrade.py", "import trio\n", "import trio\nraise ImportError('broken build')\n"),
+                        "broken build"),
+    "hangs before the pause": (broken_restore("__import__('time').sleep(3600)", in_the_pause=False),
+                               "did not answer within 3 s"),
+    "raises while restoring": (broken_restore("raise RuntimeError('restore is broken')"),
+                               "cannot restore the state: restore is broken"),
+    "hangs in the pause": (broken_restore("__import__('time').sleep(3600)"),
+                           "did not answer within 2 s"),
+    "exits after receiving the fd": (broken_restore("__import__('os')._exit(3)"),
+                                     "exited with status 3"),
+}
+
+
+def test_broken_successors_are_refused_and_the_old_server_serves_on(tmp_path, mount, loop, device):
+    m = mount("--linear", device)
+    linear_loop = loop(m / "linear.img")
+    old_pid = m.pid
+    with FioLoop(linear_loop) as fio:
+        for name, (edit, reason) in BROKEN_SUCCESSORS.items():
+            program = variant_build(tmp_path / name.replace(" ", "-"), edit)
+
+            result = upgrade(m, "--exec", program, "--timeout", 3, check=False)
+
+            assert result.returncode == 1, (name, result.stdout)
+            assert "refused" in result.stderr and reason in result.stderr, (name, result.stderr)
+            assert m.pid == old_pid and server_status(m)["upgrades"] == 0
+        upgrade(m)  # a good one still goes through afterwards
+    fio.check()
+    assert "upgrade refused, serving on" in m.log.read_text()
+
+
+def test_upgrade_errors_are_one_line(tmp_path, mount, device):
+    m = mount("--linear", device)
+    result = upgrade(m, "--exec", tmp_path / "no-such-program", check=False)
+    assert result.returncode == 2 and result.stderr.startswith("fusesnap: no such program")
+    result = run([*FUSESNAP, "upgrade", str(tmp_path)], check=False)
+    assert result.returncode == 2 and "is not a fusesnap mount" in result.stderr
