@@ -58,7 +58,9 @@ def cmd_mount(args) -> int:
 
     mount.setup_logging(args.debug)
     try:
-        images = [image for image_type in IMAGE_TYPES for image in image_type.images_from_args(args)]
+        with mount.warnings_to_terminal(args.ready_fd):
+            images = [image for image_type in IMAGE_TYPES
+                      for image in image_type.images_from_args(args)]
         if not images:
             raise UserError("no images to mount: give --linear DEV, or --system DEV --diff DIFF")
     except UserError as exc:

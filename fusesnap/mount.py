@@ -31,6 +31,7 @@ from .images.base import Image
 log = logging.getLogger(__name__)
 
 READY = "ready"
+WARNING = "warning "   # lines before READY on the pipe: warnings for the user's terminal
 
 
 class MountServer:
@@ -98,6 +99,26 @@ class MountServer:
                 log.exception("closing %s failed", image.name)
 
 
+@contextlib.contextmanager
+def warnings_to_terminal(ready_fd: int | None):
+    """While opening images, also send logged warnings to the waiting `fusesnap mount`,
+    which prints them (the server's own stderr is its log file)."""
+
+    class PipeHandler(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            os.write(ready_fd, f"{WARNING}{record.getMessage()}\n".encode())
+
+    if ready_fd is None:
+        yield
+        return
+    handler = PipeHandler(logging.WARNING)
+    logging.getLogger().addHandler(handler)
+    try:
+        yield
+    finally:
+        logging.getLogger().removeHandler(handler)
+
+
 def setup_logging(debug: bool) -> None:
     logging.basicConfig(
         level=logging.DEBUG if debug else logging.INFO,
@@ -148,7 +169,11 @@ def spawn_server(argv: Sequence[str], log_path: str) -> None:
         )
     os.close(write_end)
     with os.fdopen(read_end, "r") as pipe:
-        message = pipe.read().strip()
+        lines = pipe.read().splitlines()
+    for line in lines:
+        if line.startswith(WARNING):
+            print(f"fusesnap: warning: {line[len(WARNING):]}", file=sys.stderr)
+    message = next((line for line in reversed(lines) if not line.startswith(WARNING)), "").strip()
     if message == READY:
         return
     status = child.wait()

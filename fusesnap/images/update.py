@@ -53,7 +53,8 @@ from ..control import read_status, require_image, send_command
 from ..devices import BlockDevice, resolve_device_path
 from ..diffing import open_diff
 from ..errors import EXIT_FAILED, EXIT_USAGE, UserError
-from ..formats.update_diff import BLOCK_HASH_SIZE, DiffFile, DiffFormatError, hash_block
+from ..formats.update_diff import (BLOCK_HASH_SIZE, DiffFile, DiffFormatError, hash_block,
+                                   hash_chunk)
 from ..rangemap import RangeMap
 from .base import Image
 
@@ -186,37 +187,55 @@ def check_source(diff: DiffFile, device: BlockDevice) -> int:
     their new contents entirely (those need no merging); UserError naming the first
     block that holds neither. Blocking.
 
-    Cost: one read of the changed blocks and a hash of each; a chunk is decompressed
-    only if some of its blocks do not hold their old contents.
+    Cost: one read of the changed blocks, and per chunk one or two hashes: of each
+    block (against the old contents' hashes) or of the whole chunk (against the new
+    contents' hash), whichever its first block suggests. Only a chunk that is neither
+    wholly old nor wholly new (a merge was interrupted in it) or does not hold what it
+    should is decompressed and compared block by block.
     """
     bs = diff.block_size
     leading_new = 0
     for chunk_index in range(diff.n_chunks):
-        old_hashes = memoryview(diff.old_block_hashes(chunk_index))
-        new_data = None
-        all_new = True
-        entry = 0
-        for dest, n_blocks, first_offset in diff.chunk_runs(chunk_index):
-            data = memoryview(device.pread(n_blocks * bs, dest * bs))
+        runs = list(diff.chunk_runs(chunk_index))
+        data = bytearray(sum(n_blocks for _, n_blocks, _ in runs) * bs)
+        at = 0
+        for dest, n_blocks, _ in runs:   # the chunk's blocks in directory order
+            device.pread_into(memoryview(data)[at:at + n_blocks * bs], dest * bs)
+            at += n_blocks * bs
+        blocks = [memoryview(data)[i:i + bs] for i in range(0, len(data), bs)]
+        old_hashes = diff.old_block_hashes(chunk_index)
+        looks_old = hash_block(blocks[0]) == old_hashes[:BLOCK_HASH_SIZE]
+        if looks_old and b"".join(map(hash_block, blocks)) == old_hashes:
+            continue   # wholly old
+        if _holds_new_chunk(diff, chunk_index, runs, data):
+            leading_new += leading_new == chunk_index
+            continue
+        new_data = diff.decompress_chunk(chunk_index, diff.read_chunk_raw(chunk_index))
+        block_index = 0
+        for dest, n_blocks, first_offset in runs:
             for i in range(n_blocks):
-                block = data[i * bs:(i + 1) * bs]
-                expected_old = old_hashes[entry * BLOCK_HASH_SIZE:(entry + 1) * BLOCK_HASH_SIZE]
-                entry += 1
-                if hash_block(block) == expected_old:
-                    all_new = False
-                    continue
-                if new_data is None:
-                    new_data = diff.decompress_chunk(chunk_index, diff.read_chunk_raw(chunk_index))
-                at = (first_offset + i) * bs
-                if block != new_data[at:at + bs]:
-                    block_number = dest + i
+                block = blocks[block_index]
+                old_hash = old_hashes[block_index * BLOCK_HASH_SIZE:(block_index + 1) * BLOCK_HASH_SIZE]
+                block_index += 1
+                new_at = (first_offset + i) * bs
+                if hash_block(block) != old_hash and block != new_data[new_at:new_at + bs]:
                     raise UserError(
-                        f"{device.path} is not what {diff.path} updates: block {block_number} "
-                        f"(byte {block_number * bs}) holds neither its old nor its new contents; "
+                        f"{device.path} is not what {diff.path} updates: block {dest + i} "
+                        f"(byte {(dest + i) * bs}) holds neither its old nor its new contents; "
                         "nothing was written (--no-verify-source skips this check)")
-        if all_new and leading_new == chunk_index:
-            leading_new += 1
     return leading_new
+
+
+def _holds_new_chunk(diff: DiffFile, chunk_index: int, runs, data: bytearray) -> bool:
+    """Is `data` (the chunk's blocks read from the device, in directory order) the
+    chunk's new contents? Without decompressing: when the chunk holds its blocks in
+    directory order (as `fusesnap diff` writes them), its hash covers exactly them."""
+    position = 0
+    for _, n_blocks, first_offset in runs:
+        if first_offset != position:
+            return False
+        position += n_blocks
+    return hash_chunk(data) == diff.identification.chunk_hash(chunk_index)
 
 
 class UpdateImage(Image):
