@@ -289,15 +289,22 @@ def test_a_device_half_merged_by_another_diff_is_refused(tmp_path, mount, state)
     assert "holds neither its old nor its new contents" in result.stderr
 
 
-def test_a_device_restored_to_old_is_merged_again(pair, device, mount, state):
-    """Progress is a hint: a device put back to OLD behind a finished merge's back is
-    seen for what it is and merged again."""
-    old, new, _, _ = pair
+def merge_then_restore_old(pair, device, mount, state) -> None:
+    """Merge to the end, unmount, and put OLD back on the device behind the merge's back."""
+    old, _, _, _ = pair
     dev, diff = device
     m = mount(*state, "--system", dev, "--diff", diff)
     wait_for(lambda: system_status(m)["state"] == "done")
     fusesnap("umount", m.mountpoint)
     copy_of(old, dev)
+
+
+def test_a_device_restored_to_old_is_merged_again(pair, device, mount, state):
+    """Progress is a hint: a device put back to OLD behind a finished merge's back is
+    seen for what it is and merged again."""
+    _, new, _, _ = pair
+    dev, diff = device
+    merge_then_restore_old(pair, device, mount, state)
     m = mount(*state, "--system", dev, "--diff", diff, "--merge-rate", "0.25")
     assert system_status(m)["merged"] < system_status(m)["total"]
     assert sha256_of(m / "system.img") == sha256_of(new)
@@ -305,12 +312,8 @@ def test_a_device_restored_to_old_is_merged_again(pair, device, mount, state):
 
 def test_without_the_source_check_progress_is_checked_against_the_device(pair, device, mount,
                                                                           state, tmp_path):
-    old, _, _, _ = pair
     dev, diff = device
-    m = mount(*state, "--system", dev, "--diff", diff)
-    wait_for(lambda: system_status(m)["state"] == "done")
-    fusesnap("umount", m.mountpoint)
-    copy_of(old, dev)
+    merge_then_restore_old(pair, device, mount, state)
     result = refused_mount(tmp_path, state, dev, diff, "--no-verify-source")
     assert "is not on it" in result.stderr
 

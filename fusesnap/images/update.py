@@ -430,17 +430,9 @@ class UpdateImage(Image):
 
     # -- control, status, teardown -----------------------------------------------
 
-    def cannot_resume(self) -> str | None:
-        """Why `update resume` cannot do anything, or None."""
-        if self.state == "disabled":
-            return "the merge is disabled (mounted with --no-bg-update)"
-        if self.state == "error":
-            return f"the merge stopped in error: {self.error}"
-        return None
-
     def control(self, verb: str, args: list[str]) -> str:
-        if args == ["resume"] and self.cannot_resume():
-            raise ValueError(self.cannot_resume())
+        if args == ["resume"] and why_not_resumable(self.state, self.error):
+            raise ValueError(why_not_resumable(self.state, self.error))
         if args == ["pause"]:
             if self.state == "merging":
                 self.state = "paused"
@@ -508,15 +500,23 @@ def add_commands(commands) -> None:
     p.set_defaults(run=cmd_update)
 
 
+def why_not_resumable(state: str, error: str | None) -> str | None:
+    """Why `update resume` can do nothing for a merge in `state`, or None."""
+    if state == "disabled":
+        return "the merge is disabled (mounted with --no-bg-update)"
+    if state == "error":
+        return f"the merge stopped in error: {error}"
+    return None
+
+
 def cmd_update(args) -> int:
     require_image(args.mountpoint, "update", "mount it with --system and --diff")
     if args.action == "resume":
         images = json.loads(read_status(args.mountpoint, True))["images"]
         for name, figures in images.items():
-            if figures["target"] == "update" and figures["state"] in ("disabled", "error"):
-                reason = ("the merge is disabled (mounted with --no-bg-update)"
-                          if figures["state"] == "disabled"
-                          else f"the merge stopped in error: {figures['error']}")
+            reason = figures["target"] == "update" and why_not_resumable(figures["state"],
+                                                                         figures["error"])
+            if reason:
                 raise UserError(f"{name}: cannot resume: {reason}", EXIT_FAILED)
     send_command(args.mountpoint, f"update {args.action}")
     return 0
