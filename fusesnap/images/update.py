@@ -187,7 +187,8 @@ def check_source(diff: DiffFile, device: BlockDevice) -> int:
     their new contents entirely (those need no merging); UserError naming the first
     block that holds neither. Blocking.
 
-    Cost: one read of the changed blocks, and per chunk one or two hashes: of each
+    Cost: one read of the changed blocks (the next chunk's are read ahead while this
+    one is hashed), and per chunk one or two hashes: of each
     block (against the old contents' hashes) or of the whole chunk (against the new
     contents' hash), whichever its first block suggests. Only a chunk that is neither
     wholly old nor wholly new (a merge was interrupted in it) or does not hold what it
@@ -195,8 +196,14 @@ def check_source(diff: DiffFile, device: BlockDevice) -> int:
     """
     bs = diff.block_size
     leading_new = 0
+    next_runs = list(diff.chunk_runs(0)) if diff.n_chunks else []
     for chunk_index in range(diff.n_chunks):
-        runs = list(diff.chunk_runs(chunk_index))
+        runs = next_runs
+        if chunk_index + 1 < diff.n_chunks:
+            # Let the device read the next chunk's blocks while we hash this one's.
+            next_runs = list(diff.chunk_runs(chunk_index + 1))
+            for dest, n_blocks, _ in next_runs:
+                os.posix_fadvise(device.fd, dest * bs, n_blocks * bs, os.POSIX_FADV_WILLNEED)
         data = bytearray(sum(n_blocks for _, n_blocks, _ in runs) * bs)
         at = 0
         for dest, n_blocks, _ in runs:   # the chunk's blocks in directory order
