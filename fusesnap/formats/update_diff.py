@@ -167,11 +167,14 @@ class Identification:
         head = os.pread(fd, IDENT_HEADER_SIZE, at)
         if not head or not IDENT_MAGIC.startswith(head[:len(IDENT_MAGIC)]):
             return None   # no trailer: nothing, or bytes that are not ours
-        fail = lambda d: DiffFormatError(f"identification trailer at {at}: {d}")  # noqa: E731
+
+        def fail(detail: str) -> DiffFormatError:
+            return DiffFormatError(f"identification trailer at {at}: {detail}")
+
         if len(head) < IDENT_HEADER_SIZE:
             raise fail(f"truncated, {len(head)} of {IDENT_HEADER_SIZE} header bytes")
         (_, version, header_size, old_size, new_size, t_blocks, t_chunks, block_hash_size,
-         chunk_hash_size, checksum) = _IDENT.unpack(head)
+         chunk_hash_size, _) = _IDENT.unpack(head)
         if (version, header_size, block_hash_size, chunk_hash_size) != (
                 IDENT_VERSION, IDENT_HEADER_SIZE, BLOCK_HASH_SIZE, CHUNK_HASH_SIZE):
             raise fail(f"unknown version {version} (header {header_size} bytes, hashes "
