@@ -15,6 +15,12 @@ the diff with `fusesnap diff` (default options), and measures:
    - under load: a sequential O_DIRECT reader (1 MiB, qd 1) of system.img runs while the
      merge does; its MB/s against the same reader on system.img with no merge running
      (the --no-bg-update mount of part 1; target >= 0.5), and the merge's MB/s meanwhile.
+3. the source check `mount` runs before the first write (`check_source`), in process,
+   on a device holding OLD and on one holding NEW (every chunk must then be
+   decompressed), with the device in the page cache and evicted from it
+   (POSIX_FADV_DONTNEED); against its floor, reading just the changed blocks (the
+   same preads, nothing else), and reading the whole device for scale. Paired,
+   interleaved runs, the best of --repeat counts. `--source-check-only` runs only this.
 """
 
 from __future__ import annotations
@@ -96,6 +102,68 @@ def read_for(device: str, seconds: float) -> float:
     return result["mbps"]
 
 
+def read_changed_blocks(diff, device) -> None:
+    """The floor of the source check: the same preads, no hashing."""
+    bs = diff.block_size
+    for chunk_index in range(diff.n_chunks):
+        for dest, n_blocks, _ in diff.chunk_runs(chunk_index):
+            device.pread(n_blocks * bs, dest * bs)
+
+
+def read_whole(device) -> None:
+    for offset in range(0, device.size, 8 << 20):
+        device.pread(8 << 20, offset)
+
+
+def evict(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def source_check_rows(diff_path: Path, devices: dict[str, Path], repeat: int) -> list[list[str]]:
+    """Seconds of the source check and of its floor, per device contents and cache state."""
+    from fusesnap.devices import BlockDevice
+    from fusesnap.formats.update_diff import DiffFile
+    from fusesnap.images.update import check_source
+
+    rows = []
+    with DiffFile.open(diff_path) as diff:
+        for contents, path in devices.items():
+            device = BlockDevice(str(path), read_only=True)
+            try:
+                for cached in (True, False):
+                    jobs = {"changed blocks read": lambda: read_changed_blocks(diff, device),
+                            "source check": lambda: check_source(diff, device),
+                            "whole device read": lambda: read_whole(device)}
+                    best = {}
+                    for round_ in range(repeat):
+                        order = list(jobs.items())
+                        if round_ % 2:
+                            order.reverse()
+                        for name, job in order:
+                            if cached:
+                                read_whole(device)
+                            else:
+                                evict(path)
+                            started = time.perf_counter()
+                            job()
+                            seconds = time.perf_counter() - started
+                            print(f"  round {round_ + 1}/{repeat}  source check, {contents}, "
+                                  f"{'cached' if cached else 'evicted'}: {name} {seconds:.2f} s",
+                                  flush=True)
+                            best[name] = min(best.get(name, seconds), seconds)
+                    floor, check = best["changed blocks read"], best["source check"]
+                    rows.append([f"device holds {contents}, {'in page cache' if cached else 'evicted'}",
+                                 f"{floor:.2f} s", f"{check:.2f} s", f"{check / floor:.2f}",
+                                 f"{best['whole device read']:.2f} s"])
+            finally:
+                device.close()
+    return rows
+
+
 def paired(label, left_name, left_dev, right_name, right_dev, kind, runtime, repeat):
     best = {left_name: None, right_name: None}
     for round_ in range(repeat):
@@ -118,6 +186,8 @@ def main() -> int:
     parser.add_argument("--runtime", type=float, default=10, help="seconds per fio run")
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--tmpdir", default=None)
+    parser.add_argument("--source-check-only", action="store_true",
+                        help="measure only the source check (part 3)")
     args = parser.parse_args()
     require_root()
     terminate_as_interrupt()
@@ -137,8 +207,19 @@ def main() -> int:
         print(f"images: {args.size_mib} MiB, {changed_blocks} of {size // BLOCK} blocks changed; "
               f"diff {os.path.getsize(diff) / 1e6:.1f} MB made in {diff_seconds:.1f} s", flush=True)
 
+        # 3. The source check (first: it needs no mount).
+        check_rows = source_check_rows(diff, {"OLD": dev, "NEW": new}, args.repeat)
+        check_table = format_table(["source check", "floor: read the changed blocks",
+                                    "source check", "ratio", "for scale: read the whole device"],
+                                   check_rows)
+        if args.source_check_only:
+            print()
+            print(check_table)
+            return 0
+
         # 1. Reads with the merge off.
         with fusesnap_mounted(work / "mnt", "--linear", new, "--system", dev, "--diff", diff,
+                              "--state-dir", work / "state",
                               "--no-bg-update") as mount, \
                 attached(new, read_only=True) as plain, \
                 attached(mount / "linear.img", read_only=True) as linear, \
@@ -157,10 +238,10 @@ def main() -> int:
             dev_copy, diff_copy = work / "dev-merge.raw", work / "diff-merge.img"
             shutil.copyfile(old, dev_copy)
             shutil.copyfile(diff, diff_copy)
-            Path(str(diff_copy) + ".progress").unlink(missing_ok=True)
             warm(dev_copy)
             warm(diff_copy)
-            with fusesnap_mounted(work / "mnt-merge", "--system", dev_copy, "--diff", diff_copy) \
+            with fusesnap_mounted(work / "mnt-merge", "--system", dev_copy, "--diff", diff_copy,
+                                  "--state-dir", work / f"state-{under_load}") \
                     as mount, attached(mount / "system.img", read_only=True) as system:
                 started = time.perf_counter()
                 stop, result = threading.Event(), {}
@@ -194,6 +275,8 @@ def main() -> int:
     print()
     print(format_table(["merge", "changed blocks merged", "foreground reads", "ratio", "target",
                         "state"], merge_rows))
+    print()
+    print(check_table)
     return 0
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import json
 import os
 import subprocess
 import sys
@@ -188,7 +189,14 @@ def cmd_umount(args) -> int:
 # -- status ------------------------------------------------------------------------
 
 def cmd_status(args) -> int:
+    """.status (or .status.json), then, below the lines, why any image is in error
+    (`.status` itself stays one line of figures per image)."""
     sys.stdout.write(read_status(args.mountpoint, args.json))
+    if not args.json:
+        images = json.loads(read_status(args.mountpoint, True))["images"]
+        for name, figures in images.items():
+            if figures.get("error"):
+                print(f"{name}: error: {figures['error']}")
     return 0
 
 

@@ -6,7 +6,8 @@ by block. Changed blocks of NEW go, in dest order, into chunks of `chunk_blocks`
 blocks (not necessarily contiguous on the device), which a thread pool compresses
 (one ZstdCompressor per thread; zstandard releases the GIL) with a bounded number
 of chunks in flight. Chunks are written in order to a temp file next to DIFF, then
-the directory, then the superblock; the file is fsynced and renamed over DIFF and
+the directory, the identification trailer (hashes of every chunk's new contents and
+of every changed block's old contents, and both images' sizes), then the superblock; the file is fsynced and renamed over DIFF and
 the directory fsynced. The layout is documented in `fusesnap.formats.update_diff`.
 
 The format code (packing, validation, reading) lives in `fusesnap.formats.update_diff`;
@@ -39,7 +40,7 @@ from fusesnap.arguments import positive_int, whole_number
 from fusesnap.errors import EXIT_FAILED, EXIT_OK, UserError
 from fusesnap.formats.update_diff import (
     CHUNKS_OFFSET, COMPRESSIONS, ENTRY_SIZE, MAGIC, MAX_CHUNK_BYTES, SUPERBLOCK_SIZE, DiffFile,
-    DiffFormatError, Superblock, pack_directory)
+    DiffFormatError, Identification, Superblock, hash_block, hash_chunk, pack_directory)
 
 DEFAULT_BLOCK_SIZE = 4096
 # 512 KiB of decompressed data per chunk (128 blocks of 4 KiB). Whole diff size relative
@@ -79,6 +80,7 @@ class DiffStats:
     n_chunks: int = 0
     chunks_bytes: int = 0       # compressed chunks, on disk
     directory_bytes: int = 0    # compressed directory, on disk
+    identification_bytes: int = 0   # the identification trailer
     diff_size: int = 0
     seconds: float = 0.0
 
@@ -146,7 +148,9 @@ def _write_all(fd: int, data) -> None:
 class _Compressor:
     """Compresses chunks in a thread pool, one ZstdCompressor per thread (zstandard
     releases the GIL while compressing), with at most 2 * threads + 2 chunks and about
-    INFLIGHT_BYTES pending; results come back in submission order.
+    INFLIGHT_BYTES pending; results come back in submission order. The same workers
+    hash each chunk's new contents and each of its blocks' old contents for the
+    identification trailer (hashlib releases the GIL too).
 
     (zstandard's multi_compress_to_buffer, one C call per batch of chunks, was measured
     too: slower, as every batch waits for its slowest chunk.)
@@ -155,41 +159,47 @@ class _Compressor:
     INFLIGHT_BYTES = 64 << 20
 
     def __init__(self, compression: str, level: int, threads: int, chunk_bytes: int,
-                 on_result: Callable[[bytes], None]):
+                 block_size: int, on_result: Callable[[bytes, bytes, bytes], None]):
         self._on_result = on_result
+        self._block_size = block_size
         self._pending: collections.deque = collections.deque()
-        self._pool = None
+        self._compression = compression
         if compression == "zstd":
             self._level = level
             self._tls = threading.local()
-            self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="fusesnap-zstd")
-            self._max_inflight = max(1, min(2 * threads + 2, self.INFLIGHT_BYTES // chunk_bytes))
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="fusesnap-zstd")
+        self._max_inflight = max(1, min(2 * threads + 2, self.INFLIGHT_BYTES // chunk_bytes))
 
     def _compress(self, data) -> bytes:
+        if self._compression == "none":
+            return data
         cctx = getattr(self._tls, "cctx", None)
         if cctx is None:
             cctx = self._tls.cctx = zstandard.ZstdCompressor(
                 level=self._level, write_checksum=True, write_content_size=True)
         return cctx.compress(data)
 
-    def submit(self, data) -> None:
-        if self._pool is None:
-            self._on_result(data)
-            return
-        self._pending.append(self._pool.submit(self._compress, data))
+    def _work(self, data: bytes, old: bytes) -> tuple[bytes, bytes, bytes]:
+        """(compressed chunk, hash of its new contents, hashes of its blocks' old contents)."""
+        view, bs = memoryview(old), self._block_size
+        old_hashes = b"".join(hash_block(view[o:o + bs]) for o in range(0, len(old), bs))
+        return self._compress(data), hash_chunk(data), old_hashes
+
+    def submit(self, data: bytes, old: bytes) -> None:
+        """A chunk's new contents, and the old contents of its blocks."""
+        self._pending.append(self._pool.submit(self._work, data, old))
         while len(self._pending) > self._max_inflight:
-            self._on_result(self._pending.popleft().result())
+            self._on_result(*self._pending.popleft().result())
 
     def finish(self) -> None:
         while self._pending:
-            self._on_result(self._pending.popleft().result())
+            self._on_result(*self._pending.popleft().result())
 
     def close(self) -> None:
-        if self._pool is not None:
-            for fut in self._pending:
-                fut.cancel()
-            self._pending.clear()
-            self._pool.shutdown(wait=True, cancel_futures=True)
+        for fut in self._pending:
+            fut.cancel()
+        self._pending.clear()
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 class _WindowReader:
@@ -356,18 +366,23 @@ def _fill_diff(old_fd: int, new_fd: int, out_fd: int, stats: DiffStats, level: i
     pos = CHUNKS_OFFSET
     chunk_src = array("Q")
     dests = array("Q")
+    chunk_hashes = bytearray()      # for the identification trailer
+    old_block_hashes = bytearray()
 
-    def write_chunk(data) -> None:
+    def write_chunk(data, new_hash: bytes, old_hashes: bytes) -> None:
         nonlocal pos
         chunk_src.append(pos)
         _write_all(out_fd, data)
         pos += len(data)
+        chunk_hashes.extend(new_hash)
+        old_block_hashes.extend(old_hashes)
 
     os.lseek(out_fd, CHUNKS_OFFSET, os.SEEK_SET)
-    compressor = _Compressor(stats.compression, level, threads, chunk_bytes, write_chunk)
+    compressor = _Compressor(stats.compression, level, threads, chunk_bytes, bs, write_chunk)
     reader = _WindowReader(old_fd, new_fd, new_size, window)
     try:
         parts: list = []         # pieces of the chunk being filled
+        old_parts: list = []     # the same blocks in OLD
         filled = 0               # blocks in it
         scanned = 0
         for old, new in reader:
@@ -385,18 +400,20 @@ def _fill_diff(old_fd: int, new_fd: int, out_fd: int, stats: DiffStats, level: i
                     a, z = offs[k], offs[k + take - 1]
                     if z - a == (take - 1) * bs:        # consecutive blocks: one slice
                         parts.append(view[a:z + bs])
+                        old_parts.append(oview[a:z + bs])
                     else:
                         parts.extend([view[o:o + bs] for o in offs[k:k + take]])
+                        old_parts.extend([oview[o:o + bs] for o in offs[k:k + take]])
                     k += take
                     filled += take
                     if filled == cb:   # a copy: a chunk in flight must not pin a whole window
-                        compressor.submit(b"".join(parts))
-                        parts, filled = [], 0
+                        compressor.submit(b"".join(parts), b"".join(old_parts))
+                        parts, old_parts, filled = [], [], 0
             scanned += n
             if progress is not None:
                 progress(scanned, new_size, len(dests))
         if parts:
-            compressor.submit(b"".join(parts))
+            compressor.submit(b"".join(parts), b"".join(old_parts))
         compressor.finish()
     finally:
         reader.close()
@@ -425,12 +442,18 @@ def _fill_diff(old_fd: int, new_fd: int, out_fd: int, stats: DiffStats, level: i
         for piece in pieces:
             _write_all(out_fd, piece)
     dir_size = os.lseek(out_fd, 0, os.SEEK_CUR) - dir_offset
+    # The identification trailer goes after the directory, where the kernel loader
+    # never looks (fusesnap.formats.update_diff explains the choice).
+    identification = Identification(stats.old_size, new_size, n_entries, bytes(chunk_hashes))
+    trailer = identification.pack_trailer_head() + old_block_hashes
+    _write_all(out_fd, trailer)
     sb = Superblock(block_bits=bs.bit_length() - 1, chunk_blocks=cb,
                     compression=stats.compression, dir_offset=dir_offset,
                     dir_compressed_size=dir_size, dir_n=dir_n)
     os.pwrite(out_fd, sb.pack(), 0)
     stats.directory_bytes = dir_size
-    stats.diff_size = dir_offset + dir_size
+    stats.identification_bytes = len(trailer)
+    stats.diff_size = dir_offset + dir_size + len(trailer)
 
 
 # ---- command line ------------------------------------------------------------------------
@@ -531,6 +554,9 @@ def diff_info(diff: DiffFile) -> dict:
         "chunks_bytes": chunks_bytes,
         "file_size": diff.file_size,
         "sentinel_dest": diff.sentinel_dest,
+        "identified": diff.identification is not None,
+        "old_size": diff.identification.old_size if diff.identification else None,
+        "new_size": diff.new_size,
         "compression_ratio": round(changed_bytes / chunks_bytes, 3) if chunks_bytes else None,
     }
 
@@ -597,6 +623,8 @@ def run_diff_info(args) -> int:
     print(f"directory:     {info['dir_n']} entries with sentinel, {info['dir_compressed_size']} "
           f"bytes at {info['dir_offset']}")
     print(f"file size:     {info['file_size']} bytes")
+    print(f"applies to:    OLD of {info['old_size']} bytes, makes NEW of {info['new_size']} bytes"
+          if info["identified"] else "applies to:    unknown (no identification trailer)")
     ratio = info["compression_ratio"]
     print(f"ratio:         {ratio:.2f}" if ratio is not None else "ratio:         -")
     if args.verify:

@@ -64,7 +64,7 @@ import time
 import pyfuse3
 import trio
 
-from . import __version__
+from . import __version__, arguments
 from .control import XATTR_PID, mounted_at, read_status
 from .devices import inherited_fds
 from .errors import EXIT_FAILED, EXIT_USAGE, UserError
@@ -634,13 +634,6 @@ def cmd_upgrade(args) -> int:
     return 0
 
 
-def _seconds(text: str) -> float:
-    value = float(text)
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a number of seconds > 0, got {text}")
-    return value
-
-
 def add_commands(commands) -> None:
     p = commands.add_parser(
         "upgrade", help="hand a running mount over to a new server, without unmounting",
@@ -648,14 +641,16 @@ def add_commands(commands) -> None:
         "(or PROGRAM), let it open the images, then hand the mount over to it: requests "
         "pause only for the hand-over itself. If the new server fails, the old one serves on "
         "and the command exits 1 with the reason.")
-    p.add_argument("mountpoint", metavar="MOUNTPOINT")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT", type=arguments.path)
     p.add_argument("--exec", metavar="PROGRAM",
                    help="the fusesnap program to start (default: this one)")
-    p.add_argument("--timeout", type=_seconds, default=PREPARE_TIMEOUT, metavar="SECONDS",
+    p.add_argument("--timeout", type=arguments.positive_number, default=PREPARE_TIMEOUT, metavar="SECONDS",
                    help=f"time the new server has to open the images (default {PREPARE_TIMEOUT:g})")
     p.set_defaults(run=cmd_upgrade)
 
-    p = commands.add_parser("takeover")  # no help: started by a server, not by users
-    p.add_argument("mountpoint", metavar="MOUNTPOINT")
+    p = commands.add_parser(
+        "takeover", help="(internal) take a mount over from its server, for `fusesnap upgrade`",
+        description="Started by a running server during `fusesnap upgrade`, never by users.")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT", type=arguments.path)
     p.add_argument("--fd", type=int, required=True)
     p.set_defaults(run=run_successor)

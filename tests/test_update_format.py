@@ -11,6 +11,7 @@ import struct
 import tempfile
 
 import pytest
+import xxhash
 import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -19,8 +20,8 @@ from fusesnap import diffing
 from fusesnap.diffing import build_diff
 from fusesnap.errors import EXIT_FAILED, UserError
 from fusesnap.formats.update_diff import (
-    ENTRY_SIZE, MAGIC, SUPERBLOCK_SIZE, ChunkError, DiffFile, DiffFormatError, Superblock,
-    pack_directory, pack_entry, unpack_entry)
+    ENTRY_SIZE, MAGIC, SUPERBLOCK_SIZE, ChunkError, DiffChangedError, DiffFile,
+    DiffFormatError, Superblock, pack_directory, pack_entry, unpack_entry)
 
 BS = 4096
 
@@ -161,10 +162,117 @@ def test_check_device(tmp_path):
     old, new = make_pair(random.Random(7), 16, [15])
     with roundtrip(tmp_path, old, new) as d:
         d.check_device(16 * BS, 4096)
-        with pytest.raises(DiffFormatError, match="beyond the end of the device"):
-            d.check_device(16 * BS - 1, 512)
         with pytest.raises(DiffFormatError, match="logical block size"):
             d.check_device(16 * BS, 8192)
+
+
+def test_a_device_smaller_than_new_does_not_fit_even_if_the_changes_do(tmp_path):
+    old, new = make_pair(random.Random(7), 16, [1])
+    with roundtrip(tmp_path, old, new) as d:
+        assert d.new_size == 16 * BS
+        with pytest.raises(DiffFormatError, match=r"smaller than the image the diff makes "
+                                                  r"\(65536 bytes\)"):
+            d.check_device(8 * BS, 512)
+
+
+def test_without_identification_only_the_changed_blocks_must_fit(tmp_path):
+    old, new = make_pair(random.Random(7), 16, [15])
+    with roundtrip(tmp_path, old, new) as d:
+        unidentified = strip_identification(tmp_path, d)
+    with DiffFile.open(unidentified) as d:
+        assert d.identification is None and d.new_size is None
+        d.check_device(16 * BS, 512)
+        with pytest.raises(DiffFormatError, match="beyond the end of the device"):
+            d.check_device(16 * BS - 1, 512)
+
+
+# ---- identification ----------------------------------------------------------------------
+
+def strip_identification(tmp_path, d: DiffFile) -> str:
+    """A copy of the diff without its identification trailer, as another tool makes it."""
+    sb = d.superblock
+    with open(d.path, "rb") as f:
+        return write(tmp_path / "unidentified", f.read(sb.dir_offset + sb.dir_compressed_size))
+
+
+def test_the_diff_identifies_old_and_new(tmp_path):
+    old, new = make_pair(random.Random(11), 40, [0, 1, 2, 9, 20, 21, 37], new_blocks=38)
+    with roundtrip(tmp_path, old, new, chunk_blocks=3) as d:
+        ident = d.identification
+        assert (ident.old_size, ident.new_size, ident.n_blocks) == (40 * BS, 38 * BS, 7)
+        for c in range(d.n_chunks):
+            data = d.decompress_chunk(c, d.read_chunk_raw(c))
+            assert ident.chunk_hash(c) == xxhash.xxh3_128_digest(data)
+            first, end = d.entry_range_of_chunk(c)
+            dests = [d.entry(i)[0] for i in range(first, end)]
+            assert d.old_block_hashes(c) == b"".join(
+                xxhash.xxh3_64_digest(old[b * BS:(b + 1) * BS]) for b in dests)
+
+
+def test_the_trailer_leaves_the_v0_diff_untouched(tmp_path):
+    """What the kernel loader reads (superblock, chunks, directory) is the same diff
+    with or without the trailer, and the trailer starts right after the directory."""
+    old, new = make_pair(random.Random(12), 30, [3, 4, 17, 29])
+    with roundtrip(tmp_path, old, new, chunk_blocks=2) as d:
+        sb = d.superblock
+        dir_end = sb.dir_offset + sb.dir_compressed_size
+        raw = open(d.path, "rb").read()
+        assert raw[dir_end:dir_end + 8] == b"fsnapid\0"
+        assert len(raw) == dir_end + 96 + d.n_chunks * 16 + d.total_blocks * 8
+        with DiffFile.open(strip_identification(tmp_path, d)) as bare:
+            assert bare.superblock == sb and list(bare.runs()) == list(d.runs())
+            bare.verify()
+
+
+def test_a_damaged_trailer_is_a_bad_diff(tmp_path, good_diff):
+    raw = good_diff[0]
+    sb = Superblock.unpack(raw)
+    at = sb.dir_offset + sb.dir_compressed_size
+    expect_bad(tmp_path, poke(raw, at + 96 + 5, b"\xff"), "identification trailer.*checksum")
+    expect_bad(tmp_path, poke(raw, at + 16, struct.pack("<Q", 1)), "checksum")
+    expect_bad(tmp_path, raw[:at + 3], "identification trailer.*truncated")
+    expect_bad(tmp_path, raw[:-1], "identification trailer.*truncated")
+
+
+def test_a_chunk_that_is_not_the_one_hashed_is_refused(tmp_path):
+    """With `-a none` the trailer's chunk hash is the only check of a chunk's contents."""
+    old, new = make_pair(random.Random(13), 8, [1, 2, 5])
+    with roundtrip(tmp_path, old, new, compression="none", chunk_blocks=2) as d:
+        start, length = d.chunk_extent(1)
+        path = d.path
+    raw = open(path, "rb").read()
+    bad = write(tmp_path / "swapped", poke(raw, start, raw[64:64 + length]))
+    with DiffFile.open(bad) as d:
+        d.decompress_chunk(0, d.read_chunk_raw(0))
+        with pytest.raises(ChunkError, match="chunk 1: .*hash"):
+            d.decompress_chunk(1, d.read_chunk_raw(1))
+
+
+def test_a_diff_changed_after_opening_is_refused(tmp_path):
+    old, new = make_pair(random.Random(14), 8, [1, 2, 5])
+    with roundtrip(tmp_path, old, new, compression="none") as d:
+        d.read_chunk_raw(0)
+        with open(d.path, "r+b") as f:   # rewritten in place: same inode, same size
+            f.seek(70)
+            f.write(b"x")
+        with pytest.raises(DiffChangedError, match="changed while in use"):
+            d.read_chunk_raw(0)
+
+
+def test_the_fingerprint_names_the_contents(tmp_path):
+    old, new = make_pair(random.Random(15), 8, [1, 2, 5])
+    with roundtrip(tmp_path, old, new, compression="none") as d:
+        fingerprint = d.fingerprint()
+        unidentified = strip_identification(tmp_path, d)
+        copy = write(tmp_path / "copy", open(d.path, "rb").read())
+    with DiffFile.open(copy) as d:
+        assert d.fingerprint() == fingerprint   # a copy is the same diff
+    raw = open(unidentified, "rb").read()
+    with DiffFile.open(unidentified) as d:
+        start, _ = d.chunk_extent(0)
+        bare_fingerprint = d.fingerprint()
+    with DiffFile.open(write(tmp_path / "other", poke(raw, start, b"\x01"))) as d:
+        assert d.fingerprint() != bare_fingerprint   # chunks count, even without a trailer
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -320,9 +428,17 @@ def test_good_diff_is_good(tmp_path, good_diff):
 
 
 def test_truncation_anywhere(tmp_path, good_diff):
+    """Any cut is a bad diff, except right after the directory: that is a diff without
+    an identification trailer, as other tools make them."""
     raw = good_diff[0]
+    sb = Superblock.unpack(raw)
+    dir_end = sb.dir_offset + sb.dir_compressed_size
     for cut in sorted(set(range(0, 70)) | set(range(70, len(raw), 7)) | {len(raw) - 1}):
-        expect_bad(tmp_path, raw[:cut])
+        if cut != dir_end:
+            expect_bad(tmp_path, raw[:cut])
+    with DiffFile.open(write(tmp_path / "bare", raw[:dir_end])) as d:
+        assert d.identification is None
+        d.verify()
 
 
 def _swap(e):

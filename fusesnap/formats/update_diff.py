@@ -11,10 +11,43 @@ Layout written by ``fusesnap diff`` (the reader accepts any layout the rules all
                                    S is the sentinel's src (the end of the last chunk)
     [S, S + dir_compressed_size)   the directory (dir_offset == S); the file ends here
 
-The directory goes last because its size is only known once every chunk is
-written. The sentinel's dest is the size of NEW in blocks (greater than every real
+    [D, end of file)               the identification trailer (below), D being
+                                   S + dir_compressed_size
+
+The directory goes after the chunks because its size is only known once every chunk
+is written. The sentinel's dest is the size of NEW in blocks (greater than every real
 dest) and its offset is 0. An empty diff is a superblock followed by a directory
 holding only the sentinel (``dir_n == 1``, sentinel src 64).
+
+The identification trailer (a fusesnap extension of version 0) says what the diff
+applies to, so a mount can refuse a device that is neither OLD nor partly updated:
+OLD's and NEW's sizes, the XXH3-128 of each decompressed chunk (NEW's contents of
+the chunk's blocks) and the XXH3-64 of each changed block's OLD contents, in
+directory order (digests in xxHash's canonical, big-endian form). Layout
+(little-endian)::
+
+    magic "fsnapid\0" | u32 version 1 | u32 header size 96 | u64 old_size |
+    u64 new_size | u64 n_blocks | u64 n_chunks | u32 block hash size 8 |
+    u32 chunk hash size 16 | 8 bytes zero | 32-byte sha256 of this header (with
+    this field zero) followed by the chunk hashes
+    n_chunks * 16 bytes   chunk hashes
+    n_blocks * 8 bytes    old block hashes
+
+Why a trailer after the directory and not a sidecar file: the dm-update loader reads
+only the superblock, the chunks and the directory at the offsets the superblock
+gives, so bytes after them are invisible to it (it must ignore them anyway: its diff
+usually sits on a partition larger than the diff), and the diff stays one file that
+cannot be separated from its identification by a copy. Format version 1 will carry
+the same `Identification` in its own layout. Old blocks get a hash each, not one per
+chunk, because a crash in the middle of merging a chunk leaves some of its blocks
+old and some new, and each must be told apart; 8 bytes keep the trailer at 0.2% of a
+4 KiB block and make a chance match 2^-64. New contents need only the chunk hash: a
+block that is not old is compared with the decompressed chunk itself. XXH3, not a
+cryptographic hash: the hashes guard against accidents (a mistyped device, a diff
+rewritten in place), not against someone who can rewrite the diff, hashes included
+(that needs a signature). Measured with sha256 instead: `fusesnap diff` took 1.25x
+zstd's CPU time instead of 1.05x (every block changed), and the source check of a
+1 GiB image with a quarter changed 3 to 6 times as long (page-cached device).
 
 This module is pure format code: packing, unpacking, validation and reading of
 chunks. It never decides policy (what to do with a bad diff) and never touches trio.
@@ -35,6 +68,7 @@ import threading
 from array import array
 from collections.abc import Iterator, Sequence
 
+import xxhash
 import zstandard
 
 MAGIC = b"update\0\0"
@@ -55,7 +89,14 @@ _M32 = 0xFFFFFFFF
 _CONTENTSIZE_UNKNOWN = zstandard.CONTENTSIZE_UNKNOWN
 _PIECE = 4096   # input piece size when a zstd frame does not state its content size
 
-assert _SB.size == SUPERBLOCK_SIZE and _ENTRY.size == ENTRY_SIZE
+IDENT_MAGIC = b"fsnapid\0"
+IDENT_VERSION = 1
+BLOCK_HASH_SIZE = 8
+CHUNK_HASH_SIZE = 16
+_IDENT = struct.Struct("<8sIIQQQQII8x32s")
+IDENT_HEADER_SIZE = _IDENT.size
+
+assert _SB.size == SUPERBLOCK_SIZE and _ENTRY.size == ENTRY_SIZE and IDENT_HEADER_SIZE == 96
 
 
 class DiffFormatError(ValueError):
@@ -71,6 +112,86 @@ class ChunkError(DiffFormatError):
     def __init__(self, chunk_index: int, detail: str):
         super().__init__(f"chunk {chunk_index}: {detail}")
         self.chunk_index = chunk_index
+
+
+class DiffChangedError(DiffFormatError):
+    """The diff file changed after it was opened and validated."""
+
+
+def hash_block(block) -> bytes:
+    """The identification hash of one block's OLD contents (BLOCK_HASH_SIZE bytes)."""
+    return xxhash.xxh3_64_digest(block)
+
+
+def hash_chunk(data) -> bytes:
+    """The identification hash of a decompressed chunk, its blocks' NEW contents
+    (CHUNK_HASH_SIZE bytes)."""
+    return xxhash.xxh3_128_digest(data)
+
+
+@dataclasses.dataclass(frozen=True)
+class Identification:
+    """What a diff applies to: OLD's and NEW's sizes, a hash of every chunk's new
+    contents (`chunk_hashes`, CHUNK_HASH_SIZE bytes each, in chunk order) and of every
+    changed block's old contents (BLOCK_HASH_SIZE bytes each, in directory order; they
+    stay in the file, read with `DiffFile.old_block_hashes`, at `block_hashes_offset`)."""
+
+    old_size: int
+    new_size: int
+    n_blocks: int
+    chunk_hashes: bytes
+    block_hashes_offset: int = 0
+
+    @property
+    def n_chunks(self) -> int:
+        return len(self.chunk_hashes) // CHUNK_HASH_SIZE
+
+    def chunk_hash(self, chunk_index: int) -> bytes:
+        return self.chunk_hashes[chunk_index * CHUNK_HASH_SIZE:(chunk_index + 1) * CHUNK_HASH_SIZE]
+
+    def _header(self, checksum: bytes) -> bytes:
+        return _IDENT.pack(IDENT_MAGIC, IDENT_VERSION, IDENT_HEADER_SIZE, self.old_size,
+                           self.new_size, self.n_blocks, self.n_chunks, BLOCK_HASH_SIZE,
+                           CHUNK_HASH_SIZE, checksum)
+
+    def pack_trailer_head(self) -> bytes:
+        """The trailer without its old block hashes (which follow it)."""
+        checksum = hashlib.sha256(self._header(bytes(32)) + self.chunk_hashes).digest()
+        return self._header(checksum) + self.chunk_hashes
+
+    @classmethod
+    def read_trailer(cls, fd: int, at: int, file_size: int, n_blocks: int,
+                     n_chunks: int) -> Identification | None:
+        """The trailer at byte `at` of the diff; None if there is none (the diff was
+        made by another tool). DiffFormatError if one starts there but is damaged."""
+        head = os.pread(fd, IDENT_HEADER_SIZE, at)
+        if not head or not IDENT_MAGIC.startswith(head[:len(IDENT_MAGIC)]):
+            return None   # no trailer: nothing, or bytes that are not ours
+
+        def fail(detail: str) -> DiffFormatError:
+            return DiffFormatError(f"identification trailer at {at}: {detail}")
+
+        if len(head) < IDENT_HEADER_SIZE:
+            raise fail(f"truncated, {len(head)} of {IDENT_HEADER_SIZE} header bytes")
+        (_, version, header_size, old_size, new_size, t_blocks, t_chunks, block_hash_size,
+         chunk_hash_size, _) = _IDENT.unpack(head)
+        if (version, header_size, block_hash_size, chunk_hash_size) != (
+                IDENT_VERSION, IDENT_HEADER_SIZE, BLOCK_HASH_SIZE, CHUNK_HASH_SIZE):
+            raise fail(f"unknown version {version} (header {header_size} bytes, hashes "
+                       f"{block_hash_size}/{chunk_hash_size}), expected {IDENT_VERSION}")
+        if (t_blocks, t_chunks) != (n_blocks, n_chunks):
+            raise fail(f"describes {t_blocks} blocks in {t_chunks} chunks, the directory "
+                       f"has {n_blocks} in {n_chunks}")
+        hashes_at = at + IDENT_HEADER_SIZE
+        end = hashes_at + n_chunks * CHUNK_HASH_SIZE + n_blocks * BLOCK_HASH_SIZE
+        if end > file_size:
+            raise fail(f"truncated, the file ends at {file_size}, the trailer at {end}")
+        chunk_hashes = os.pread(fd, n_chunks * CHUNK_HASH_SIZE, hashes_at)
+        ident = cls(old_size, new_size, n_blocks, chunk_hashes,
+                    hashes_at + len(chunk_hashes))
+        if ident.pack_trailer_head()[:IDENT_HEADER_SIZE] != head:
+            raise fail("checksum mismatch")
+        return ident
 
 
 @dataclasses.dataclass(frozen=True)
@@ -280,6 +401,10 @@ class DiffFile:
         self._chunk_first = chunk_first    # n_chunks + 1: entry index where each chunk starts
         self._chunk_src = chunk_src        # n_chunks + 1: byte offset of each chunk, then sentinel src
         self._tls = threading.local()
+        st = os.fstat(fd)
+        # What the file was when validated: every later read checks it still is.
+        self.opened_as = (st.st_ino, st.st_size, st.st_mtime_ns)
+        self.identification: Identification | None = None
 
     # ---- opening and validation -------------------------------------------------------
 
@@ -405,6 +530,11 @@ class DiffFile:
         if sb.compression == "none":
             for c in range(n_chunks):
                 self._check_chunk_size(c, self.chunk_extent(c)[1])
+        ident = self.identification = Identification.read_trailer(
+            fd, max(dir_end, sentinel_src), file_size, real, n_chunks)
+        if ident is not None and real and (dests[-1] + 1) * sb.block_size > ident.new_size:
+            raise DiffFormatError(f"identification trailer: NEW's size {ident.new_size} does "
+                                  f"not hold dest block {dests[-1]}")
         return self
 
     # ---- queries ------------------------------------------------------------------------
@@ -447,10 +577,44 @@ class DiffFile:
         yield dests[start], b - start, offsets[start]
 
     def fingerprint(self) -> str:
-        """sha256 of the superblock and the compressed directory: names this diff."""
+        """sha256 naming this diff by its contents: the superblock, the compressed
+        directory, and the chunk hashes of the identification; a diff without one has
+        every compressed chunk hashed instead (one read of the whole diff). Blocking."""
         sb = self.superblock
-        directory = os.pread(self._fd, sb.dir_compressed_size, sb.dir_offset)
-        return hashlib.sha256(sb.pack() + directory).hexdigest()
+        digest = hashlib.sha256(sb.pack())
+        digest.update(os.pread(self._fd, sb.dir_compressed_size, sb.dir_offset))
+        if self.identification is not None:
+            digest.update(self.identification.pack_trailer_head())
+        else:
+            for c in range(self.n_chunks):
+                digest.update(self.read_chunk_raw(c))
+        return digest.hexdigest()
+
+    @property
+    def new_size(self) -> int | None:
+        """NEW's size in bytes, if the diff identifies it."""
+        return self.identification.new_size if self.identification else None
+
+    def old_block_hashes(self, chunk_index: int) -> bytes:
+        """The old-contents hashes of a chunk's blocks (BLOCK_HASH_SIZE bytes each, in
+        directory order). Only for an identified diff. Blocking."""
+        first, end = self.entry_range_of_chunk(chunk_index)
+        size = (end - first) * BLOCK_HASH_SIZE
+        hashes = os.pread(self._fd, size, self.identification.block_hashes_offset
+                          + first * BLOCK_HASH_SIZE)
+        self.check_unchanged()
+        if len(hashes) != size:
+            raise DiffFormatError(f"identification trailer: truncated at chunk {chunk_index}")
+        return hashes
+
+    def check_unchanged(self) -> None:
+        """DiffChangedError if the file is not the one opened (a diff rewritten in place
+        would otherwise be read as a blend of two diffs). A diff replaced by a rename
+        is no danger: this fd keeps reading the old one, whole."""
+        st = os.fstat(self._fd)
+        if (st.st_ino, st.st_size, st.st_mtime_ns) != self.opened_as:
+            raise DiffChangedError(f"{self.path} changed while in use (size, mtime or inode "
+                                   "differ from when it was opened)")
 
     def chunk_extent(self, chunk_index: int) -> tuple[int, int]:
         """(byte offset in the file, compressed length) of a chunk."""
@@ -471,6 +635,7 @@ class DiffFile:
         """The compressed bytes of a chunk. Blocking: run it in a thread."""
         start, length = self.chunk_extent(chunk_index)
         raw = os.pread(self._fd, length, start)
+        self.check_unchanged()   # after the read: a rewrite during it changed the mtime
         if len(raw) != length:
             raise ChunkError(chunk_index, f"file truncated, read {len(raw)} of {length} bytes "
                                           f"at {start}")
@@ -494,6 +659,10 @@ class DiffFile:
             data = _zstd_decompress(self._decompressor(), raw, limit,
                                     lambda d: ChunkError(chunk_index, d))
         self._check_chunk_size(chunk_index, len(data))
+        if (self.identification is not None
+                and hash_chunk(data) != self.identification.chunk_hash(chunk_index)):
+            raise ChunkError(chunk_index, "contents do not match the chunk's hash in the "
+                                          "identification trailer")
         return data
 
     def _check_chunk_size(self, chunk_index: int, size: int) -> None:
@@ -518,7 +687,11 @@ class DiffFile:
         if self.block_size % granularity:
             raise DiffFormatError(f"block size {self.block_size} must be a multiple of the "
                                   f"device's logical block size {granularity}")
-        if self.total_blocks:
+        if self.new_size is not None:
+            if device_size < self.new_size:
+                raise DiffFormatError(f"the device ({device_size} bytes) is smaller than the "
+                                      f"image the diff makes ({self.new_size} bytes)")
+        elif self.total_blocks:
             last = self._dests[-1]
             if (last + 1) * self.block_size > device_size:
                 raise DiffFormatError(f"dest block {last} lies beyond the end of the device "

@@ -16,25 +16,36 @@ Concurrency: everything runs on the trio thread except the blocking work handed 
 worker threads (reading and decompressing chunks, writing and fsyncing the device),
 which never touches `pending`. `pending` changes only in `_merged()`, with no await.
 
+Before the first write (`resume_point`): the diff must fit the device (no smaller
+than NEW), and the source check (`check_source`) proves that every block the diff
+changes holds its old or its new contents, against the hashes of the diff's
+identification trailer; a device that fails is refused untouched. The check also
+says where to resume: merging is idempotent (a block's new data is the same
+whenever it is written, and until a chunk is merged its blocks are read from the
+diff, never from the device), so once every block is old or new, merging from any
+chunk is safe, and leading chunks that are wholly new are skipped.
+
 Crash safety: the merge writes a chunk's blocks only after the whole chunk
-decompressed and passed its checks (the zstd content checksum `fusesnap diff`
-writes, the frame's size), so the device never holds new data from a bad chunk.
-Progress is persisted only after an fsync of the device (see `_persist`), so the
-progress file never claims more than is durable. A restart resumes from the
-persisted chunk, after checking that the last merged chunk really is on the device;
-restarting from zero is always safe too, because merging is idempotent: a block's
-new data is the same whenever it is written, and until a chunk is merged its blocks
-are read from the diff, never from the device.
+decompressed and passed its checks (its hash in the identification trailer, the
+zstd content checksum, the frame's size), and every read of the diff checks the
+file was not changed since it was opened, so the device never holds new data from
+a bad or rewritten chunk. Progress (`MergeProgress`, in the state directory, keyed
+by the diff's content and the device's identity) is saved only after an fsync of
+the device, so it never claims more than is durable; after a failed fsync it is
+never saved again by this server (`_persist`).
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import errno
 import json
 import logging
 import os
+import stat
+import tempfile
 import time
 
 import trio
@@ -45,12 +56,14 @@ from ..control import read_status, require_image, send_command
 from ..devices import BlockDevice, resolve_device_path
 from ..diffing import open_diff
 from ..errors import EXIT_FAILED, EXIT_USAGE, UserError
-from ..formats.update_diff import DiffFile, DiffFormatError
+from ..formats.update_diff import (BLOCK_HASH_SIZE, DiffFile, DiffFormatError, hash_block,
+                                   hash_chunk)
 from ..rangemap import RangeMap
 from .base import Image
 
 log = logging.getLogger(__name__)
 
+DEFAULT_STATE_DIR = "/var/lib/fusesnap"
 PERSIST_INTERVAL = 3.0          # seconds between progress checkpoints while merging
 # Decompressed chunks kept for reads. A random read of a changed block outside the
 # cache decompresses its whole chunk (512 KiB by default: 1-2 ms), so the cache should
@@ -104,61 +117,135 @@ class ChunkCache:
         return data
 
 
-class MergeProgress:
-    """The persisted merge progress of one (diff, device) pair: `<DIFF>.progress`.
+def device_identity(device: BlockDevice) -> str:
+    """What the device is, whatever name reached it (a symlink, /dev/disk/by-uuid/...):
+    the device number of a block device, the filesystem and inode of a file."""
+    st = os.fstat(device.fd)
+    if stat.S_ISBLK(st.st_mode):
+        return f"blk-{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
+    return f"file-{st.st_dev:x}-{st.st_ino}"
 
-    JSON written with write-temp, fsync, rename, fsync-directory, so it is either the
-    old or the new version after a crash. It names the diff (a fingerprint of its
-    header and directory, its size and mtime) and the device (path and size). A
-    progress file of another diff or device that merged anything is refused: the
-    device may be half-updated by that other diff, and no read could be trusted.
+
+class MergeProgress:
+    """The persisted merge progress of one diff into one device, in the state directory:
+    `STATE_DIR/update/<diff fingerprint>.<device identity>.json`.
+
+    Keyed by what the diff is (its content fingerprint, chunk hashes included) and what
+    the device is (`device_identity`), so a copied or touched diff, another name for
+    the device, and one diff merging into several devices at once all find their own
+    progress. Written with write-temp (a name unique to this writer), fsync, rename,
+    fsync-directory, so after a crash it is either the old or the new version. Progress
+    is a hint to skip work: the source check (`check_source`) decides what is safe.
     """
 
-    def __init__(self, diff: DiffFile, device: BlockDevice):
-        self.path = diff.path + ".progress"
-        st = os.stat(diff.path)
-        self.identity = {"diff": diff.fingerprint(), "diff_size": st.st_size,
-                         "diff_mtime_ns": st.st_mtime_ns,
-                         "device": device.path, "device_size": device.size}
+    def __init__(self, state_dir: str, fingerprint: str, device: BlockDevice, diff_path: str):
+        self.identity = {"diff": fingerprint, "device": device_identity(device),
+                         "device_size": device.size}
+        self.directory = os.path.join(state_dir, "update")
+        self.path = os.path.join(self.directory, f"{fingerprint}.{self.identity['device']}.json")
+        self.names = {"diff_path": diff_path, "device_path": device.path}  # for people
 
     def load(self) -> int:
-        """Chunks already merged (0 if none); UserError if the file is not ours."""
+        """Chunks already merged (0 if no usable progress is saved)."""
         try:
             with open(self.path) as f:
                 saved = json.load(f)
             merged = saved["merged_chunks"]
-            identity = saved["identity"]
-            if not isinstance(merged, int) or merged < 0:
-                raise ValueError(f"bad merged_chunks {merged!r}")
+            if saved["identity"] != self.identity or not isinstance(merged, int) or merged < 0:
+                raise ValueError(f"not the progress of this diff and device: {saved!r}")
         except FileNotFoundError:
             return 0
         except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise UserError(f"unreadable merge progress {self.path} ({exc}): "
-                            "delete it only if the device was never merged into") from None
-        if identity != self.identity:
-            if merged == 0:
-                return 0
-            raise self.mismatch(f"records {merged} merged chunks of another diff or device")
+            log.warning("ignoring unusable merge progress %s (%s)", self.path, exc)
+            return 0
         return merged
-
-    def mismatch(self, what: str) -> UserError:
-        return UserError(f"{self.path} {what}: the device may be half-updated. If "
-                         f"{self.identity['device']} is back to OLD, delete {self.path}; "
-                         "otherwise finish the merge with the diff that started it")
 
     def save(self, merged_chunks: int) -> None:
         """Blocking. The caller has fsync'ed the device first."""
-        temp = self.path + ".tmp"
-        with open(temp, "w") as f:
-            json.dump({"identity": self.identity, "merged_chunks": merged_chunks}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.rename(temp, self.path)
-        dir_fd = os.open(os.path.dirname(os.path.abspath(self.path)), os.O_RDONLY)
+        os.makedirs(self.directory, exist_ok=True)
+        fd, temp = tempfile.mkstemp(dir=self.directory, prefix=".progress.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump({"identity": self.identity, **self.names,
+                           "merged_chunks": merged_chunks}, f)
+                f.flush()
+                os.fsync(f.fileno())
+            # Order: the new version is durable before it takes the name, and the
+            # rename is durable (directory fsync) before we count on it.
+            os.rename(temp, self.path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temp)
+            raise
+        dir_fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
         try:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+
+
+def check_source(diff: DiffFile, device: BlockDevice) -> int:
+    """Before the first write: every block the diff changes must hold its old or its
+    new contents (a partly merged device is fine). Returns how many leading chunks hold
+    their new contents entirely (those need no merging); UserError naming the first
+    block that holds neither. Blocking.
+
+    Cost: one read of the changed blocks (the next chunk's are read ahead while this
+    one is hashed), and per chunk one or two hashes: of each
+    block (against the old contents' hashes) or of the whole chunk (against the new
+    contents' hash), whichever its first block suggests. Only a chunk that is neither
+    wholly old nor wholly new (a merge was interrupted in it) or does not hold what it
+    should is decompressed and compared block by block.
+    """
+    bs = diff.block_size
+    leading_new = 0
+    next_runs = list(diff.chunk_runs(0)) if diff.n_chunks else []
+    for chunk_index in range(diff.n_chunks):
+        runs = next_runs
+        if chunk_index + 1 < diff.n_chunks:
+            # Let the device read the next chunk's blocks while we hash this one's.
+            next_runs = list(diff.chunk_runs(chunk_index + 1))
+            for dest, n_blocks, _ in next_runs:
+                os.posix_fadvise(device.fd, dest * bs, n_blocks * bs, os.POSIX_FADV_WILLNEED)
+        data = bytearray(sum(n_blocks for _, n_blocks, _ in runs) * bs)
+        at = 0
+        for dest, n_blocks, _ in runs:   # the chunk's blocks in directory order
+            device.pread_into(memoryview(data)[at:at + n_blocks * bs], dest * bs)
+            at += n_blocks * bs
+        blocks = [memoryview(data)[i:i + bs] for i in range(0, len(data), bs)]
+        old_hashes = diff.old_block_hashes(chunk_index)
+        looks_old = hash_block(blocks[0]) == old_hashes[:BLOCK_HASH_SIZE]
+        if looks_old and b"".join(map(hash_block, blocks)) == old_hashes:
+            continue   # wholly old
+        if _holds_new_chunk(diff, chunk_index, runs, data):
+            leading_new += leading_new == chunk_index
+            continue
+        new_data = diff.decompress_chunk(chunk_index, diff.read_chunk_raw(chunk_index))
+        block_index = 0
+        for dest, n_blocks, first_offset in runs:
+            for i in range(n_blocks):
+                block = blocks[block_index]
+                old_hash = old_hashes[block_index * BLOCK_HASH_SIZE:(block_index + 1) * BLOCK_HASH_SIZE]
+                block_index += 1
+                new_at = (first_offset + i) * bs
+                if hash_block(block) != old_hash and block != new_data[new_at:new_at + bs]:
+                    raise UserError(
+                        f"{device.path} is not what {diff.path} updates: block {dest + i} "
+                        f"(byte {(dest + i) * bs}) holds neither its old nor its new contents; "
+                        "nothing was written (--no-verify-source skips this check)")
+    return leading_new
+
+
+def _holds_new_chunk(diff: DiffFile, chunk_index: int, runs, data: bytearray) -> bool:
+    """Is `data` (the chunk's blocks read from the device, in directory order) the
+    chunk's new contents? Without decompressing: when the chunk holds its blocks in
+    directory order (as `fusesnap diff` writes them), its hash covers exactly them."""
+    position = 0
+    for _, n_blocks, first_offset in runs:
+        if first_offset != position:
+            return False
+        position += n_blocks
+    return hash_chunk(data) == diff.identification.chunk_hash(chunk_index)
 
 
 class UpdateImage(Image):
@@ -166,18 +253,22 @@ class UpdateImage(Image):
     status_line_keys = ("merged", "total", "state")
     control_verbs = ("update",)
 
-    def __init__(self, device: BlockDevice, diff: DiffFile, *, background_merge: bool = True,
+    def __init__(self, device: BlockDevice, diff: DiffFile, progress: MergeProgress, *,
+                 merged_chunks: int = 0, saved_chunks: int = 0, background_merge: bool = True,
                  merge_rate: float = 0.0, cache_bytes: int = DEFAULT_CACHE_MIB << 20,
                  name: str = "system.img"):
+        """Chunks [0, merged_chunks) are on the device (`resume_point`); the progress
+        file says [0, saved_chunks) are."""
         super().__init__(name, device.size, read_only=True)
         self.device = device
         self.diff = diff
         self.block_size = diff.block_size
-        self.progress = MergeProgress(diff, device)
-        self.merged_chunks = self.persisted_chunks = min(self.progress.load(), diff.n_chunks)
-        if self.merged_chunks and not self._chunk_is_on_device(self.merged_chunks - 1):
-            raise self.progress.mismatch(f"says {self.merged_chunks} chunks are merged, "
-                                         "but the last of them is not on the device")
+        self.progress = progress
+        self.merged_chunks = merged_chunks
+        # Chunks known durable on the device: what the next progress save can skip,
+        # and where reads fall back to if an fsync fails.
+        self.persisted_chunks = min(saved_chunks, merged_chunks)
+        self.fsync_failed = False  # once true, this server never saves progress again
         # Runs come sorted and maximal, so this bulk-loads. No value index: values
         # are nearly all distinct.
         self.pending = RangeMap.from_ranges(
@@ -185,8 +276,7 @@ class UpdateImage(Image):
              for dest, n_blocks, chunk_index, first_offset in diff.runs()
              if chunk_index >= self.merged_chunks),
             index_values=False)
-        self.merged_blocks = (diff.entry_range_of_chunk(self.merged_chunks)[0]
-                              if self.merged_chunks < diff.n_chunks else diff.total_blocks)
+        self.merged_blocks = self._blocks_before(self.merged_chunks)
         self.merge_rate = merge_rate  # bytes of changed blocks per second; 0 = unlimited
         self.limiter = trio.CapacityLimiter(2)
         self.cache = ChunkCache(diff, cache_bytes, self.limiter)
@@ -198,6 +288,12 @@ class UpdateImage(Image):
             self.state = "done"
         else:
             self.state = "merging" if background_merge else "disabled"
+
+    def _blocks_before(self, chunk_index: int) -> int:
+        """Changed blocks in chunks [0, chunk_index)."""
+        if chunk_index < self.diff.n_chunks:
+            return self.diff.entry_range_of_chunk(chunk_index)[0]
+        return self.diff.total_blocks
 
     # -- reads --------------------------------------------------------------------
 
@@ -222,7 +318,7 @@ class UpdateImage(Image):
             try:
                 chunk = await self.cache.get(chunk_index)
             except DiffFormatError as exc:
-                self._fail(str(exc))
+                self._fail(f"{self.diff.path}: {exc}")
                 raise OSError(errno.EIO, str(exc)) from None
             at = (first_block - delta) * bs + (lo - first_block * bs)
             data[lo - offset:hi - offset] = chunk[at:at + hi - lo]
@@ -238,7 +334,9 @@ class UpdateImage(Image):
         """The merge task: whatever goes wrong stops the merge, never the mount."""
         try:
             await self._merge()
-        except (DiffFormatError, OSError) as exc:
+        except DiffFormatError as exc:
+            self._fail(f"merge stopped: {self.diff.path}: {exc}")
+        except OSError as exc:
             self._fail(f"merge stopped: {exc}")
         except Exception as exc:
             log.exception("%s: merge failed unexpectedly", self.name)
@@ -286,14 +384,6 @@ class UpdateImage(Image):
             written += n_blocks * bs
         return written
 
-    def _chunk_is_on_device(self, chunk_index: int) -> bool:
-        """Does the device hold this chunk's new blocks? (Checks progress on restart.)"""
-        data = self.diff.decompress_chunk(chunk_index, self.diff.read_chunk_raw(chunk_index))
-        bs = self.block_size
-        return all(self.device.pread(n_blocks * bs, dest * bs)
-                   == data[first_offset * bs:(first_offset + n_blocks) * bs]
-                   for dest, n_blocks, first_offset in self.diff.chunk_runs(chunk_index))
-
     def _merged(self, chunk_index: int) -> None:
         """The chunk's blocks are in the device (its page cache, coherent for our reads):
         serve them from there from now on. No await: atomic for concurrent reads."""
@@ -304,27 +394,55 @@ class UpdateImage(Image):
         self.merged_chunks = chunk_index + 1
         self.cache.forget(chunk_index)
 
-    async def _persist(self) -> None:
-        merged_chunks = self.merged_chunks
-        if merged_chunks != self.persisted_chunks:
-            await trio.to_thread.run_sync(self._persist_blocking, merged_chunks, limiter=self.limiter)
-            self.persisted_chunks = merged_chunks
+    def _unmerge_since(self, chunk_index: int) -> None:
+        """Serve chunks [chunk_index, merged_chunks) from the diff again: their blocks
+        may not have reached the device. No await: atomic for concurrent reads."""
+        for c in range(chunk_index, self.merged_chunks):
+            for dest, n_blocks, first_offset in self.diff.chunk_runs(c):
+                self.pending.assign(dest, dest + n_blocks, (c, dest - first_offset))
+            self.cache.merged.discard(c)
+        self.merged_chunks = chunk_index
+        self.merged_blocks = self._blocks_before(chunk_index)
 
-    def _persist_blocking(self, merged_chunks: int) -> None:
-        # Order matters: the device's merged blocks must be durable before the
-        # progress file says they are merged; a crash in between only repeats work.
-        self.device.fsync()
-        self.progress.save(merged_chunks)
+    async def _persist(self) -> None:
+        """Make the merged chunks durable, then say so in the progress file.
+
+        The rule for every image that persists state after an fsync (DEVELOPERS.md):
+        once an fsync of the device failed, Linux has reported that writeback error
+        and a later fsync returns 0 although the data never arrived. So the first
+        failure ends persisting for the life of this server, and the chunks merged
+        since the last saved progress are read from the diff again.
+        """
+        merged_chunks = self.merged_chunks
+        if self.fsync_failed or merged_chunks == self.persisted_chunks:
+            return
+        try:
+            await trio.to_thread.run_sync(self.device.fsync, limiter=self.limiter)
+        except OSError as exc:
+            self.fsync_failed = True
+            self._unmerge_since(self.persisted_chunks)
+            self._fail(f"fsync of {self.device.path} failed ({exc.strerror or exc}): "
+                       f"merge stopped, no more progress is saved by this mount, and "
+                       f"system.img reads chunks {self.persisted_chunks} on from the diff")
+            raise
+        # Order matters: the device's merged blocks are durable before the progress
+        # file says they are merged; a crash in between only repeats work.
+        await trio.to_thread.run_sync(self.progress.save, merged_chunks, limiter=self.limiter)
+        self.persisted_chunks = merged_chunks
 
     def _fail(self, reason: str) -> None:
+        """Stop the merge in state error. The first reason stays: it is the cause."""
         if self.state != "error":
             log.error("%s: %s", self.name, reason)
-        self.state, self.error = "error", reason
+            self.error = reason
+        self.state = "error"
         self.unpaused.set()
 
     # -- control, status, teardown -----------------------------------------------
 
     def control(self, verb: str, args: list[str]) -> str:
+        if args == ["resume"] and why_not_resumable(self.state, self.error):
+            raise ValueError(why_not_resumable(self.state, self.error))
         if args == ["pause"]:
             if self.state == "merging":
                 self.state = "paused"
@@ -339,7 +457,8 @@ class UpdateImage(Image):
 
     def status(self) -> dict:
         return {"merged": self.merged_blocks, "total": self.diff.total_blocks, "state": self.state,
-                "diff": self.diff.path, "device": self.device.path, "error": self.error}
+                "diff": self.diff.path, "device": self.device.path, "error": self.error,
+                "progress": self.progress.path}
 
     # -- live upgrade ----------------------------------------------------------------
 
@@ -350,7 +469,8 @@ class UpdateImage(Image):
         """Where the merge stands. The successor opened the image from the persisted
         progress (at most PERSIST_INTERVAL behind) and catches up from here."""
         return {**super().handover_state(), "device": self.device.path, "diff": self.diff.path,
-                "merged_chunks": self.merged_chunks, "state": self.state, "error": self.error}
+                "merged_chunks": self.merged_chunks, "state": self.state, "error": self.error,
+                "fsync_failed": self.fsync_failed}
 
     def restore_handover_state(self, state: dict) -> None:
         self.check_handover_state(state)
@@ -366,12 +486,16 @@ class UpdateImage(Image):
         for chunk_index in range(self.merged_chunks, merged_chunks):
             self._merged(chunk_index)
         self.state, self.error = state["state"], state["error"]
+        # After a failed fsync the old server saved no more progress; nor may we (the
+        # error was reported once, on the descriptor we now share).
+        self.fsync_failed = state.get("fsync_failed", False)
         if self.state == "paused":
             self.unpaused = trio.Event()
 
     async def close(self) -> None:
         try:
-            await self._persist()
+            if self.state != "disabled":
+                await self._persist()
         finally:
             self.diff.close()
             self.device.close()
@@ -392,6 +516,12 @@ def add_mount_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--cache-mib", type=arguments.positive_int, default=DEFAULT_CACHE_MIB,
                        metavar="MIB", help=f"cache of decompressed chunks (default "
                        f"{DEFAULT_CACHE_MIB} MiB, at least 16 chunks)")
+    group.add_argument("--state-dir", type=arguments.path, default=DEFAULT_STATE_DIR,
+                       metavar="DIR", help="where merge progress is kept, one file per diff and "
+                       f"device (default {DEFAULT_STATE_DIR})")
+    group.add_argument("--no-verify-source", action="store_true",
+                       help="skip the check that every block the diff changes holds its old or "
+                       "new contents (it reads each changed block of DEV once)")
 
 
 USAGE_EXAMPLES = """\
@@ -411,10 +541,26 @@ def add_commands(commands) -> None:
     p.set_defaults(run=cmd_update)
 
 
+def why_not_resumable(state: str, error: str | None) -> str | None:
+    """Why `update resume` can do nothing for a merge in `state`, or None."""
+    if state == "disabled":
+        return "the merge is disabled (mounted with --no-bg-update)"
+    if state == "error":
+        return f"the merge stopped in error: {error}"
+    return None
+
+
 def cmd_update(args) -> int:
     require_image(args.mountpoint, "update", "mount it with --system and --diff")
     if args.action == "wait":
         return wait_for_merge(args.mountpoint)
+    if args.action == "resume":
+        images = json.loads(read_status(args.mountpoint, True))["images"]
+        for name, figures in images.items():
+            reason = figures["target"] == "update" and why_not_resumable(figures["state"],
+                                                                         figures["error"])
+            if reason:
+                raise UserError(f"{name}: cannot resume: {reason}", EXIT_FAILED)
     send_command(args.mountpoint, f"update {args.action}")
     return 0
 
@@ -447,13 +593,48 @@ def wait_for_merge(mountpoint: str) -> int:
             time.sleep(WAIT_POLL_SECONDS)
 
 
+def resume_point(diff: DiffFile, device: BlockDevice, progress: MergeProgress, *,
+                 verify_source: bool) -> tuple[int, int]:
+    """(chunks on the device already, chunks the saved progress counts), checking the
+    device first.
+
+    With the source check, the device itself says: the check proves every changed
+    block holds its old or new contents, so merging from any chunk is safe, and the
+    leading chunks that are wholly new need no merging, whatever progress was saved
+    (or lost, or kept elsewhere). Without it, the saved progress counts, after checking
+    that its last merged chunk really is on the device.
+    """
+    saved = min(progress.load(), diff.n_chunks)
+    if verify_source:
+        on_device = check_source(diff, device)
+        if saved > on_device:
+            log.warning("%s says %d chunks are merged, but chunk %d of %s is not wholly on "
+                        "%s: merging again from there", progress.path, saved, on_device,
+                        diff.path, device.path)
+        return on_device, saved
+    if saved and not _chunk_is_on_device(diff, device, saved - 1):
+        raise UserError(f"{progress.path} says {saved} chunks of {diff.path} are merged into "
+                        f"{device.path}, but chunk {saved - 1} is not on it: the device changed "
+                        "behind the merge's back (mount without --no-verify-source to let the "
+                        "device be checked)")
+    return saved, saved
+
+
+def _chunk_is_on_device(diff: DiffFile, device: BlockDevice, chunk_index: int) -> bool:
+    """Does the device hold this chunk's new blocks?"""
+    data = diff.decompress_chunk(chunk_index, diff.read_chunk_raw(chunk_index))
+    bs = diff.block_size
+    return all(device.pread(n_blocks * bs, dest * bs)
+               == data[first_offset * bs:(first_offset + n_blocks) * bs]
+               for dest, n_blocks, first_offset in diff.chunk_runs(chunk_index))
+
+
 def images_from_args(args: argparse.Namespace) -> list[Image]:
     if not args.system and not args.diff:
         return []
     if not (args.system and args.diff):
         raise UserError("--system DEV and --diff DIFF go together")
-    # Absolute: the server leaves the current directory, and the progress file is
-    # named after the diff.
+    # Absolute: the server leaves the current directory.
     diff = open_diff(os.path.abspath(args.diff), bad_diff_status=EXIT_USAGE)
     device = None
     try:
@@ -466,15 +647,34 @@ def images_from_args(args: argparse.Namespace) -> list[Image]:
             if device.read_only:
                 raise UserError(f"{device.path} is read-only: the merge needs to write it "
                                 "(use --no-bg-update to serve system.img without merging)")
-            if not os.access(os.path.dirname(diff.path), os.W_OK):
-                raise UserError(f"cannot save merge progress beside {diff.path}: its directory "
-                                "is not writable (use --no-bg-update to serve without merging)")
+            progress_dir = os.path.join(args.state_dir, "update")
+            try:
+                os.makedirs(progress_dir, exist_ok=True)
+                if not os.access(progress_dir, os.W_OK):
+                    raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+            except OSError as exc:
+                raise UserError(f"cannot keep merge progress in {progress_dir}: {exc.strerror} "
+                                "(give --state-dir DIR, or --no-bg-update to serve without "
+                                "merging)") from None
+        verify_source = not args.no_verify_source
+        if verify_source and diff.identification is None:
+            log.warning("%s does not say what it applies to (made by another tool?): %s "
+                        "cannot be checked before merging", diff.path, device.path)
+            verify_source = False
         try:
-            return [UpdateImage(device, diff, background_merge=not args.no_bg_update,
+            progress = MergeProgress(args.state_dir, diff.fingerprint(), device, diff.path)
+            merged_chunks, saved_chunks = resume_point(diff, device, progress,
+                                                       verify_source=verify_source)
+            return [UpdateImage(device, diff, progress, merged_chunks=merged_chunks,
+                                saved_chunks=saved_chunks,
+                                background_merge=not args.no_bg_update,
                                 merge_rate=args.merge_rate * 1e6,
                                 cache_bytes=args.cache_mib << 20)]
-        except DiffFormatError as exc:  # checking the progress met a bad chunk
+        except DiffFormatError as exc:  # the checks met a bad chunk
             raise UserError(f"{diff.path}: {exc}") from None
+        except OSError as exc:
+            raise UserError(f"cannot check {device.path} against {diff.path}: "
+                            f"{exc.strerror or exc}") from None
     except BaseException:
         diff.close()
         if device is not None:
