@@ -40,7 +40,8 @@ from fusesnap.arguments import positive_int, whole_number
 from fusesnap.errors import EXIT_FAILED, EXIT_OK, UserError
 from fusesnap.formats.update_diff import (
     CHUNKS_OFFSET, COMPRESSIONS, ENTRY_SIZE, MAGIC, MAX_CHUNK_BYTES, SUPERBLOCK_SIZE, DiffFile,
-    DiffFormatError, Identification, Superblock, hash_block, hash_chunk, pack_directory)
+    DiffFormatError, Identification, Superblock, TruncatedDiff, hash_block, hash_chunk,
+    pack_directory)
 
 DEFAULT_BLOCK_SIZE = 4096
 # 512 KiB of decompressed data per chunk (128 blocks of 4 KiB). Whole diff size relative
@@ -577,6 +578,8 @@ def open_diff(path, *, bad_diff_status: int) -> DiffFile:
 def _what_is_wrong(path, error: DiffFormatError) -> str:
     """The one-line reason a diff was refused, named after the file: 'FILE is not an
     update diff', 'FILE is truncated (N of M bytes)', or 'FILE: <the broken rule>'."""
+    if isinstance(error, TruncatedDiff):
+        return f"{path} is truncated ({error.size} of {error.expected} bytes)"
     try:
         with open(path, "rb") as f:
             head = f.read(SUPERBLOCK_SIZE)

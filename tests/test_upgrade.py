@@ -21,7 +21,7 @@ import pytest
 import fusesnap
 from fusesnap.diffing import open_diff
 from fusesnap.images.linear import LinearImage
-from fusesnap.images.update import UpdateImage
+from fusesnap.images.update import MergeProgress, UpdateImage
 from fusesnap.devices import BlockDevice
 from harness import (FUSESNAP, copy_of, fusesnap as run_fusesnap, make_update_pair, run,
                      sha256_of, sparse_file)
@@ -347,7 +347,9 @@ def test_merge_position_is_handed_over_and_caught_up(tmp_path):
     run_fusesnap("diff", old, new, "-o", diff, "--quiet", "--chunk-blocks", "16")
 
     def open_image():
-        return UpdateImage(BlockDevice(str(old)), open_diff(str(diff), bad_diff_status=2))
+        device, opened = BlockDevice(str(old)), open_diff(str(diff), bad_diff_status=2)
+        progress = MergeProgress(str(tmp_path / "state"), opened.fingerprint(), device, opened.path)
+        return UpdateImage(device, opened, progress)
 
     running, successor = open_image(), open_image()
     try:

@@ -106,6 +106,14 @@ class DiffFormatError(ValueError):
         super().__init__(f"bad diff: {detail}")
 
 
+class TruncatedDiff(DiffFormatError):
+    """The file ends before the end its own header and trailer describe."""
+
+    def __init__(self, detail: str, size: int, expected: int):
+        super().__init__(detail)
+        self.size, self.expected = size, expected
+
+
 class ChunkError(DiffFormatError):
     """One chunk does not decompress, or decompresses to something its entries cannot use."""
 
@@ -172,7 +180,8 @@ class Identification:
             return DiffFormatError(f"identification trailer at {at}: {detail}")
 
         if len(head) < IDENT_HEADER_SIZE:
-            raise fail(f"truncated, {len(head)} of {IDENT_HEADER_SIZE} header bytes")
+            raise TruncatedDiff(f"identification trailer at {at}: truncated, {len(head)} of "
+                                f"{IDENT_HEADER_SIZE} header bytes", file_size, at + IDENT_HEADER_SIZE)
         (_, version, header_size, old_size, new_size, t_blocks, t_chunks, block_hash_size,
          chunk_hash_size, _) = _IDENT.unpack(head)
         if (version, header_size, block_hash_size, chunk_hash_size) != (
@@ -185,7 +194,8 @@ class Identification:
         hashes_at = at + IDENT_HEADER_SIZE
         end = hashes_at + n_chunks * CHUNK_HASH_SIZE + n_blocks * BLOCK_HASH_SIZE
         if end > file_size:
-            raise fail(f"truncated, the file ends at {file_size}, the trailer at {end}")
+            raise TruncatedDiff(f"identification trailer at {at}: truncated, the file ends at "
+                                f"{file_size}, the trailer at {end}", file_size, end)
         chunk_hashes = os.pread(fd, n_chunks * CHUNK_HASH_SIZE, hashes_at)
         ident = cls(old_size, new_size, n_blocks, chunk_hashes,
                     hashes_at + len(chunk_hashes))
