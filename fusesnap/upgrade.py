@@ -18,9 +18,9 @@ descriptors as SCM_RIGHTS):
                        number of upgrades
 
   old server                                  successor
+    background tasks stop at a safe point
   PREPARE argv, cwd (+ log, device fds)   ->
                                           <-  PREPARED version      images open (or error)
-    background tasks stop at a safe point
   CATCH-UP image states                   ->
                                           <-  CAUGHT-UP             applied, still outside the pause
     stop taking requests; drain those in flight
@@ -321,6 +321,10 @@ class HandOver:
         log.info("upgrade: starting %s", " ".join(program))
         try:
             await successor.start(self.nursery)
+            # Background work stops before the successor opens the images, so that what
+            # they check on opening (system.img's source check reads every changed block)
+            # sees devices no background task is writing. Requests are still served.
+            await self._stop_background()
             fds = [sys.stderr.fileno()]
             devices = {}
             for image in self.server.images:
@@ -332,7 +336,6 @@ class HandOver:
                        niceness=os.getpriority(os.PRIO_PROCESS, 0),
                        old_version=__version__, old_pid=os.getpid(), upgrades=self.upgrades),
                 fds, "prepared", prepare_timeout)
-            await self._stop_background()
             # The images' states as they are now, while requests are still served: the
             # successor catches up outside the pause (a merge's chunks since its last
             # persist, say); the states in the pause then differ only by what requests
