@@ -28,7 +28,11 @@ Interface
       3. ``await policy.copy(copies)``: write the old contents to the destinations
          (into the page cache; no sync needed).
       4. *Group commit* (below) until every copy is durably recorded.
-    The overwrite in the block may then proceed. An exception in 2-4 calls
+    The overwrite in the block may then proceed. `writing(..., before_plan=f)` runs
+    `f()` between 1 and 2 (a read-modify-write reads the current contents there).
+    `exclusive(first, end)` only holds the chunks (a discard, a state change);
+    `hold(first, end)` / `release(...)` let the policy hold chunks itself, without
+    waiting, e.g. the destinations of its copies until they are recorded. An exception in 2-4 calls
     ``policy.abandoned(copies, exc)`` for copies not yet recorded, releases the
     locks and propagates; the overwrite does not happen.
 
@@ -83,7 +87,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Any, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import trio
 
@@ -140,14 +144,29 @@ class CopyBeforeWrite:
     # -- the public entry -------------------------------------------------------
 
     @contextlib.asynccontextmanager
-    async def writing(self, first: int, end: int):
+    async def writing(self, first: int, end: int, *, before_plan: Callable[[], None] | None = None):
         """Hold chunks [first, end) and make their old contents durably copied
-        (where the policy says so) before the body overwrites them."""
+        (where the policy says so) before the body overwrites them.
+
+        `before_plan` (sync) runs once the chunks are held and before `plan`: the
+        place for a read-modify-write to read what the chunks hold now."""
         released = await self._lock(first, end)
         try:
+            if before_plan is not None:
+                before_plan()
             copies = self.policy.plan(first, end)
             if copies:
                 await self._copy_and_commit(copies)
+            yield
+        finally:
+            self.held.clear(first, end)
+            released.set()
+
+    @contextlib.asynccontextmanager
+    async def exclusive(self, first: int, end: int):
+        """Hold chunks [first, end) without planning copies (a discard, a state change)."""
+        released = await self._lock(first, end)
+        try:
             yield
         finally:
             self.held.clear(first, end)
@@ -164,6 +183,22 @@ class CopyBeforeWrite:
         released = trio.Event()
         self.held.assign(first, end, released)
         return released
+
+    def hold(self, first: int, end: int) -> trio.Event:
+        """Hold chunks [first, end) at once (sync, for `plan` or `write_records`:
+        e.g. a copy's destination, so that no write lands there before the copy is
+        recorded). They must be free: RuntimeError otherwise. Give the result to
+        `release` when done."""
+        if self.held.overlapping(first, end):
+            raise RuntimeError(f"chunks [{first}, {end}) are already held")
+        released = trio.Event()
+        self.held.assign(first, end, released)
+        return released
+
+    def release(self, first: int, end: int, token: trio.Event) -> None:
+        """Release chunks taken with `hold`."""
+        self.held.clear(first, end)
+        token.set()
 
     # -- copy, then commit --------------------------------------------------------
 
