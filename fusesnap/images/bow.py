@@ -161,7 +161,7 @@ class MapJournal:
                             f"({identity.get('device')}, {identity.get('block_size')}-byte blocks): "
                             "give --bow-map, or delete it if it is stale")
         records = []
-        pos = 12 + length
+        pos = 16 + length
         while pos + self.RECORD_SIZE <= len(data):
             body = data[pos:pos + self.RECORD.size]
             (crc,) = struct.unpack_from("<I", data, pos + self.RECORD.size)
@@ -314,11 +314,14 @@ class BowImage(Image):
         died between a log write and its journal record): their destinations hold
         backups. Their sources were not overwritten yet, so they keep their kind."""
         sequence, count = logpos
-        blocks = [self.log]
-        while blocks[-1].sequence > sequence:
-            entry0 = blocks[-1].entries[0]
-            data = self.device.pread(self.block_size, entry0.dest * SECTOR)
-            blocks.append(LogBlock.unpack(data, where=f"log block {blocks[-1].sequence - 1}"))
+        if (self.log.sequence, len(self.log.entries)) == (sequence, count):
+            blocks = []
+        elif self.log.sequence == sequence:
+            blocks = [self.log]
+        else:
+            # Earlier log blocks are read as a restore would (their backups may have
+            # moved since), which also checks the whole log.
+            blocks = [b for b in bow_log.validate(self.device).blocks if b.sequence >= sequence]
         for block in reversed(blocks):
             start = count if block.sequence == sequence else 0
             for entry in block.entries[start:]:
@@ -970,19 +973,17 @@ def cmd_restore(args) -> int:
 def cmd_inspect(args) -> int:
     device = _open_offline(args.device, "inspect", read_only=True)
     try:
-        try:
-            summary = bow_log.validate(device)
-            problem = None
-        except BowLogError as exc:
-            summary, problem = None, str(exc)
+        summary = header = problem = None
         try:
             header = bow_log.read_header(device)
+            if header is None:
+                raise UserError(f"{device.path}: no backup-on-write log (block 0 has no BOW magic)",
+                                EXIT_FAILED)
+            summary = bow_log.validate(device)
         except BowLogError as exc:
-            header, problem = None, str(exc)
+            problem = str(exc)
     finally:
         device.close()
-    if header is None and problem is None:
-        raise UserError(f"{device.path}: no backup-on-write log (block 0 has no BOW magic)", EXIT_FAILED)
     info = {"device": device.path, "valid": problem is None, "problem": problem}
     if header is not None:
         info.update({"magic": "WOB (restore in progress)" if header.magic == bow_log.PARTIAL_RESTORE_MAGIC
