@@ -365,9 +365,6 @@ class BowImage(Image):
             pos += take
         if pos >= end:
             return out
-        if not self.blocks:
-            self.device.pread_into(memoryview(out)[pos - offset:], pos)
-            return out
         for first, stop, kind in self.blocks.segments(pos // bs, (end - 1) // bs + 1):
             lo, hi = max(pos, first * bs), min(end, stop * bs)
             if kind in READS_AS_ZEROS or kind == LOG:
@@ -379,6 +376,10 @@ class BowImage(Image):
         end = min(offset + size, self.size)
         if offset >= end:
             return b""
+        bs = self.block_size
+        if not (self.state == CHECKPOINT and offset < bs) and not any(
+                kind in READS_AS_ZEROS for _, _, kind in self.blocks.overlapping(offset // bs, (end - 1) // bs + 1)):
+            return self.device.pread(end - offset, offset)  # all of it is on the device: one pread
         return self._view(offset, end - offset)
 
     # -- writes --------------------------------------------------------------------
@@ -819,6 +820,8 @@ def add_mount_arguments(parser: argparse.ArgumentParser) -> None:
                        help="warn (or commit) when free space for backups falls below SIZE (default 100M)")
     group.add_argument("--bow-on-low-space", choices=("warn", "commit"), default="warn",
                        help="what to do below --bow-low-space in checkpoint state (default warn)")
+    # For bench/bench_bow.py: two syncs per first write instead of group commit.
+    group.add_argument("--bow-naive-commit", action="store_true", help=argparse.SUPPRESS)
 
 
 def _map_path(args, device_path: str) -> str:
@@ -866,7 +869,8 @@ def images_from_args(args: argparse.Namespace) -> list[Image]:
         journal = MapJournal(map_path, device_identity(device, block_size))
         try:
             return [BowImage(device, journal, block_size=block_size, low_space=args.bow_low_space,
-                             on_low_space=args.bow_on_low_space)]
+                             on_low_space=args.bow_on_low_space,
+                             group_commit=not args.bow_naive_commit)]
         except BowLogError as exc:
             raise UserError(f"{device.path}: damaged backup-on-write log: {exc}", EXIT_FAILED) from None
         except OSError as exc:
