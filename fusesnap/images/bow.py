@@ -333,8 +333,10 @@ class BowImage(Image):
             self.blocks.assign(old_sector0, old_sector0 + 1, FREE)  # block 0 moved on; it reads as zeros
 
     def _journal_snapshot(self) -> list[bytes]:
-        records = [MapJournal.pack(MapJournal.ASSIGN, value, s, e) for s, e, value in self.blocks
-                   if value != COPYING]
+        # A backup in flight is not in the log yet: its destination is free as far as
+        # a restart knows (the log says otherwise once its entry is durable).
+        records = [MapJournal.pack(MapJournal.ASSIGN, FREE if value == COPYING else value, s, e)
+                   for s, e, value in self.blocks]
         records.append(MapJournal.pack(MapJournal.STATE, STATE_CODES[self.state], self.sector0_block, 0))
         if self.log is not None:
             records.append(MapJournal.pack(MapJournal.LOGPOS, 0, self.log.sequence, len(self.log.entries)))
