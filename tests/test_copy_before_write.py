@@ -249,3 +249,44 @@ def _runs_between(items, separator):
         else:
             run.append(item)
     yield run
+
+
+def test_chunks_held_by_the_policy_make_writers_wait_until_released():
+    policy = LoggingPolicy()
+    cbw = CopyBeforeWrite(policy)
+    order = []
+
+    async def main():
+        token = cbw.hold(10, 12)
+        with pytest.raises(RuntimeError):
+            cbw.hold(11, 13)  # already held
+
+        async def writer():
+            async with cbw.writing(11, 12):
+                order.append("write")
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(writer)
+            await trio.sleep(0.05)
+            order.append("release")
+            cbw.release(10, 12, token)
+        assert not cbw.held
+
+    trio.run(main)
+    assert order == ["release", "write"]
+
+
+def test_exclusive_holds_without_planning_and_before_plan_runs_first():
+    policy = LoggingPolicy()
+    cbw = CopyBeforeWrite(policy)
+
+    async def main():
+        async with cbw.exclusive(0, 8):
+            assert cbw.held.overlapping(0, 8)
+        assert policy.steps == []  # nothing planned or copied
+        seen = []
+        async with cbw.writing(2, 3, before_plan=lambda: seen.append(2 in policy.in_flight)):
+            pass
+        assert seen == [False]  # before_plan ran before the chunk was planned
+
+    trio.run(main)
