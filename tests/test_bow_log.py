@@ -26,6 +26,10 @@ def crc32_le(seed: int, data: bytes) -> int:
     return crc
 
 
+class PowerCut(Exception):
+    pass
+
+
 class MemoryDevice:
     """A device in memory whose writes since the last fsync a power cut may lose."""
 
@@ -35,17 +39,28 @@ class MemoryDevice:
         self.unsynced: list[tuple[int, bytes]] = []
         self.size = len(data)
         self.writes = 0
+        self.steps = 0  # fsyncs so far (writes are counted in `writes`)
+        self.steps_left: int | None = None  # the power goes before write or fsync number N+1
 
     def pread(self, size, offset):
         return bytes(self.data[offset:offset + size])
 
+    def _step(self):
+        if self.steps_left is not None:
+            if self.steps_left == 0:
+                raise PowerCut
+            self.steps_left -= 1
+
     def pwrite(self, data, offset):
+        self._step()
         self.data[offset:offset + len(data)] = data
         self.unsynced.append((offset, bytes(data)))
         self.writes += 1
         return len(data)
 
     def fsync(self):
+        self._step()
+        self.steps += 1
         self.durable[:] = self.data
         self.unsynced.clear()
 
@@ -212,6 +227,23 @@ def test_restore_survives_a_power_cut_at_any_point():
     for stop in range(1, total, max(1, total // 40)):
         copy = MemoryDevice(bytes(device.data))
         bow_log.restore(copy, stop_after=stop)
+        copy.power_cut(rng)
+        bow_log.restore(copy)
+        assert_is_checkpoint(copy, checkpoint, 512)
+
+
+def test_restore_survives_a_power_cut_before_any_write():
+    """Cut before any write or fsync of the restore (unsynced writes kept at random)."""
+    device, checkpoint, _ = checkpointed_device(512, blocks=512, writes=400, seed=8)
+    rng = random.Random(9)
+    probe = MemoryDevice(bytes(device.data))
+    bow_log.restore(probe)
+    for cut in range(probe.writes + probe.steps):
+        copy = MemoryDevice(bytes(device.data))
+        copy.steps_left = cut
+        with pytest.raises(PowerCut):
+            bow_log.restore(copy)
+        copy.steps_left = None
         copy.power_cut(rng)
         bow_log.restore(copy)
         assert_is_checkpoint(copy, checkpoint, 512)

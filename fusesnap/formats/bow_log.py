@@ -268,12 +268,16 @@ def restore(device, *, progress: Callable[[int], None] | None = None,
                 device.fsync()
                 read_since_save = RangeMap(index_values=False)
             read_since_save.assign(entry.dest, entry.dest + sectors, True)
-            if index == 0 and sequence > 0:
-                # The previous log block goes back to block 0 marked "WOB", so that a
-                # re-run resumes rather than validating a half-restored device afresh.
-                magic = LogBlock.unpack_header(data)[0]
-                if magic == MAGIC:
-                    data = struct.pack("<I", PARTIAL_RESTORE_MAGIC) + data[4:]
+            if index == 0:
+                # Entry 0 overwrites block 0, the record of this log block's entries:
+                # everything they copied must be durable first. (vold only syncs after.)
+                device.fsync()
+                if sequence > 0:
+                    # The previous log block goes back to block 0 marked "WOB", so that a
+                    # re-run resumes rather than validating a half-restored device afresh.
+                    magic = LogBlock.unpack_header(data)[0]
+                    if magic == MAGIC:
+                        data = struct.pack("<I", PARTIAL_RESTORE_MAGIC) + data[4:]
             device.pwrite(data, entry.source * SECTOR)
             if index == 0:
                 device.fsync()  # this log block is done (or, for sequence 0, the restore)

@@ -41,6 +41,10 @@ class Image:
     #: True for an image that cannot work without discards from the loop device
     #: (FUSE fallocate requests, which stock pyfuse3 does not pass on)
     needs_discards: ClassVar[bool] = False
+    #: FUSE requests the image wants handled at once (the mount serves at least this
+    #: many): an image whose writes wait for a shared fsync (group commit) needs
+    #: several in flight, or every write waits alone
+    concurrent_requests: ClassVar[int] = 1
 
     def __init__(self, name: str, size: int, *, read_only: bool):
         self.name = name

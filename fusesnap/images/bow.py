@@ -242,6 +242,7 @@ class BowImage(Image):
     status_line_keys = ("state", "free", "backed_up", "log_entries", "sequence", "warning")
     control_verbs = ("bow",)
     needs_discards = True
+    concurrent_requests = 32  # first writes share fsyncs only while others are in flight
 
     def __init__(self, device: BlockDevice, journal: MapJournal, *, block_size: int = DEFAULT_BLOCK_SIZE,
                  low_space: int = DEFAULT_LOW_SPACE, on_low_space: str = "warn",
