@@ -17,8 +17,8 @@ Must run as root. In one run it:
    each mode -- `trim` (no checkpoint), `group` (checkpoint, group commit) and `naive`
    (checkpoint, `--bow-naive-commit`: copy, sync, log, sync per first write) -- a fresh
    copy of the template is mounted with `--bow`, its upper half discarded (free space
-   for backups), checkpointed (not in `trim` mode), and fio writes the lower half (every
-   block there holds checkpoint data) once: random 4 KiB over a quarter of it, each
+   for backups), checkpointed (not in `trim` mode), and fio writes the first 3/8 of it
+   (every block there holds checkpoint data) once: random 4 KiB over a quarter of it, each
    block at most once (fio's random map), sequential 1 MiB over all of it. Ratios
    against `trim`: floor 0.3 (random) and 0.5 (sequential) for `group`; `naive` is
    shown for comparison. The same job again (same blocks, now backed up) gives the
@@ -125,7 +125,7 @@ def trim_state(args, tmp, template) -> dict:
 
 def first_writes(args, tmp, template, best: dict, round_index: int) -> None:
     size = args.size_mib << 20
-    region = size // 2
+    region = size * 3 // 8  # backed up into the free upper half, with room for the log
     for kind in ("randwrite", "seqwrite"):
         modes = MODES[round_index % 3:] + MODES[:round_index % 3]
         for mode in modes:
