@@ -200,10 +200,8 @@ def test_unaligned_and_512_byte_io_reads_back_like_a_plain_file(mount, in_tmp, b
     fusesnap("bow", "restore", "dev.img", "--bow-map", "dev.map")
     restored = (in_tmp / "dev.img").read_bytes()
     # Blocks discarded before the checkpoint are free (they may differ); all others are back.
-    m_free = [i for i in range(0, size, int(block_size))
-              if checkpoint[i:i + int(block_size)] == bytes(int(block_size))]
-    free = set(m_free)
     bs = int(block_size)
+    free = {i for i in range(0, size, bs) if checkpoint[i:i + bs] == bytes(bs)}
     for i in range(0, size, bs):
         if i not in free:
             assert restored[i:i + bs] == checkpoint[i:i + bs], f"block at {i}"
@@ -231,7 +229,7 @@ def test_bow_mounts_beside_the_other_images(mount, in_tmp):
     from harness import make_update_pair
     old, new, _ = make_update_pair(in_tmp)
     shutil.copyfile(old, in_tmp / "system.img")
-    run([*__import__("harness").FUSESNAP, "diff", str(old), str(new), "-o", str(in_tmp / "diff.img"), "--quiet"])
+    fusesnap("diff", old, new, "-o", in_tmp / "diff.img", "--quiet")
     sparse_file(in_tmp / "linear.raw", 8 << 20)
     sparse_file(in_tmp / "dev.img", 8 << 20)
     m = mount("--system", "system.img", "--diff", "diff.img", "--linear", "linear.raw",

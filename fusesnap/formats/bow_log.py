@@ -31,7 +31,7 @@ from __future__ import annotations
 import dataclasses
 import struct
 import zlib
-from typing import Callable, Iterator
+from typing import Callable
 
 from ..rangemap import RangeMap
 
@@ -162,7 +162,7 @@ class _Relocations:
         for s, e, delta in moved:
             self.deltas.assign(s, e, delta or None)
 
-    def read(self, device, sector: int, size: int, block_size: int) -> bytes:
+    def read(self, device, sector: int, size: int) -> bytes:
         out = bytearray()
         for s, e, delta in self.deltas.segments(sector, sector + size // SECTOR):
             out += device.pread((e - s) * SECTOR, (s + (delta or 0)) * SECTOR)
@@ -210,7 +210,7 @@ def validate(device) -> LogSummary:
     blocks = []
     for sequence in range(top.sequence, -1, -1):
         where = f"log block {sequence}"
-        data = relocations.read(device, 0, block_size, block_size)
+        data = relocations.read(device, 0, block_size)
         magic_block_size = LogBlock.unpack_header(data)[3]
         if magic_block_size != block_size:
             raise BowLogError(f"{where}: block size {magic_block_size} differs from block 0's {block_size}")
@@ -225,7 +225,7 @@ def validate(device) -> LogSummary:
                 raise BowLogError(f"{entry_where}: the first entry of a later log block must back up "
                                   f"block 0, not sector {entry.source}")
             if entry.checksum:
-                data = relocations.read(device, entry.dest, entry.size, block_size)
+                data = relocations.read(device, entry.dest, entry.size)
                 actual = block_checksum(entry.source, data, block_size)
                 if actual != entry.checksum:
                     raise BowLogError(f"{entry_where}: checksum mismatch: recorded 0x{entry.checksum:08x}, "
@@ -288,9 +288,3 @@ def restore(device, *, progress: Callable[[int], None] | None = None,
                 return summary
     return summary
 
-
-def iter_entries(summary: LogSummary) -> Iterator[tuple[int, int, LogEntry]]:
-    """(sequence, index, entry) of every entry, oldest first."""
-    for block in reversed(summary.blocks):
-        for index, entry in enumerate(block.entries):
-            yield block.sequence, index, entry
