@@ -237,15 +237,17 @@ def validate(device) -> LogSummary:
 
 # -- restore ----------------------------------------------------------------------------
 
-def restore(device, *, progress: Callable[[int], None] | None = None,
+def restore(device, *, validated: LogSummary | None = None,
+            progress: Callable[[int], None] | None = None,
             stop_after: int | None = None) -> LogSummary:
-    """Validate, then copy every backup back, newest first; the device is then the
-    checkpoint. Resumable: re-running after an interruption at any point finishes.
+    """Validate (unless `validated` is what `validate(device)` just returned), then
+    copy every backup back, newest first; the device is then the checkpoint.
+    Resumable: re-running after an interruption at any point finishes.
 
     `progress(bytes)` is called after each copy. `stop_after` (tests only) stops
     after that many copies, as an interruption would.
     """
-    summary = validate(device)
+    summary = validated or validate(device)
     block_size = summary.blocks[0].block_size
     copies = 0
     for sequence in range(summary.blocks[0].sequence, -1, -1):

@@ -956,7 +956,7 @@ def cmd_restore(args) -> int:
             from tqdm import tqdm
             bar = tqdm(total=total, unit="B", unit_scale=True, desc=verb)
         try:
-            bow_log.restore(device, progress=bar.update if bar else None)
+            bow_log.restore(device, validated=summary, progress=bar.update if bar else None)
         except BowLogError as exc:
             raise UserError(f"{device.path}: restore stopped: {exc}; run it again", EXIT_FAILED) from None
         except OSError as exc:
