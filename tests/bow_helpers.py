@@ -3,15 +3,32 @@ that rolls its log over, and the checks that a restore gave the checkpoint."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import random
 import re
 from pathlib import Path
 
+from fusesnap.devices import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, fallocate
 from harness import fill_files, fusesnap, run
 
 BLOCK = 4096
+
+
+@contextlib.contextmanager
+def opened_image(mount):
+    """An O_RDWR descriptor on the mount's bow.img."""
+    fd = os.open(mount / "bow.img", os.O_RDWR)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def discard(fd: int, offset: int, length: int) -> None:
+    """What a loop device sends for a discard (and for write-zeroes)."""
+    fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
 
 
 def ext4_free_blocks(image: Path) -> set[int]:

@@ -12,8 +12,8 @@ import shutil
 
 import pytest
 
-from bow_helpers import (BLOCK, assert_restored_to, checkpoint_frozen, churn, file_hashes,
-                         make_filled_ext4)
+from bow_helpers import (BLOCK, assert_restored_to, checkpoint_frozen, churn, discard, file_hashes,
+                         make_filled_ext4, opened_image)
 from harness import fusesnap, loop_device, mounted_dir, run, sha256_of, sparse_file
 
 pytestmark = pytest.mark.mount
@@ -34,6 +34,18 @@ def ext4_device(in_tmp):
 
 def bow_status(m) -> dict:
     return m.status()["bow.img"]
+
+
+def mount_random_device(mount, directory, rng, *options):
+    """bow.img over an 8 MiB device of random bytes (dev.img, map dev.map)."""
+    (directory / "dev.img").write_bytes(rng.randbytes(8 << 20))
+    return mount("--bow", "dev.img", "--bow-map", "dev.map", *options)
+
+
+def checkpoint_with_free(m, fd, offset, length):
+    """Discard [offset, offset + length) of bow.img (room for backups), then checkpoint."""
+    discard(fd, offset, length)
+    fusesnap("bow", "checkpoint", m.mountpoint)
 
 
 def test_checkpoint_workload_then_restore_gives_the_checkpoint(mount, ext4_device, in_tmp):
@@ -120,8 +132,7 @@ def test_forward_steps_only_and_clear_errors(mount, in_tmp):
     assert result.returncode == 1 and "two free blocks" in result.stderr
     assert bow_status(m)["state"] == "trim"
     with open(m / "bow.img", "r+b") as image:
-        from fusesnap.devices import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, fallocate
-        fallocate(image.fileno(), FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 1 << 20, 1 << 20)
+        discard(image.fileno(), 1 << 20, 1 << 20)
     fusesnap("bow", "checkpoint", m.mountpoint)
     result = fusesnap("bow", "checkpoint", m.mountpoint, check=False)
     assert result.returncode == 1 and "checkpoint state" in result.stderr
@@ -133,14 +144,9 @@ def test_forward_steps_only_and_clear_errors(mount, in_tmp):
 
 def test_a_full_disk_fails_the_write_with_enospc_and_keeps_the_checkpoint(mount, in_tmp):
     rng = random.Random(4)
-    original = rng.randbytes(8 << 20)
-    (in_tmp / "dev.img").write_bytes(original)
-    m = mount("--bow", "dev.img", "--bow-map", "dev.map", "--bow-low-space", "1M")
-    fd = os.open(m / "bow.img", os.O_RDWR)
-    try:
-        from fusesnap.devices import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, fallocate
-        fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 6 << 20, 64 << 10)  # 16 free blocks
-        fusesnap("bow", "checkpoint", m.mountpoint)
+    m = mount_random_device(mount, in_tmp, rng, "--bow-low-space", "1M")
+    with opened_image(m) as fd:
+        checkpoint_with_free(m, fd, 6 << 20, 64 << 10)  # 16 free blocks
         checkpoint = os.pread(fd, 8 << 20, 0)
         assert bow_status(m)["low_space"] and "low-space" in m.status_text()
         written = {}
@@ -154,8 +160,6 @@ def test_a_full_disk_fails_the_write_with_enospc_and_keeps_the_checkpoint(mount,
         os.fsync(fd)
         for block, data in written.items():  # nothing written before is lost
             assert os.pread(fd, BLOCK, block * BLOCK) == data
-    finally:
-        os.close(fd)
     fusesnap("umount", m.mountpoint)
     fusesnap("bow", "restore", "dev.img", "--bow-map", "dev.map")
     restored = (in_tmp / "dev.img").read_bytes()
@@ -172,10 +176,8 @@ def test_unaligned_and_512_byte_io_reads_back_like_a_plain_file(mount, in_tmp, b
     (in_tmp / "dev.img").write_bytes(model)
     checkpoint = None
     m = mount("--bow", "dev.img", "--bow-map", "dev.map", "--bow-block-size", block_size)
-    fd = os.open(m / "bow.img", os.O_RDWR)
-    try:
-        from fusesnap.devices import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, fallocate
-        fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, used, size - used)  # room for backups
+    with opened_image(m) as fd:
+        discard(fd, used, size - used)  # room for backups
         model[used:] = bytes(size - used)
         for step in range(400):
             if step == 150:
@@ -185,7 +187,7 @@ def test_unaligned_and_512_byte_io_reads_back_like_a_plain_file(mount, in_tmp, b
                                  rng.randrange(8000)])
             length = rng.choice([1, 100, 512, 4096, 5000, 9000, rng.randrange(1, 20000)])
             if rng.random() < 0.15:
-                fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
+                discard(fd, offset, length)
                 model[offset:offset + length] = bytes(length)
             else:
                 data = rng.randbytes(length)
@@ -194,8 +196,6 @@ def test_unaligned_and_512_byte_io_reads_back_like_a_plain_file(mount, in_tmp, b
             if step % 50 == 0:
                 assert os.pread(fd, size, 0) == model, f"step {step}"
         assert os.pread(fd, size, 0) == model
-    finally:
-        os.close(fd)
     fusesnap("umount", m.mountpoint)
     fusesnap("bow", "restore", "dev.img", "--bow-map", "dev.map")
     restored = (in_tmp / "dev.img").read_bytes()
@@ -260,18 +260,12 @@ def test_restore_and_inspect_refuse_a_mounted_device_and_a_device_without_a_log(
 
 def test_inspect_dry_run_and_a_corrupt_log_via_the_cli(mount, in_tmp):
     rng = random.Random(7)
-    (in_tmp / "dev.img").write_bytes(rng.randbytes(8 << 20))
-    m = mount("--bow", "dev.img", "--bow-map", "dev.map")
-    fd = os.open(m / "bow.img", os.O_RDWR)
-    try:
-        from fusesnap.devices import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, fallocate
-        fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 4 << 20, 2 << 20)
-        fusesnap("bow", "checkpoint", m.mountpoint)
+    m = mount_random_device(mount, in_tmp, rng)
+    with opened_image(m) as fd:
+        checkpoint_with_free(m, fd, 4 << 20, 2 << 20)
         for block in range(1, 400, 3):
             os.pwrite(fd, rng.randbytes(BLOCK), block * BLOCK)
         os.fsync(fd)
-    finally:
-        os.close(fd)
     fusesnap("umount", m.mountpoint)
     info = json.loads(fusesnap("bow", "inspect", "dev.img", "--json").stdout)
     assert info["valid"] and info["magic"] == "BOW" and info["sequence"] >= 0 and info["entries"] == 134
@@ -293,18 +287,11 @@ def test_inspect_dry_run_and_a_corrupt_log_via_the_cli(mount, in_tmp):
 
 def test_low_space_commit_commits_by_itself(mount, in_tmp):
     rng = random.Random(8)
-    (in_tmp / "dev.img").write_bytes(rng.randbytes(8 << 20))
-    m = mount("--bow", "dev.img", "--bow-map", "dev.map", "--bow-low-space", "200K",
-              "--bow-on-low-space", "commit")
-    fd = os.open(m / "bow.img", os.O_RDWR)
-    try:
-        from fusesnap.devices import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, fallocate
-        fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 4 << 20, 1 << 20)
-        fusesnap("bow", "checkpoint", m.mountpoint)
+    m = mount_random_device(mount, in_tmp, rng, "--bow-low-space", "200K", "--bow-on-low-space", "commit")
+    with opened_image(m) as fd:
+        checkpoint_with_free(m, fd, 4 << 20, 1 << 20)
         for block in range(1, 300):
             os.pwrite(fd, rng.randbytes(BLOCK), block * BLOCK)  # never ENOSPC: it commits first
-    finally:
-        os.close(fd)
     assert bow_status(m)["state"] == "committed"
 
 
@@ -316,8 +303,7 @@ def test_default_map_location_and_a_block_device_as_the_device(mount, loop, in_t
     try:
         assert map_path.startswith("/var/lib/fusesnap/bow/") and os.path.exists(map_path)
         with open(m / "bow.img", "r+b") as image:
-            from fusesnap.devices import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, fallocate
-            fallocate(image.fileno(), FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 1 << 20, 1 << 20)
+            discard(image.fileno(), 1 << 20, 1 << 20)
             fusesnap("bow", "checkpoint", m.mountpoint)
             image.seek(8192)
             image.write(b"x" * 4096)
