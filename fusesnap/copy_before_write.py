@@ -184,6 +184,11 @@ class CopyBeforeWrite:
         self.held.assign(first, end, released)
         return released
 
+    def is_held(self, first: int, end: int) -> bool:
+        """Does any `writing`, `exclusive` or `hold` hold a chunk of [first, end)? (A
+        write the policy knows needs no copy may skip the locks if not.)"""
+        return bool(self.held.overlapping(first, end))
+
     def hold(self, first: int, end: int) -> trio.Event:
         """Hold chunks [first, end) at once (sync, for `plan` or `write_records`:
         e.g. a copy's destination, so that no write lands there before the copy is
