@@ -315,3 +315,33 @@ def test_default_map_location_and_a_block_device_as_the_device(mount, loop, in_t
     finally:
         if os.path.exists(map_path):
             os.unlink(map_path)
+
+
+def test_a_server_crash_in_trim_and_committed_state_resumes_there(mount, in_tmp):
+    rng = random.Random(9)
+    m = mount_random_device(mount, in_tmp, rng)
+    with opened_image(m) as fd:
+        discard(fd, 2 << 20, 3 << 20)
+        data = rng.randbytes(3 * BLOCK)
+        os.pwrite(fd, data, (3 << 20) + BLOCK)  # into free space: in use again
+    free = bow_status(m)["free"]
+    assert free == (3 << 20) - 3 * BLOCK
+    m.kill_server()
+    fusesnap("umount", m.mountpoint)
+    m = mount("--bow", "dev.img", "--bow-map", "dev.map")
+    assert bow_status(m)["state"] == "trim" and bow_status(m)["free"] == free
+    with opened_image(m) as fd:
+        assert os.pread(fd, 3 * BLOCK, (3 << 20) + BLOCK) == data
+        assert os.pread(fd, BLOCK, 2 << 20) == bytes(BLOCK)  # discarded: zeros
+        fusesnap("bow", "checkpoint", m.mountpoint)
+        os.pwrite(fd, b"after checkpoint".ljust(BLOCK), 0)
+        fusesnap("bow", "commit", m.mountpoint)
+        os.pwrite(fd, b"after commit".ljust(BLOCK), BLOCK)
+    m.kill_server()
+    fusesnap("umount", m.mountpoint)
+    m = mount("--bow", "dev.img", "--bow-map", "dev.map")
+    assert bow_status(m)["state"] == "trim"
+    with opened_image(m) as fd:
+        assert os.pread(fd, BLOCK, 0) == b"after checkpoint".ljust(BLOCK)
+        assert os.pread(fd, BLOCK, BLOCK) == b"after commit".ljust(BLOCK)
+        assert os.pread(fd, 3 * BLOCK, (3 << 20) + BLOCK) == data
