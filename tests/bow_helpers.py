@@ -8,6 +8,7 @@ import hashlib
 import os
 import random
 import re
+import time
 from pathlib import Path
 
 from fusesnap.devices import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, fallocate
@@ -29,6 +30,24 @@ def opened_image(mount):
 def discard(fd: int, offset: int, length: int) -> None:
     """What a loop device sends for a discard (and for write-zeroes)."""
     fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
+
+
+@contextlib.contextmanager
+def mounted_again(device: str, directory: Path, *options: str):
+    """mount(8) a device just unmounted, waiting while a prober (udev's blkid, another
+    test's scan) still holds it open: then mount says "already mounted or busy"."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for _ in range(50):
+        result = run(["mount", *options, device, str(directory)], check=False)
+        if result.returncode == 0:
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError(f"mount {device} failed: {result.stderr}")
+    try:
+        yield directory
+    finally:
+        run(["umount", str(directory)])
 
 
 def ext4_free_blocks(image: Path) -> set[int]:

@@ -13,7 +13,7 @@ import shutil
 import pytest
 
 from bow_helpers import (BLOCK, assert_restored_to, checkpoint_frozen, churn, discard, file_hashes,
-                         make_filled_ext4, opened_image)
+                         make_filled_ext4, mounted_again, opened_image)
 from harness import fusesnap, loop_device, mounted_dir, run, sha256_of, sparse_file
 
 pytestmark = pytest.mark.mount
@@ -116,7 +116,7 @@ def test_commit_keeps_the_changes_and_a_remount_starts_in_trim_state(mount, ext4
     with open(in_tmp / "dev.img", "rb") as dev:
         assert dev.read(4) != b"BOW\0"  # its own block 0 is back
     run(["e2fsck", "-fn", str(in_tmp / "dev.img")])
-    with mounted_dir(str(in_tmp / "dev.img"), in_tmp / "fs3", "-o", "ro,loop") as root:
+    with mounted_again(str(in_tmp / "dev.img"), in_tmp / "fs3", "-o", "ro,loop") as root:
         assert file_hashes(root) == latest
     m = mount("--bow", "dev.img", "--bow-map", "dev.map")
     assert bow_status(m)["state"] == "trim"
@@ -221,7 +221,7 @@ def test_ext4_on_a_512_byte_sector_loop_device(mount, loop, in_tmp):
         hashes = fill_files(root, 30, seed=6, size=100 << 10)
         os.sync()
     run(["e2fsck", "-fn", device])
-    with mounted_dir(device, in_tmp / "fs", "-o", "ro") as root:
+    with mounted_again(device, in_tmp / "fs", "-o", "ro") as root:
         assert {name: sha for name, sha in file_hashes(root).items() if name in hashes} == hashes
 
 
