@@ -132,10 +132,5 @@ def assert_restored_to(device: Path, capture: Path, hashes: dict[str, str], tmp_
             cap_data = os.pread(cap.fileno(), BLOCK, block * BLOCK)
             assert os.pread(dev.fileno(), BLOCK, block * BLOCK) == cap_data, f"block {block} differs"
     run(["e2fsck", "-fn", str(device)])
-    root = tmp_path / "restored-fs"
-    root.mkdir(exist_ok=True)
-    run(["mount", "-o", "ro,loop", str(device), str(root)])
-    try:
+    with mounted_again(str(device), tmp_path / "restored-fs", "-o", "ro,loop") as root:
         assert file_hashes(root) == hashes
-    finally:
-        run(["umount", str(root)])
