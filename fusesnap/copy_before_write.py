@@ -63,6 +63,9 @@ Group commit and the ordering it guarantees
     ``group_commit=False`` gives the naive order for comparison (bench/bench_bow.py):
     each first write runs its own barrier, records, barrier.
 
+    An exception from `write_records` fails the writers of the copies it was given
+    (they are abandoned, so it must raise only before recording any of them); one from `recorded` fails the writers of those copies
+    (their records are durable: the copies count as recorded). Nobody waits forever.
     A failed barrier fails every writer of that round with the OSError: copies it
     should have made durable are abandoned (`abandoned` must forget them; their
     records are never written), and records it covered are not trusted as durable,
@@ -237,7 +240,11 @@ class CopyBeforeWrite:
         self.round_done = trio.Event()
         try:
             ready, self.durable = self.durable, []
-            recorded, deferred, injected = self.policy.write_records(ready) if ready else ([], [], [])
+            try:
+                recorded, deferred, injected = self.policy.write_records(ready) if ready else ([], [], [])
+            except Exception as exc:  # their writers fail; nobody waits forever
+                self._fail(ready, exc)
+                return
             to_sync, self.written = injected + self.written, []
             self.rounds += 1
             try:
@@ -277,7 +284,10 @@ class CopyBeforeWrite:
     def _recorded(self, copies: Sequence[Any], error: BaseException | None) -> None:
         if not copies:
             return
-        self.policy.recorded(list(copies))
+        try:
+            self.policy.recorded(list(copies))
+        except Exception as exc:  # e.g. the policy's own bookkeeping could not be written
+            error = error or exc
         self.copies_recorded += len(copies)
         for copy in copies:
             waiter = self.waiter_of.pop(id(copy), None)

@@ -290,3 +290,47 @@ def test_exclusive_holds_without_planning_and_before_plan_runs_first():
         assert seen == [False]  # before_plan ran before the chunk was planned
 
     trio.run(main)
+
+
+class FailingRecords(LoggingPolicy):
+    def __init__(self, fail_in: str):
+        super().__init__()
+        self.fail_in = fail_in
+
+    def write_records(self, copies):
+        if self.fail_in == "write_records":
+            self.fail_in = ""
+            raise OSError(errno.ENOSPC, "no room for the log")
+        return super().write_records(copies)
+
+    def recorded(self, copies):
+        super().recorded(copies)
+        if self.fail_in == "recorded":
+            self.fail_in = ""
+            raise OSError(errno.EIO, "bookkeeping failed")
+
+
+@pytest.mark.parametrize("fail_in", ["write_records", "recorded"])
+def test_a_policy_error_fails_its_writers_and_nobody_hangs(fail_in):
+    policy = FailingRecords(fail_in)
+    cbw = CopyBeforeWrite(policy)
+    failures = []
+
+    async def main():
+        async def one(chunk):
+            try:
+                async with cbw.writing(chunk, chunk + 1):
+                    policy.steps.append(("overwrite", chunk))
+            except OSError as exc:
+                failures.append(exc.errno)
+
+        with trio.fail_after(5):
+            async with trio.open_nursery() as nursery:
+                for chunk in range(8):
+                    nursery.start_soon(one, chunk)
+        assert not cbw.held and not cbw.waiter_of
+        await first_writes(cbw, policy, range(8, 12))  # later writes work again
+
+    trio.run(main)
+    assert failures and all(code in (errno.ENOSPC, errno.EIO) for code in failures)
+    check_order(policy.steps)

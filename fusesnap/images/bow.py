@@ -196,13 +196,13 @@ class MapJournal:
         self.buffer += self.pack(record_type, value, a, b)
 
     def write_out(self) -> None:
-        """Append the buffered records (page cache: they outlive a crash of the server)."""
-        if self.buffer:
-            data, self.buffer = bytes(self.buffer), bytearray()
-            view = memoryview(data)
-            while view:
-                view = view[os.write(self.fd, view):]
-            self.records += len(data) // self.RECORD_SIZE
+        """Append the buffered records (page cache: they outlive a crash of the server).
+        On an error what was not written stays buffered, and is appended by the next
+        call exactly where this one stopped."""
+        while self.buffer:
+            written = os.write(self.fd, self.buffer)
+            del self.buffer[:written]
+            self.records += written // self.RECORD_SIZE
 
     def fsync(self) -> None:
         os.fsync(self.fd)
@@ -480,7 +480,8 @@ class BowImage(Image):
         segments = self.blocks.segments(first, end)
         needed = sum(e - s for s, e, kind in segments if kind in NEEDS_BACKUP)
         free_here = sum(e - s for s, e, kind in segments if kind == FREE)
-        if needed and self.blocks.length_of(FREE) - free_here - needed < LOG_RESERVE:
+        if (needed or free_here) and self.blocks.length_of(FREE) - free_here - needed < LOG_RESERVE:
+            # Free blocks written count too: the last LOG_RESERVE are kept for the log.
             self._note_low_space()
             raise OSError(errno.ENOSPC, "no free space left for backups")
         # Free blocks written become changed first, so none of them is chosen as a
@@ -525,9 +526,15 @@ class BowImage(Image):
 
     def write_records(self, copies: list[BowCopy]):
         """Sync. Append log entries for durable copies and write the log block; a full
-        log block is first backed up (injected) and everything else deferred."""
+        log block is first backed up (injected) and everything else deferred. Raises
+        only before recording anything."""
         if self.state != CHECKPOINT:
             return copies, [], []  # committed meanwhile: the log is gone
+        # One call backs up at most one full log block (after that everything waits
+        # for it). Without a free block for it, fail them all before recording any.
+        if len(copies) >= bow_log.entries_per_block(self.block_size) - len(self.log.entries) \
+                and not self.log_copy_pending and not self.blocks.length_of(FREE):
+            raise OSError(errno.ENOSPC, "no free block left to roll the log over")
         recorded, deferred, injected = [], [], []
         spb, changed = self.sectors_per_block, False
         for copy in copies:
