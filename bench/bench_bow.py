@@ -44,8 +44,8 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import (  # noqa: E402
-    FUSESNAP, REPO, WORKLOADS, BenchError, attached, fio_job, format_table, fusesnap_mounted,
-    header_lines, page_cached_file, require_root, run, scratch_dir, terminate_as_interrupt, warm,
+    FUSESNAP, REPO, WORKLOADS, attached, fio_job, format_table, fusesnap_mounted,
+    page_cached_file, run, run_benchmark, scratch_dir, warm,
 )
 
 from fusesnap.devices import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, fallocate  # noqa: E402
@@ -206,28 +206,21 @@ def report(trim: dict, best: dict) -> bool:
     return all_pass
 
 
+def bench(args) -> bool:
+    with scratch_dir("fusesnap-bench-bow-", args.tmpdir) as tmp:
+        print(f"filling a {args.size_mib} MiB template in {tmp} ...", flush=True)
+        template = page_cached_file(tmp / "template.raw", args.size_mib << 20)
+        trim = trim_state(args, tmp, template)
+        best: dict = {}
+        for round_index in range(args.repeat):
+            first_writes(args, tmp, template, best, round_index)
+    print()
+    return report(trim, best)
+
+
 def main() -> int:
     args = parse_args()
-    require_root()
-    terminate_as_interrupt()
-    print("\n".join(header_lines()), flush=True)
-    try:
-        with scratch_dir("fusesnap-bench-bow-", args.tmpdir) as tmp:
-            print(f"filling a {args.size_mib} MiB template in {tmp} ...", flush=True)
-            template = page_cached_file(tmp / "template.raw", args.size_mib << 20)
-            trim = trim_state(args, tmp, template)
-            best: dict = {}
-            for round_index in range(args.repeat):
-                first_writes(args, tmp, template, best, round_index)
-        print()
-        return 0 if report(trim, best) else 1
-    except BenchError as exc:
-        print(f"{sys.argv[0]}: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"{sys.argv[0]}: interrupted; cleaned up", file=sys.stderr)
-        return 130
-
+    return run_benchmark(lambda: bench(args))
 
 if __name__ == "__main__":
     sys.exit(main())
