@@ -354,3 +354,26 @@ def test_a_truncated_sequence_is_refused(good):
 
 def test_a_device_without_a_log_is_refused():
     assert_refused(MemoryDevice(bytes(1 << 20)), "no backup-on-write log")
+
+
+def test_the_cli_restore_killed_at_a_random_moment_finishes_when_run_again(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    device, checkpoint, _ = checkpointed_device(512, blocks=16384, writes=12000, seed=10)
+    path = tmp_path / "dev.img"
+    for delay in (0.05, 0.4, 0.55, 0.7, 0.85):  # before, during validation, during the copies
+        path.write_bytes(bytes(device.data))
+        command = [sys.executable, "-m", "fusesnap", "bow", "restore", "dev.img", "--bow-map", "dev.map"]
+        first = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        time.sleep(delay)
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+        again = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True)
+        finished_before = first.returncode == 0
+        assert again.returncode == 0 or (finished_before and "no backup-on-write log" in again.stderr), \
+            again.stderr
+        restored = MemoryDevice(path.read_bytes())
+        assert_is_checkpoint(restored, checkpoint, 512)
