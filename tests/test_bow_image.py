@@ -345,3 +345,40 @@ def test_a_server_crash_in_trim_and_committed_state_resumes_there(mount, in_tmp)
         assert os.pread(fd, BLOCK, 0) == b"after checkpoint".ljust(BLOCK)
         assert os.pread(fd, BLOCK, BLOCK) == b"after commit".ljust(BLOCK)
         assert os.pread(fd, 3 * BLOCK, (3 << 20) + BLOCK) == data
+
+
+def test_a_crash_between_commit_and_its_journal_record_is_recognised(mount, in_tmp):
+    rng = random.Random(10)
+    m = mount_random_device(mount, in_tmp, rng)
+    with opened_image(m) as fd:
+        checkpoint_with_free(m, fd, 4 << 20, 1 << 20)
+        latest = rng.randbytes(8 * BLOCK)
+        os.pwrite(fd, latest, 0)
+        os.fsync(fd)
+    m.kill_server()
+    fusesnap("umount", m.mountpoint)
+    # What commit writes before it records the commit: the live block 0 back at 0.
+    header = (in_tmp / "dev.img").read_bytes()[:28]
+    live = int.from_bytes(header[20:28], "little") * 512
+    with open(in_tmp / "dev.img", "r+b") as dev:
+        dev.seek(live)
+        block0 = dev.read(BLOCK)
+        dev.seek(0)
+        dev.write(block0)
+    m = mount("--bow", "dev.img", "--bow-map", "dev.map")
+    assert bow_status(m)["state"] == "trim"
+    with opened_image(m) as fd:
+        assert os.pread(fd, 8 * BLOCK, 0) == latest
+    fusesnap("umount", m.mountpoint)
+    # A restored device is not taken for a committed one.
+    m = mount("--bow", "dev.img", "--bow-map", "dev.map")
+    with opened_image(m) as fd:
+        checkpoint_with_free(m, fd, 4 << 20, 1 << 20)
+        os.pwrite(fd, rng.randbytes(BLOCK), 0)
+    fusesnap("umount", m.mountpoint)
+    fusesnap("bow", "restore", "dev.img")  # the default map path: dev.map stays behind
+    (in_tmp / "mnt9").mkdir()
+    result = fusesnap("mount", in_tmp / "mnt9", "--bow", "dev.img", "--bow-map", "dev.map", check=False)
+    if result.returncode == 0:
+        fusesnap("umount", in_tmp / "mnt9")
+    assert result.returncode == 1 and "restored or replaced" in result.stderr

@@ -260,6 +260,7 @@ class BowImage(Image):
         self.state = TRIM
         self.log: LogBlock | None = None          # the log block in device block 0 (checkpoint)
         self.sector0_block = 0                    # where image block 0 lives (checkpoint)
+        self.block0_backup = 0                    # where the checkpoint's block 0 is backed up
         self.log_copy_pending = False             # a full log block is being backed up
         self.free_cursor = 0                      # next-fit start for backup destinations
         self.punch_supported = True
@@ -283,7 +284,7 @@ class BowImage(Image):
                     self.blocks.assign(a, b, None if value == IN_USE else value)
                 elif record_type == MapJournal.STATE:
                     self.state = {code: name for name, code in STATE_CODES.items()}[value]
-                    self.sector0_block = a
+                    self.sector0_block, self.block0_backup = a, b
                 elif record_type == MapJournal.LOGPOS:
                     logpos = (a, b)
         if device_log is not None:
@@ -300,15 +301,32 @@ class BowImage(Image):
             self.log = device_log
             self._apply_unjournaled_entries(logpos)
             self.sector0_block = device_log.sector0 // self.sectors_per_block
+            if not self.block0_backup:
+                first_block = device_log if device_log.sequence == 0 else bow_log.validate(self.device).blocks[-1]
+                self.block0_backup = first_block.entries[0].dest // self.sectors_per_block
             self.blocks.assign(0, 1, LOG)
             self.blocks.assign(self.sector0_block, self.sector0_block + 1, SECTOR0)
         elif self.state == CHECKPOINT:
-            raise UserError(f"{self.device.path} has no backup-on-write log although its map "
-                            f"{self.journal.path} says it is checkpointed: it was restored or replaced. "
-                            "Delete the map if so", EXIT_FAILED)
+            self._committed_before_the_journal_heard()
         if self.state == COMMITTED:
             self.state = TRIM  # a re-mount after a commit starts in trim state
         self._compact_journal()
+
+    def _committed_before_the_journal_heard(self) -> None:
+        """The map says checkpoint, the device has no log. A commit that the journal
+        did not hear of leaves block 0 equal to its live copy (and, unless block 0
+        never changed, different from its backup); anything else is a restore or
+        another device, and the map is no longer true."""
+        bs = self.block_size
+        block0 = self.device.pread(bs, 0)
+        if (self.sector0_block and block0 == self.device.pread(bs, self.sector0_block * bs)
+                and block0 != self.device.pread(bs, self.block0_backup * bs)):
+            log.info("%s: the commit finished before the server stopped", self.name)
+            self._committed()
+            return
+        raise UserError(f"{self.device.path} has no backup-on-write log although its map "
+                        f"{self.journal.path} says it is checkpointed: it was restored or replaced "
+                        "(delete the map then)", EXIT_FAILED)
 
     def _apply_unjournaled_entries(self, logpos: tuple[int, int]) -> None:
         """Backups the device log records beyond what the journal knows (the server
@@ -338,7 +356,8 @@ class BowImage(Image):
         # a restart knows (the log says otherwise once its entry is durable).
         records = [MapJournal.pack(MapJournal.ASSIGN, FREE if value == COPYING else value, s, e)
                    for s, e, value in self.blocks]
-        records.append(MapJournal.pack(MapJournal.STATE, STATE_CODES[self.state], self.sector0_block, 0))
+        records.append(MapJournal.pack(MapJournal.STATE, STATE_CODES[self.state], self.sector0_block,
+                                       self.block0_backup))
         if self.log is not None:
             records.append(MapJournal.pack(MapJournal.LOGPOS, 0, self.log.sequence, len(self.log.entries)))
         return records
@@ -587,7 +606,7 @@ class BowImage(Image):
                 self._assign(copy.source, copy.source + 1, CHANGED)
                 self._assign(copy.dest, copy.dest + 1, SECTOR0)
                 self.sector0_block = copy.dest
-                self.journal.add(MapJournal.STATE, STATE_CODES[CHECKPOINT], copy.dest, 0)
+                self.journal.add(MapJournal.STATE, STATE_CODES[CHECKPOINT], copy.dest, self.block0_backup)
             else:
                 if copy.kind == "data":
                     self._assign(copy.source, copy.source + copy.blocks, CHANGED)
@@ -711,7 +730,8 @@ class BowImage(Image):
         self._assign(0, 1, LOG)
         self._assign(live, live + 1, SECTOR0)
         self._assign(backup, backup + 1, BACKUP)
-        self.journal.add(MapJournal.STATE, STATE_CODES[CHECKPOINT], live, 0)
+        self.block0_backup = backup
+        self.journal.add(MapJournal.STATE, STATE_CODES[CHECKPOINT], live, backup)
         self.journal.add(MapJournal.LOGPOS, 0, 0, 1)
         self.journal.write_out()
         self.journal.fsync()
@@ -729,6 +749,13 @@ class BowImage(Image):
         self.device.fsync()
         self.device.pwrite(block0, 0)
         self.device.fsync()
+        self._committed()
+        self.journal.write_out()
+        self.journal.fsync()
+        log.info("%s: committed", self.name)
+
+    def _committed(self) -> None:
+        """Block 0 is back on the device: the map of a pass-through again."""
         self.state = COMMITTED
         self.log = None
         self.log_copy_pending = False
@@ -741,9 +768,6 @@ class BowImage(Image):
                 self._assign(s, e, FREE)
                 self._punch(s, e)
         self.journal.add(MapJournal.STATE, STATE_CODES[COMMITTED], 0, 0)
-        self.journal.write_out()
-        self.journal.fsync()
-        log.info("%s: committed", self.name)
 
     # -- low space ----------------------------------------------------------------------
 
