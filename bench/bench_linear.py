@@ -52,9 +52,8 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import (  # noqa: E402
-    WORKLOADS, BenchError, attached, fio_job, format_table, fusesnap_mounted, header_lines,
-    log_tail, loop_direct_io, page_cached_file, require_root, scratch_dir,
-    terminate_as_interrupt, warm,
+    WORKLOADS, BenchError, attached, fio_job, format_table, fusesnap_mounted, log_tail,
+    loop_direct_io, page_cached_file, run_benchmark, scratch_dir, warm,
 )
 
 # linear.img / limit, from the performance issue.
@@ -160,18 +159,7 @@ def bench(args) -> bool:
 
 def main() -> int:
     args = parse_args()
-    require_root()
-    terminate_as_interrupt()
-    print("\n".join(header_lines()), flush=True)
-    try:
-        all_pass = bench(args)
-    except BenchError as exc:
-        print(f"{sys.argv[0]}: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"{sys.argv[0]}: interrupted; cleaned up", file=sys.stderr)
-        return 130
-    return 0 if all_pass else 1
+    return run_benchmark(lambda: bench(args))
 
 
 if __name__ == "__main__":

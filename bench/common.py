@@ -91,6 +91,23 @@ def deferred_interrupts():
             raise KeyboardInterrupt
 
 
+def run_benchmark(body) -> int:
+    """A benchmark's main: root check, SIGTERM as Ctrl-C, the header lines, then
+    `body()` (True if every figure reaches its floor). Exit status 0, or 1 if a
+    figure is below its floor, 2 if the benchmark itself failed, 130 if interrupted."""
+    require_root()
+    terminate_as_interrupt()
+    print("\n".join(header_lines()), flush=True)
+    try:
+        return 0 if body() else 1
+    except BenchError as exc:
+        print(f"{sys.argv[0]}: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{sys.argv[0]}: interrupted; cleaned up", file=sys.stderr)
+        return 130
+
+
 def terminate_as_interrupt() -> None:
     """Make SIGTERM behave like Ctrl-C, so `finally` blocks run on either."""
 

@@ -123,7 +123,7 @@ class MountServer:
     def __init__(self, mountpoint: str, images: list[Image], *, workers: int, debug: bool):
         self.mountpoint = mountpoint
         self.images = images
-        self.workers = workers
+        self.workers = max(workers, *(image.concurrent_requests for image in images))
         self.debug = debug
         self.handover = HandOver(self)  # live upgrade: fusesnap/upgrade.py
 

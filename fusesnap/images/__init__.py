@@ -5,10 +5,11 @@
 | base      | -            | the `Image` interface the FUSE adapter calls                 |
 | linear    | linear.img   | read-write pass-through of a device                          |
 | update    | system.img   | update overlay: a device as updated by a diff, merged live   |
+| bow       | bow.img      | backup-on-write (dm-bow): trim, checkpoint, commit, restore  |
 
 `IMAGE_TYPES` is the list `fusesnap mount` consults for its options and images.
 """
 
-from . import linear, update
+from . import bow, linear, update
 
-IMAGE_TYPES = (linear, update)
+IMAGE_TYPES = (linear, update, bow)

@@ -48,6 +48,10 @@ class Image:
     #: True for an image that cannot work without discards from the loop device
     #: (FUSE fallocate requests, which stock pyfuse3 does not pass on)
     needs_discards: ClassVar[bool] = False
+    #: FUSE requests the image wants handled at once (the mount serves at least this
+    #: many): an image whose writes wait for a shared fsync (group commit) needs
+    #: several in flight, or every write waits alone
+    concurrent_requests: ClassVar[int] = 1
 
     #: versions of handover_state() this code restores; the first is the one it writes
     handover_versions: ClassVar[tuple[int, ...]] = (1,)

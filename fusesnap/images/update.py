@@ -53,7 +53,7 @@ from tqdm import tqdm
 
 from .. import arguments
 from ..control import read_status, require_image, send_command
-from ..devices import BlockDevice, resolve_device_path
+from ..devices import BlockDevice
 from ..diffing import open_diff
 from ..errors import EXIT_FAILED, EXIT_USAGE, UserError
 from ..formats.update_diff import (BLOCK_HASH_SIZE, DiffFile, DiffFormatError, hash_block,
@@ -638,7 +638,7 @@ def images_from_args(args: argparse.Namespace) -> list[Image]:
     diff = open_diff(os.path.abspath(args.diff), bad_diff_status=EXIT_USAGE)
     device = None
     try:
-        device = BlockDevice(resolve_device_path(args.system), read_only=args.no_bg_update)
+        device = BlockDevice(args.system, read_only=args.no_bg_update)
         try:
             diff.check_device(device.size, device.logical_block_size)
         except DiffFormatError as exc:

@@ -1,0 +1,226 @@
+#!/usr/bin/env python3
+"""Benchmark bow.img: trim state against linear.img, first writes in checkpoint state
+(group commit and the naive two-syncs order) and rewrites against the trim state, and
+the restore rate.
+
+    python bench/bench_bow.py                  # 512 MiB devices, 5 s runs, 2 rounds
+    python bench/bench_bow.py --size-mib 1024 --repeat 3
+
+Must run as root. In one run it:
+
+1. fills a template file of --size-mib random bytes (page-cached);
+2. trim state: one mount with `--linear A --bow B` (A, B copies of the template),
+   a loop device (direct I/O) on each image, the four fio workloads of bench/common.py
+   (time-based, whole device) on each, back to back, alternating which goes first;
+   ratio bow.img / linear.img, floor 0.9;
+3. first writes: for each workload (rand write 4 KiB qd16, seq write 1 MiB qd8) and
+   each mode -- `trim` (no checkpoint), `group` (checkpoint, group commit) and `naive`
+   (checkpoint, `--bow-naive-commit`: copy, sync, log, sync per first write) -- a fresh
+   copy of the template is mounted with `--bow`, its upper half discarded (free space
+   for backups), checkpointed (not in `trim` mode), and fio writes the first 3/8 of it
+   (every block there holds checkpoint data) once: random 4 KiB over a quarter of it, each
+   block at most once (fio's random map), sequential 1 MiB over all of it. Ratios
+   against `trim`: floor 0.3 (random) and 0.5 (sequential) for `group`; `naive` is
+   shown for comparison. The same job again (same blocks, now backed up) gives the
+   rewrite figure of `group` and `trim`, floor 0.9. After the group run the device is
+   unmounted and `fusesnap bow restore` is timed: MB/s of backed-up data, floor 200.
+   Modes run in rotating order each round; the best run counts.
+
+Teardown always runs (loop devices, `fusesnap umount`, temp dir). Exit status: 0 if
+every figure reaches its floor, 1 if one is below, 2 if the benchmark failed, 130 if
+interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from common import (  # noqa: E402
+    FUSESNAP, REPO, WORKLOADS, attached, fio_job, format_table, fusesnap_mounted,
+    page_cached_file, run, run_benchmark, scratch_dir, warm,
+)
+
+from fusesnap.devices import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, fallocate  # noqa: E402
+
+TRIM_FLOOR = 0.9
+FIRST_WRITE_FLOOR = {"randwrite": 0.3, "seqwrite": 0.5}
+REWRITE_FLOOR = 0.9
+RESTORE_FLOOR_MBPS = 200
+MODES = ("trim", "group", "naive")
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size-mib", type=int, default=512, help="device size (default 512)")
+    parser.add_argument("--runtime", type=float, default=5, help="seconds per time-based fio run (default 5)")
+    parser.add_argument("--repeat", type=int, default=2, help="rounds; the best run counts (default 2)")
+    parser.add_argument("--tmpdir", help="where the temp dir goes (default: $TMPDIR or /tmp)")
+    args = parser.parse_args()
+    if args.repeat < 1 or args.size_mib < 64 or args.runtime <= 0:
+        parser.error("--repeat and --runtime must be positive, --size-mib at least 64")
+    return args
+
+
+def cell(result: dict) -> str:
+    return f"{result['mbps']:.1f} ({result['iops']:.0f})"
+
+
+def keep_best(best: dict, key, result: dict) -> None:
+    if result["mbps"] > best.get(key, {"mbps": -1})["mbps"]:
+        best[key] = result
+
+
+def fio_once(device: str, kind: str, region: int) -> dict:
+    """Write `region` bytes from the start of `device` once: sequential 1 MiB over all
+    of it, or random 4 KiB over a quarter of it with no block written twice."""
+    workload = WORKLOADS[kind]
+    io_size = region if kind == "seqwrite" else region // 4
+    cmd = ["fio", f"--name={kind}", f"--filename={device}", f"--rw={workload.rw}",
+           f"--bs={workload.block_size}", f"--iodepth={workload.iodepth}", "--ioengine=libaio",
+           "--direct=1", "--numjobs=1", f"--size={region}", f"--io_size={io_size}",
+           "--randrepeat=1", "--output-format=json"]
+    report = json.loads((out := run(cmd).stdout)[out.index("{"):])
+    figures = report["jobs"][0]["write"]
+    return {"mbps": figures["bw_bytes"] / 1e6, "iops": figures["iops"]}
+
+
+def discard(path, offset: int, length: int) -> None:
+    fd = os.open(path, os.O_RDWR)
+    try:
+        fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
+    finally:
+        os.close(fd)
+
+
+def trim_state(args, tmp, template) -> dict:
+    """bow.img in trim state against linear.img, the four workloads."""
+    best: dict = {}
+    linear, bow = tmp / "linear.raw", tmp / "bow.raw"
+    shutil.copyfile(template, linear)
+    shutil.copyfile(template, bow)
+    with contextlib.ExitStack() as stack:
+        mount = stack.enter_context(fusesnap_mounted(tmp / "mnt-trim", "--linear", linear, "--bow", bow,
+                                                     "--bow-map", tmp / "trim.map"))
+        devices = {"linear.img": stack.enter_context(attached(mount / "linear.img")),
+                   "bow.img": stack.enter_context(attached(mount / "bow.img"))}
+        for round_index in range(args.repeat):
+            order = ("linear.img", "bow.img") if round_index % 2 == 0 else ("bow.img", "linear.img")
+            for kind in WORKLOADS:
+                for target in order:
+                    warm(linear if target == "linear.img" else bow)
+                    result = fio_job(devices[target], kind, args.runtime)
+                    print(f"  trim round {round_index + 1}  {WORKLOADS[kind].label:<19} {target:<10} "
+                          f"{cell(result)}", flush=True)
+                    keep_best(best, (kind, target), result)
+    return best
+
+
+def first_writes(args, tmp, template, best: dict, round_index: int) -> None:
+    size = args.size_mib << 20
+    region = size * 3 // 8  # backed up into the free upper half, with room for the log
+    for kind in ("randwrite", "seqwrite"):
+        modes = MODES[round_index % 3:] + MODES[:round_index % 3]
+        for mode in modes:
+            device = tmp / f"bow-{mode}.raw"
+            shutil.copyfile(template, device)
+            warm(device)
+            map_path = tmp / f"first-writes-{mode}.map"
+            naive = ["--bow-naive-commit"] if mode == "naive" else []
+            with fusesnap_mounted(tmp / f"mnt-{mode}", "--bow", device, "--bow-map", map_path,
+                                  "--bow-low-space", "0", *naive) as mount:
+                discard(mount / "bow.img", region, size - region)
+                if mode != "trim":
+                    run([*FUSESNAP, "bow", "checkpoint", mount.mountpoint], cwd=REPO)
+                with attached(mount / "bow.img") as loop:
+                    first = fio_once(loop, kind, region)
+                    again = fio_once(loop, kind, region) if mode != "naive" else None
+                status = json.loads((mount / ".status.json").read_text())["images"]["bow.img"]
+            print(f"  round {round_index + 1}  {WORKLOADS[kind].label:<19} {mode:<6} first {cell(first)}"
+                  + (f"  rewrite {cell(again)}" if again else "")
+                  + f"  barriers {status['barriers']} for {status['copies_recorded']} copies", flush=True)
+            keep_best(best, ("first", kind, mode), first)
+            if again:
+                keep_best(best, ("rewrite", kind, mode), again)
+            if mode == "group":
+                backed_up = status["backed_up"]
+                started = time.monotonic()
+                run([*FUSESNAP, "bow", "restore", device, "--bow-map", map_path], cwd=REPO)
+                elapsed = time.monotonic() - started
+                result = {"mbps": backed_up / elapsed / 1e6, "iops": 0, "bytes": backed_up}
+                print(f"  round {round_index + 1}  restore after {kind}: {backed_up >> 20} MiB "
+                      f"in {elapsed:.2f} s = {result['mbps']:.0f} MB/s", flush=True)
+                keep_best(best, ("restore", kind), result)
+            device.unlink()
+            map_path.unlink(missing_ok=True)  # the next round's device is a new file
+
+
+def report(trim: dict, best: dict) -> bool:
+    all_pass = True
+    rows = []
+    for kind in WORKLOADS:
+        ratio = trim[(kind, "bow.img")]["mbps"] / trim[(kind, "linear.img")]["mbps"]
+        passed = ratio >= TRIM_FLOOR
+        all_pass &= passed
+        rows.append([f"trim: {WORKLOADS[kind].label}", cell(trim[(kind, "linear.img")]),
+                     cell(trim[(kind, "bow.img")]), f"{ratio:.2f}", f"{TRIM_FLOOR:.2f}",
+                     "PASS" if passed else "BELOW-FLOOR"])
+    print(format_table(["bow.img trim state", "linear.img MB/s (IOPS)", "bow.img MB/s (IOPS)",
+                        "ratio", "floor", "mark"], rows))
+    print()
+    rows = []
+    for kind in ("randwrite", "seqwrite"):
+        base = best[("first", kind, "trim")]
+        for mode in ("group", "naive"):
+            ratio = best[("first", kind, mode)]["mbps"] / base["mbps"]
+            floor = FIRST_WRITE_FLOOR[kind] if mode == "group" else None
+            passed = floor is None or ratio >= floor
+            all_pass &= passed
+            rows.append([f"first writes, {WORKLOADS[kind].label}, {mode}", cell(base),
+                         cell(best[("first", kind, mode)]), f"{ratio:.2f}",
+                         f"{floor:.2f}" if floor else "-", ("PASS" if passed else "BELOW-FLOOR") if floor else "-"])
+        base = best[("rewrite", kind, "trim")]
+        ratio = best[("rewrite", kind, "group")]["mbps"] / base["mbps"]
+        passed = ratio >= REWRITE_FLOOR
+        all_pass &= passed
+        rows.append([f"rewrites, {WORKLOADS[kind].label}", cell(base), cell(best[("rewrite", kind, "group")]),
+                     f"{ratio:.2f}", f"{REWRITE_FLOOR:.2f}", "PASS" if passed else "BELOW-FLOOR"])
+    print(format_table(["checkpoint state", "trim MB/s (IOPS)", "checkpoint MB/s (IOPS)", "ratio",
+                        "floor", "mark"], rows))
+    print()
+    rows = []
+    for kind in ("randwrite", "seqwrite"):
+        result = best[("restore", kind)]
+        passed = result["mbps"] >= RESTORE_FLOOR_MBPS
+        all_pass &= passed
+        rows.append([f"after {WORKLOADS[kind].label}", f"{result['bytes'] >> 20} MiB",
+                     f"{result['mbps']:.0f}", f"{RESTORE_FLOOR_MBPS}", "PASS" if passed else "BELOW-FLOOR"])
+    print(format_table(["bow restore", "backed up", "MB/s", "floor", "mark"], rows))
+    return all_pass
+
+
+def bench(args) -> bool:
+    with scratch_dir("fusesnap-bench-bow-", args.tmpdir) as tmp:
+        print(f"filling a {args.size_mib} MiB template in {tmp} ...", flush=True)
+        template = page_cached_file(tmp / "template.raw", args.size_mib << 20)
+        trim = trim_state(args, tmp, template)
+        best: dict = {}
+        for round_index in range(args.repeat):
+            first_writes(args, tmp, template, best, round_index)
+    print()
+    return report(trim, best)
+
+
+def main() -> int:
+    args = parse_args()
+    return run_benchmark(lambda: bench(args))
+
+if __name__ == "__main__":
+    sys.exit(main())

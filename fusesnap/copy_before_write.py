@@ -1,0 +1,308 @@
+"""Copy-before-write: the first write to a chunk copies its old contents elsewhere,
+durably recorded, before the write proceeds.
+
+Both images that preserve old data are built on this: `bow.img` (backup-on-write,
+after Android's dm-bow: old blocks are copied into the device's free space and logged
+in block 0) and snapshots (after blksnap: old chunks are copied once into a store
+file shared by all snapshots and recorded in the store's table). This module owns the
+mechanics they share; the *policy* -- which chunks need a copy, where a copy goes,
+what the record is and how it is made durable -- belongs to the image.
+
+Interface
+    `CopyBeforeWrite(policy, group_commit=True)`; an image wraps every write (and
+    every read-modify-write) of chunks ``[first, end)`` in::
+
+        async with cbw.writing(first, end):
+            ...overwrite the chunks...
+
+    On entry, in this order:
+      1. *Chunk locks*: waits until no other `writing` holds a chunk of
+         ``[first, end)``, then holds them until the block exits. Writes to
+         unrelated chunks never wait for each other; a second write to a chunk
+         whose copy is in flight waits for it (and then usually needs no copy).
+      2. ``policy.plan(first, end) -> list[copy]`` (synchronous, never awaits, so it
+         is atomic): which chunks need a copy; reserve their destinations and mark
+         them in the image's maps. The copy objects are the policy's own (opaque
+         here). ``[]`` means nothing to copy: the block is entered at once. May
+         raise OSError (ENOSPC when there is no room: then it must change nothing).
+      3. ``await policy.copy(copies)``: write the old contents to the destinations
+         (into the page cache; no sync needed).
+      4. *Group commit* (below) until every copy is durably recorded.
+    The overwrite in the block may then proceed. `writing(..., before_plan=f)` runs
+    `f()` between 1 and 2 (a read-modify-write reads the current contents there).
+    `exclusive(first, end)` only holds the chunks (a discard, a state change);
+    `hold(first, end)` / `release(...)` let the policy hold chunks itself, without
+    waiting, e.g. the destinations of its copies until they are recorded. An exception in 2-4 calls
+    ``policy.abandoned(copies, exc)`` for copies not yet recorded, releases the
+    locks and propagates; the overwrite does not happen.
+
+Group commit and the ordering it guarantees
+    A record may only become durable after the copy it describes, and an overwrite
+    only after its record. Done naively that is two syncs per first write (copy,
+    sync, record, sync, overwrite). Here concurrent first writes share them: a round
+    is
+
+        recorded, deferred, injected = policy.write_records(durable_copies)
+        await policy.barrier()          # one fsync for everything below
+        policy.recorded(recorded)       # then their writers may overwrite
+
+    where ``durable_copies`` are the copies a *previous* barrier made durable, and
+    the barrier also makes durable every copy written since the last round. So a
+    round costs one barrier however many writes share it, and each copy is durable
+    one round before its record is written: the ordering holds for every crash
+    point. A first write waits for two rounds. Whoever needs a round while none is
+    running runs it (no background task), shielded from cancellation.
+
+    ``write_records`` (synchronous) records the copies it can (e.g. appends log
+    entries and pwrites the log block) and returns ``(recorded, deferred,
+    injected)``: ``deferred`` are copies it could not record yet (they are offered
+    again next round, in order), ``injected`` are new copies the policy itself wrote
+    (e.g. dm-bow's backup of a full log block) that must become durable and then be
+    offered to it before the deferred ones. Injected copies have no waiting writer.
+
+    ``group_commit=False`` gives the naive order for comparison (bench/bench_bow.py):
+    each first write runs its own barrier, records, barrier.
+
+    An exception from `write_records` fails the writers of the copies it was given
+    (they are abandoned, so it must raise only before recording any of them); one from `recorded` fails the writers of those copies
+    (their records are durable: the copies count as recorded). Nobody waits forever.
+    A failed barrier fails every writer of that round with the OSError: copies it
+    should have made durable are abandoned (`abandoned` must forget them; their
+    records are never written), and records it covered are not trusted as durable,
+    though `recorded` is still called for them (their copies were durable, so the
+    records are true whenever they reach the disk).
+
+Policy methods, all called on the trio thread:
+    plan(first, end) -> list[copy]                    sync, no await
+    async copy(copies) -> None                         may await (threads)
+    write_records(copies) -> (recorded, deferred, injected)   sync, no await
+    async barrier() -> None                            may await (fsync in a thread)
+    recorded(copies) -> None                           sync, no await
+    abandoned(copies, exc) -> None                     sync, no await
+
+Concurrency contract: everything runs on one trio thread; the module's own state
+(held chunks, pending copies) changes only between awaits. Policy map changes happen
+only in the synchronous methods, so each is atomic. Figures for `.status` and the
+benchmark: `rounds`, `barriers`, `copies_recorded`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol, Sequence
+
+import trio
+
+from .rangemap import RangeMap
+
+__all__ = ["CopyBeforeWrite", "CopyPolicy"]
+
+
+class CopyPolicy(Protocol):
+    """What an image supplies; see the module docstring for each method's contract."""
+
+    def plan(self, first: int, end: int) -> list[Any]: ...
+    async def copy(self, copies: list[Any]) -> None: ...
+    def write_records(self, copies: list[Any]) -> tuple[list[Any], list[Any], list[Any]]: ...
+    async def barrier(self) -> None: ...
+    def recorded(self, copies: list[Any]) -> None: ...
+    def abandoned(self, copies: list[Any], exc: BaseException) -> None: ...
+
+
+@dataclass(eq=False)
+class _Waiter:
+    """One `writing` block waiting for its copies to be recorded."""
+    remaining: int
+    done: trio.Event = field(default_factory=trio.Event)
+    error: BaseException | None = None
+
+    def finish(self, error: BaseException | None = None) -> None:
+        if error is not None and self.error is None:
+            self.error = error
+        self.remaining -= 1
+        if self.remaining <= 0 or error is not None:
+            self.done.set()
+
+
+class CopyBeforeWrite:
+    """Chunk locks, group commit and the copy -> record -> overwrite order; see the
+    module docstring."""
+
+    def __init__(self, policy: CopyPolicy, *, group_commit: bool = True):
+        self.policy = policy
+        self.group_commit = group_commit
+        # chunk -> the trio.Event set when its holder releases it (no value index:
+        # every holder's event is distinct)
+        self.held = RangeMap(index_values=False)
+        self.written: list[Any] = []  # copies written since the last barrier
+        self.durable: list[Any] = []  # copies a barrier made durable, not yet recorded
+        self.waiter_of: dict[int, _Waiter] = {}  # id(copy) -> its writer
+        self.round_running = False
+        self.round_done = trio.Event()
+        self.rounds = 0
+        self.barriers = 0
+        self.copies_recorded = 0
+
+    # -- the public entry -------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def writing(self, first: int, end: int, *, before_plan: Callable[[], None] | None = None):
+        """Hold chunks [first, end) and make their old contents durably copied
+        (where the policy says so) before the body overwrites them.
+
+        `before_plan` (sync) runs once the chunks are held and before `plan`: the
+        place for a read-modify-write to read what the chunks hold now."""
+        released = await self._lock(first, end)
+        try:
+            if before_plan is not None:
+                before_plan()
+            copies = self.policy.plan(first, end)
+            if copies:
+                await self._copy_and_commit(copies)
+            yield
+        finally:
+            self.held.clear(first, end)
+            released.set()
+
+    @contextlib.asynccontextmanager
+    async def exclusive(self, first: int, end: int):
+        """Hold chunks [first, end) without planning copies (a discard, a state change)."""
+        released = await self._lock(first, end)
+        try:
+            yield
+        finally:
+            self.held.clear(first, end)
+            released.set()
+
+    # -- chunk locks --------------------------------------------------------------
+
+    async def _lock(self, first: int, end: int) -> trio.Event:
+        while True:
+            holders = self.held.overlapping(first, end)
+            if not holders:
+                break
+            await holders[0][2].wait()  # then look again: others may have come first
+        released = trio.Event()
+        self.held.assign(first, end, released)
+        return released
+
+    def is_held(self, first: int, end: int) -> bool:
+        """Does any `writing`, `exclusive` or `hold` hold a chunk of [first, end)? (A
+        write the policy knows needs no copy may skip the locks if not.)"""
+        return bool(self.held.overlapping(first, end))
+
+    def hold(self, first: int, end: int) -> trio.Event:
+        """Hold chunks [first, end) at once (sync, for `plan` or `write_records`:
+        e.g. a copy's destination, so that no write lands there before the copy is
+        recorded). They must be free: RuntimeError otherwise. Give the result to
+        `release` when done."""
+        if self.held.overlapping(first, end):
+            raise RuntimeError(f"chunks [{first}, {end}) are already held")
+        released = trio.Event()
+        self.held.assign(first, end, released)
+        return released
+
+    def release(self, first: int, end: int, token: trio.Event) -> None:
+        """Release chunks taken with `hold`."""
+        self.held.clear(first, end)
+        token.set()
+
+    # -- copy, then commit --------------------------------------------------------
+
+    async def _copy_and_commit(self, copies: list[Any]) -> None:
+        try:
+            await self.policy.copy(copies)
+        except BaseException as exc:
+            self.policy.abandoned(copies, exc)
+            raise
+        if self.group_commit:
+            await self._commit_grouped(copies)
+        else:
+            await self._commit_naively(copies)
+
+    async def _commit_grouped(self, copies: list[Any]) -> None:
+        waiter = _Waiter(len(copies))
+        for copy in copies:
+            self.waiter_of[id(copy)] = waiter
+        self.written.extend(copies)
+        while not waiter.done.is_set():
+            if self.round_running:
+                await self.round_done.wait()
+            else:
+                with trio.CancelScope(shield=True):  # a half-run round would strand others
+                    await self._run_round()
+        if waiter.error is not None:
+            raise waiter.error
+
+    async def _run_round(self) -> None:
+        self.round_running = True
+        self.round_done = trio.Event()
+        try:
+            ready, self.durable = self.durable, []
+            try:
+                recorded, deferred, injected = self.policy.write_records(ready) if ready else ([], [], [])
+            except Exception as exc:  # their writers fail; nobody waits forever
+                self._fail(ready, exc)
+                return
+            to_sync, self.written = injected + self.written, []
+            self.rounds += 1
+            try:
+                await self._barrier()
+            except OSError as exc:
+                self._recorded(recorded, exc)
+                self._fail(to_sync + deferred, exc)
+                return
+            self._recorded(recorded, None)
+            # Injected copies first: the policy needs them recorded before the rest.
+            self.durable = injected + deferred + to_sync[len(injected):]
+        finally:
+            self.round_running = False
+            self.round_done.set()
+
+    async def _commit_naively(self, copies: list[Any]) -> None:
+        """Each write on its own: sync its copies, write its records, sync them."""
+        pending = copies
+        try:
+            await self._barrier()
+            while pending:
+                recorded, deferred, injected = self.policy.write_records(pending)
+                await self._barrier()
+                self.policy.recorded(recorded)
+                self.copies_recorded += len(recorded)
+                pending = injected + deferred
+                if not recorded and not injected:
+                    await trio.sleep(0)  # another write holds what the policy waits for
+        except BaseException as exc:
+            self.policy.abandoned(pending, exc)
+            raise
+
+    async def _barrier(self) -> None:
+        self.barriers += 1
+        await self.policy.barrier()
+
+    def _recorded(self, copies: Sequence[Any], error: BaseException | None) -> None:
+        if not copies:
+            return
+        try:
+            self.policy.recorded(list(copies))
+        except Exception as exc:  # e.g. the policy's own bookkeeping could not be written
+            error = error or exc
+        self.copies_recorded += len(copies)
+        for copy in copies:
+            waiter = self.waiter_of.pop(id(copy), None)
+            if waiter is not None:
+                waiter.finish(error)
+
+    def _fail(self, copies: Sequence[Any], error: BaseException) -> None:
+        if not copies:
+            return
+        self.policy.abandoned(list(copies), error)
+        for copy in copies:
+            waiter = self.waiter_of.pop(id(copy), None)
+            if waiter is not None:
+                waiter.finish(error)
+
+    def status(self) -> dict:
+        return {"rounds": self.rounds, "barriers": self.barriers,
+                "copies_recorded": self.copies_recorded}

@@ -1,0 +1,292 @@
+"""The backup-on-write log: Android dm-bow 1.2's on-disk format, and its restore.
+
+See /work/shared/formats.md section 2 for the byte layout. In short: while a device
+is checkpointed its first block is a *log block*: a 28-byte header (magic "BOW",
+version 0x0100, block size, entry count, sequence, `sector0` = where the live block
+0 sits) and 24-byte entries ``(source, dest, size, checksum)`` saying "the old
+contents of `size` bytes at sector `source` were copied to sector `dest`". When a log
+block fills, it is itself backed up (entry 0 of the next sequence, source 0).
+
+What this module owns (pure format logic, no trio, no policy):
+  - `LogBlock` / `LogEntry`: pack, unpack, checksum (`block_checksum`).
+  - `validate(device)`: the whole log checked without writing anything, by
+    simulating the restore on a relocation map -- every log block (magic, version,
+    sizes, sequence), every entry (sizes, alignment, bounds) and every checksum, as
+    Android's vold does before it restores (Checkpoint.cpp, cp_restoreCheckpoint).
+  - `restore(device)`: copy every backup back, newest first, so that the device is
+    the checkpoint again. Resumable exactly as vold's: before a copy would overwrite
+    a sector read earlier in the same pass, the progress (the log block with the
+    remaining entry count and the magic "WOB") is written to block 0 between two
+    fsyncs, so a re-run after an interruption at any point (power cut included)
+    finishes the job; a device left half-restored by vold resumes here and the
+    other way round.
+
+`device` is anything with ``pread(size, offset)``, ``pwrite(data, offset)``,
+``fsync()`` and ``size`` (a `fusesnap.devices.BlockDevice`). Every violation raises
+`BowLogError`, one line naming the log block, the entry and the rule.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import struct
+import zlib
+from typing import Callable
+
+from ..rangemap import RangeMap
+
+MAGIC = 0x00574F42                  # "BOW": a log
+PARTIAL_RESTORE_MAGIC = 0x00424F57  # "WOB": a restore is in progress
+HEADER_VERSION = 0x0100
+SECTOR = 512
+MIN_BLOCK_SIZE, MAX_BLOCK_SIZE = 512, 4096
+
+_HEADER = struct.Struct("<IHHIIIQ")
+_ENTRY = struct.Struct("<QQII")
+HEADER_SIZE = _HEADER.size          # 28
+ENTRY_SIZE = _ENTRY.size            # 24
+assert (HEADER_SIZE, ENTRY_SIZE) == (28, 24)
+
+
+class BowLogError(ValueError):
+    """The log breaks a rule of the format; the message says where and which."""
+
+
+def entries_per_block(block_size: int) -> int:
+    """Entries that fit in one log block (169 at 4 KiB)."""
+    return (block_size - HEADER_SIZE) // ENTRY_SIZE
+
+
+def valid_block_size(block_size: int) -> bool:
+    return MIN_BLOCK_SIZE <= block_size <= MAX_BLOCK_SIZE and block_size & (block_size - 1) == 0
+
+
+def block_checksum(source_sector: int, data, block_size: int) -> int:
+    """Linux crc32_le (reflected, no inversion) seeded with the source block index,
+    over `data` block after block: the checksum of a log entry."""
+    seed = source_sector // (block_size // SECTOR)
+    return zlib.crc32(data, (seed & 0xFFFFFFFF) ^ 0xFFFFFFFF) ^ 0xFFFFFFFF
+
+
+@dataclasses.dataclass(frozen=True)
+class LogEntry:
+    source: int     # sector of the data that was overwritten
+    dest: int       # sector of its backup copy
+    size: int       # bytes
+    checksum: int   # of the backed-up data; 0 = not recorded
+
+    def pack(self) -> bytes:
+        return _ENTRY.pack(self.source, self.dest, self.size, self.checksum)
+
+
+@dataclasses.dataclass
+class LogBlock:
+    block_size: int
+    sequence: int
+    sector0: int
+    entries: list[LogEntry] = dataclasses.field(default_factory=list)
+    magic: int = MAGIC
+    header_version: int = HEADER_VERSION
+    header_size: int = HEADER_SIZE
+
+    @property
+    def full(self) -> bool:
+        return len(self.entries) >= entries_per_block(self.block_size)
+
+    def pack(self, *, count: int | None = None, magic: int | None = None) -> bytes:
+        """The block as written to block 0 (zero-padded to block_size)."""
+        count = len(self.entries) if count is None else count
+        out = bytearray(self.block_size)
+        _HEADER.pack_into(out, 0, self.magic if magic is None else magic, self.header_version,
+                          self.header_size, self.block_size, count, self.sequence, self.sector0)
+        for index, entry in enumerate(self.entries):
+            _ENTRY.pack_into(out, self.header_size + index * ENTRY_SIZE, entry.source, entry.dest,
+                             entry.size, entry.checksum)
+        return bytes(out)
+
+    @classmethod
+    def unpack_header(cls, data: bytes) -> tuple[int, int, int, int, int, int, int]:
+        """(magic, version, header_size, block_size, count, sequence, sector0)."""
+        if len(data) < HEADER_SIZE:
+            raise BowLogError(f"log header truncated ({len(data)} of {HEADER_SIZE} bytes)")
+        return _HEADER.unpack_from(data, 0)
+
+    @classmethod
+    def unpack(cls, data: bytes, *, where: str = "log block", resuming: bool = False) -> LogBlock:
+        """Parse and check one log block (the rules vold checks, plus the version)."""
+        magic, version, header_size, block_size, count, sequence, sector0 = cls.unpack_header(data)
+        if magic != MAGIC and not (resuming and magic == PARTIAL_RESTORE_MAGIC):
+            raise BowLogError(f"{where}: bad magic 0x{magic:08x} (expected 0x{MAGIC:08x}, \"BOW\")")
+        if version != HEADER_VERSION:
+            raise BowLogError(f"{where}: unknown header version 0x{version:04x} (expected 0x0100)")
+        if not valid_block_size(block_size):
+            raise BowLogError(f"{where}: invalid block size {block_size} (a power of two, 512..4096)")
+        if not HEADER_SIZE <= header_size <= block_size - ENTRY_SIZE:
+            raise BowLogError(f"{where}: invalid header size {header_size}")
+        if len(data) < block_size:
+            raise BowLogError(f"{where}: truncated ({len(data)} of {block_size} bytes)")
+        most = (block_size - header_size) // ENTRY_SIZE
+        if not 1 <= count <= most:
+            raise BowLogError(f"{where}: invalid entry count {count} (1..{most})")
+        entries = [LogEntry(*_ENTRY.unpack_from(data, header_size + i * ENTRY_SIZE)) for i in range(count)]
+        return cls(block_size, sequence, sector0, entries, magic, version, header_size)
+
+
+def read_header(device) -> LogBlock | None:
+    """Block 0 as a log block, or None if it has neither magic (no log)."""
+    head = device.pread(HEADER_SIZE, 0)
+    if len(head) < HEADER_SIZE:
+        return None
+    magic = LogBlock.unpack_header(head)[0]
+    if magic not in (MAGIC, PARTIAL_RESTORE_MAGIC):
+        return None
+    block_size = LogBlock.unpack_header(head)[3]
+    if not valid_block_size(block_size):
+        raise BowLogError(f"block 0: invalid block size {block_size} (a power of two, 512..4096)")
+    return LogBlock.unpack(device.pread(block_size, 0), where="block 0", resuming=True)
+
+
+# -- validation: the restore simulated on a relocation map ----------------------------
+
+class _Relocations:
+    """Where each sector's restored data would be read from: sector s reads device
+    sector s + delta (RangeMap sector -> delta; unmapped = in place)."""
+
+    def __init__(self):
+        self.deltas = RangeMap(index_values=False)
+
+    def relocate(self, source: int, dest: int, count: int) -> None:
+        """After restoring, [source, source+count) holds what [dest, dest+count) holds now."""
+        moved = [(s - dest + source, e - dest + source, (s + (d or 0)) - (s - dest + source))
+                 for s, e, d in self.deltas.segments(dest, dest + count)]
+        for s, e, delta in moved:
+            self.deltas.assign(s, e, delta or None)
+
+    def read(self, device, sector: int, size: int) -> bytes:
+        out = bytearray()
+        for s, e, delta in self.deltas.segments(sector, sector + size // SECTOR):
+            out += device.pread((e - s) * SECTOR, (s + (delta or 0)) * SECTOR)
+        return bytes(out)
+
+
+@dataclasses.dataclass
+class LogSummary:
+    """What `validate` learned: the log blocks newest first and their figures."""
+    blocks: list[LogBlock]
+    resuming: bool            # block 0 carries "WOB": a restore was interrupted
+
+    @property
+    def entries(self) -> int:
+        return sum(len(b.entries) for b in self.blocks)
+
+    @property
+    def backed_up_bytes(self) -> int:
+        return sum(e.size for b in self.blocks for e in b.entries)
+
+
+def _check_entry(entry: LogEntry, block_size: int, device_size: int, where: str) -> None:
+    if entry.size < block_size or entry.size % block_size:
+        raise BowLogError(f"{where}: size {entry.size} is not a positive multiple of the block size {block_size}")
+    per_block = block_size // SECTOR
+    for name, sector in (("source", entry.source), ("dest", entry.dest)):
+        if sector % per_block:
+            raise BowLogError(f"{where}: {name} sector {sector} is not block-aligned")
+        if sector * SECTOR + entry.size > device_size:
+            raise BowLogError(f"{where}: {name} sector {sector} + {entry.size} bytes is beyond the "
+                              f"end of the device ({device_size} bytes)")
+
+
+def validate(device) -> LogSummary:
+    """Check the whole log without writing: BowLogError on the first violation."""
+    top = read_header(device)
+    if top is None:
+        raise BowLogError("no backup-on-write log on this device (block 0 has no BOW magic)")
+    resuming = top.magic == PARTIAL_RESTORE_MAGIC
+    block_size = top.block_size
+    per_block = block_size // SECTOR
+    if top.sector0 % per_block or top.sector0 * SECTOR + block_size > device.size or top.sector0 == 0:
+        raise BowLogError(f"block 0: sector0 {top.sector0} is not a block of the device")
+    relocations = _Relocations()
+    blocks = []
+    for sequence in range(top.sequence, -1, -1):
+        where = f"log block {sequence}"
+        data = relocations.read(device, 0, block_size)
+        magic_block_size = LogBlock.unpack_header(data)[3]
+        if magic_block_size != block_size:
+            raise BowLogError(f"{where}: block size {magic_block_size} differs from block 0's {block_size}")
+        block = LogBlock.unpack(data, where=where, resuming=resuming)
+        if block.sequence != sequence:
+            raise BowLogError(f"{where}: sequence {block.sequence} where {sequence} was expected")
+        for index in range(len(block.entries) - 1, -1, -1):
+            entry = block.entries[index]
+            entry_where = f"{where}, entry {index}"
+            _check_entry(entry, block_size, device.size, entry_where)
+            if sequence > 0 and index == 0 and entry.source != 0:
+                raise BowLogError(f"{entry_where}: the first entry of a later log block must back up "
+                                  f"block 0, not sector {entry.source}")
+            if entry.checksum:
+                data = relocations.read(device, entry.dest, entry.size)
+                actual = block_checksum(entry.source, data, block_size)
+                if actual != entry.checksum:
+                    raise BowLogError(f"{entry_where}: checksum mismatch: recorded 0x{entry.checksum:08x}, "
+                                      f"backup at sector {entry.dest} has 0x{actual:08x}")
+            relocations.relocate(entry.source, entry.dest, entry.size // SECTOR)
+        blocks.append(block)
+    return LogSummary(blocks, resuming)
+
+
+# -- restore ----------------------------------------------------------------------------
+
+def restore(device, *, validated: LogSummary | None = None,
+            progress: Callable[[int], None] | None = None,
+            stop_after: int | None = None) -> LogSummary:
+    """Validate (unless `validated` is what `validate(device)` just returned), then
+    copy every backup back, newest first; the device is then the checkpoint.
+    Resumable: re-running after an interruption at any point finishes.
+
+    `progress(bytes)` is called after each copy. `stop_after` (tests only) stops
+    after that many copies, as an interruption would.
+    """
+    summary = validated or validate(device)
+    block_size = summary.blocks[0].block_size
+    copies = 0
+    for sequence in range(summary.blocks[0].sequence, -1, -1):
+        block = LogBlock.unpack(device.pread(block_size, 0), where=f"log block {sequence}", resuming=True)
+        # Sectors read as backups since progress was last saved: a copy onto one of
+        # them first saves progress, or a re-run would read what this pass wrote.
+        read_since_save = RangeMap(index_values=False)
+        for index in range(len(block.entries) - 1, -1, -1):
+            entry = block.entries[index]
+            sectors = entry.size // SECTOR
+            data = device.pread(entry.size, entry.dest * SECTOR)
+            if entry.checksum and block_checksum(entry.source, data, block_size) != entry.checksum:
+                raise BowLogError(f"log block {sequence}, entry {index}: checksum mismatch during the "
+                                  "restore although validation passed (is the device in use?)")
+            if read_since_save.overlapping(entry.source, entry.source + sectors):
+                # Order: everything copied so far durable, then the progress marker
+                # (remaining entries = index + 1) durable, then this copy.
+                device.fsync()
+                device.pwrite(block.pack(count=index + 1, magic=PARTIAL_RESTORE_MAGIC), 0)
+                device.fsync()
+                read_since_save = RangeMap(index_values=False)
+            read_since_save.assign(entry.dest, entry.dest + sectors, True)
+            if index == 0:
+                # Entry 0 overwrites block 0, the record of this log block's entries:
+                # everything they copied must be durable first. (vold only syncs after.)
+                device.fsync()
+                if sequence > 0:
+                    # The previous log block goes back to block 0 marked "WOB", so that a
+                    # re-run resumes rather than validating a half-restored device afresh.
+                    magic = LogBlock.unpack_header(data)[0]
+                    if magic == MAGIC:
+                        data = struct.pack("<I", PARTIAL_RESTORE_MAGIC) + data[4:]
+            device.pwrite(data, entry.source * SECTOR)
+            if index == 0:
+                device.fsync()  # this log block is done (or, for sequence 0, the restore)
+            copies += 1
+            if progress:
+                progress(entry.size)
+            if stop_after is not None and copies >= stop_after:
+                return summary
+    return summary
+
