@@ -14,6 +14,7 @@ only once the mount is usable.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import os
 import signal
@@ -41,6 +42,10 @@ class MountServer:
         self.images = images
         self.workers = workers
         self.debug = debug
+        self.operations: FuseOperations | None = None
+
+    def files(self) -> list[tuple[str, Image]]:
+        return [entry for image in self.images for entry in image.files()]
 
     async def control(self, command: str) -> None:
         """Run a control command from the CLI (setxattr on the root). ValueError if bad."""
@@ -55,11 +60,17 @@ class MountServer:
         takers = [image for image in self.images if verb in image.control_verbs]
         if not takers:
             raise ValueError(f"no image in this mount takes '{verb}' commands")
-        for image in takers:
-            image.control(verb, args)
+        try:
+            for image in takers:
+                answer = image.control(verb, args)
+                if inspect.isawaitable(answer):
+                    await answer
+        finally:
+            if self.operations is not None:
+                self.operations.set_files(self.files())  # images may have come or gone
 
     async def serve(self, on_ready) -> None:
-        operations = FuseOperations(self.images, self.control)
+        operations = self.operations = FuseOperations(self.files(), self.control)
         options = set(pyfuse3.default_options)
         options |= {"fsname=fusesnap", "subtype=fusesnap"}
         if self.debug:

@@ -67,8 +67,15 @@ class Image:
         """Target figures for .status.json (JSON-serialisable)."""
         return {}
 
+    def files(self) -> list[tuple[str, "Image"]]:
+        """The files this image shows in the mount: itself, and for an image type whose
+        set of files changes at runtime (snapshots) the others it owns. The server asks
+        again after every control command."""
+        return [(self.name, self)]
+
     def control(self, verb: str, args: list[str]) -> str:
-        """Act on a control command; return a one-line answer. ValueError = bad command."""
+        """Act on a control command; return a one-line answer. ValueError = bad command.
+        May be a coroutine function (a command that waits for in-flight writes)."""
         raise ValueError(f"{self.name} takes no '{verb}' commands")
 
     async def close(self) -> None:
