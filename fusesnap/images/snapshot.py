@@ -131,9 +131,12 @@ class Store:
     def create(self) -> None:
         """A new store: superblock and an empty table, durable (blocking)."""
         header = fmt.TableHeader(1, fmt.new_generation(), 1)
-        self.file.pwrite(self.sb.pack(), 0)
         self.file.pwrite(fmt.pack_base(header, []), self.sb.region_offset(0))
         self.file.pwrite(bytes(fmt.HEADER_SIZE), self.sb.region_offset(1))
+        # Ordering: the table before the superblock, so a store with a superblock
+        # always has a table (a crash before leaves a file that is created afresh).
+        self.file.fsync()
+        self.file.pwrite(self.sb.pack(), 0)
         self.file.fsync()
 
 
