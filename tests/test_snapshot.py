@@ -342,3 +342,31 @@ def test_a_store_of_another_device_is_refused(snap_mount, tmp_path):
     assert result.returncode == 2 and "belongs to" in result.stderr
     result = fusesnap("mount", tmp_path / "mnt9", "--snapshot", other, "--log", tmp_path / "log9", check=False)
     assert result.returncode == 2 and "--store" in result.stderr
+
+
+def test_the_readme_backup_full_then_incremental(snap_mount, tmp_path):
+    """The README's nightly backup, its shell lines as written: the incremental
+    backup equals the newest snapshot."""
+    m = snap_mount()
+    rng = random.Random(17)
+    pwrite(m / "origin.img", rng.randbytes(8 * MiB), 0)
+    script = f"""set -euo pipefail
+        cd {tmp_path}
+        fusesnap() {{ {" ".join(FUSESNAP)} "$@"; }}
+        ID=$(fusesnap snapshot take {m.mountpoint.name})
+        dd if={m.mountpoint.name}/snapshot.img of=full.img bs=4M status=none
+        echo "$ID" > last-id
+        python3 -c "import os; fd = os.open('{m / 'origin.img'}', os.O_WRONLY); \\
+            [os.pwrite(fd, os.urandom(70000), o) for o in (5000, 3 << 20, 40 << 20)]"
+        NEW=$(fusesnap snapshot take {m.mountpoint.name})
+        fusesnap snapshot changes {m.mountpoint.name} --since "$(cat last-id)" |
+            while read offset length; do
+                dd if={m.mountpoint.name}/snapshot.img of=full.img bs=64K iflag=skip_bytes,count_bytes \\
+                   oflag=seek_bytes conv=notrunc skip=$offset seek=$offset count=$length status=none
+            done
+        fusesnap snapshot release {m.mountpoint.name} "$(cat last-id)"
+        echo "$NEW" > last-id
+    """
+    run(["bash", "-c", script])
+    assert chunk_sums(tmp_path / "full.img") == chunk_sums(m / "snapshot.img")
+    assert [s["number"] for s in json.loads(snapshot_cli(m, "list", "--json").stdout)["snapshots"]] == [2]
