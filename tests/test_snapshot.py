@@ -167,6 +167,16 @@ def test_writes_straddling_chunks_at_odd_offsets(snap_mount):
     assert pread(m / "snapshot-1.img", 3 * chunk + 5, chunk - 3) == snapshot[chunk - 3:4 * chunk + 2]
 
 
+def test_discards_on_origin_keep_the_snapshot(snap_mount, loop):
+    m = snap_mount()
+    data = random.Random(4).randbytes(4 * MiB)
+    pwrite(m / "origin.img", data, 0)
+    take(m)
+    run(["blkdiscard", "--offset", str(MiB), "--length", str(2 * MiB), loop(m / "origin.img")])
+    assert pread(m / "origin.img", 2 * MiB, MiB) == bytes(2 * MiB)
+    assert pread(m / "snapshot.img", 4 * MiB, 0) == data
+
+
 # -- overflow, release -----------------------------------------------------------------
 
 def test_overflow_corrupts_the_snapshots_never_the_origin(snap_mount, tmp_path):
@@ -342,6 +352,12 @@ def test_a_store_of_another_device_is_refused(snap_mount, tmp_path):
     assert result.returncode == 2 and "belongs to" in result.stderr
     result = fusesnap("mount", tmp_path / "mnt9", "--snapshot", other, "--log", tmp_path / "log9", check=False)
     assert result.returncode == 2 and "--store" in result.stderr
+    not_a_store = tmp_path / "precious.img"
+    not_a_store.write_bytes(b"\0" * 4096 + b"data that must survive")
+    result = fusesnap("mount", tmp_path / "mnt9", "--snapshot", other, "--store", not_a_store,
+                      "--log", tmp_path / "log9", check=False)
+    assert result.returncode == 2 and "refusing to overwrite" in result.stderr
+    assert not_a_store.read_bytes().endswith(b"data that must survive")
 
 
 def test_the_readme_backup_full_then_incremental(snap_mount, tmp_path):

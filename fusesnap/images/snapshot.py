@@ -102,17 +102,22 @@ class Store:
         if self.file.read_only:
             raise UserError(f"the store {path} is read-only")
         identity = {"device": os.path.realpath(device.path), "size": device.size}
-        head = self.file.pread(fmt.SUPERBLOCK_SIZE, 0)
-        self.created = not head.strip(b"\0")
+        head = self.file.pread(fmt.SUPERBLOCK_SIZE + fmt.HEADER_SIZE, 0)
+        # A new store: an empty file, or one whose superblock was never written (zeros,
+        # perhaps with the table of a creation cut short). Anything else that is not a
+        # store is refused rather than overwritten.
+        self.created = not head[:fmt.SUPERBLOCK_SIZE].strip(b"\0") and (
+            not head[fmt.SUPERBLOCK_SIZE:].strip(b"\0")
+            or fmt.TableHeader.unpack(head[fmt.SUPERBLOCK_SIZE:]) is not None)
         if self.created:
             chunk = chunk_size or chunk_size_for(device.size)
             self.sb = fmt.Superblock(chunk, device.size,
                                      fmt.table_bytes_for(-(-device.size // chunk)), identity)
         else:
             try:
-                self.sb = fmt.Superblock.unpack(head)
+                self.sb = fmt.Superblock.unpack(head[:fmt.SUPERBLOCK_SIZE])
             except fmt.StoreFormatError as exc:
-                raise UserError(f"{path}: {exc}") from None
+                raise UserError(f"{path}: {exc} (refusing to overwrite it)") from None
             if self.sb.identity != identity:
                 raise UserError(f"the store {path} belongs to {self.sb.identity.get('device')} "
                                 f"({self.sb.identity.get('size')} bytes), not {identity['device']} "
@@ -265,6 +270,15 @@ class OriginImage(Image):
             # store (or the snapshot is durably marked corrupted) by now.
             self.device.pwrite(data, offset)
         return len(data)
+
+    async def discard(self, offset: int, length: int, *, zero_range: bool) -> None:
+        """A discard is a write of zeros to the snapshots' eyes: old contents first."""
+        check_range(self.size, offset, length)
+        if not length:
+            return
+        first, end = offset // self.chunk_size, -(-(offset + length) // self.chunk_size)
+        async with self.cbw.writing(first, end):
+            self.device.punch(offset, length, zero_range=zero_range)
 
     async def flush(self) -> None:
         await trio.to_thread.run_sync(self.device.fsync)
@@ -542,15 +556,22 @@ def refuse_store_on_device(store_path: str, device: BlockDevice) -> None:
     """A store on a filesystem that lives on DEV itself would copy into itself."""
     st_dev = _filesystem_device_of(store_path)
     dev_stat = os.fstat(device.fd)
-    inside = device.is_block_device and st_dev == dev_stat.st_rdev
-    try:
-        with open(f"/sys/dev/block/{os.major(st_dev)}:{os.minor(st_dev)}/loop/backing_file") as f:
-            backing = f.read().strip()
-        backing_stat = os.stat(backing)
-        inside = inside or (backing_stat.st_dev, backing_stat.st_ino) == (dev_stat.st_dev, dev_stat.st_ino) \
-            or backing.endswith("/origin.img")
-    except OSError:
-        pass
+    sys_dir = f"/sys/dev/block/{os.major(st_dev)}:{os.minor(st_dev)}"
+    inside = False
+    if device.is_block_device:
+        # DEV itself, or a partition of DEV
+        parent = os.path.join(sys_dir, "..", "dev")
+        inside = st_dev == dev_stat.st_rdev or (
+            os.path.exists(os.path.join(sys_dir, "partition")) and os.path.exists(parent)
+            and open(parent).read().strip() == f"{os.major(dev_stat.st_rdev)}:{os.minor(dev_stat.st_rdev)}")
+    else:
+        # a loop device over DEV's file
+        try:
+            with open(os.path.join(sys_dir, "loop", "backing_file")) as f:
+                backing = os.stat(f.read().strip())
+            inside = (backing.st_dev, backing.st_ino) == (dev_stat.st_dev, dev_stat.st_ino)
+        except OSError:
+            pass
     if inside:
         raise UserError(f"the store {store_path} is on a filesystem on {device.path} itself: "
                         "put it on another device")
