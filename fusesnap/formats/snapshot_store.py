@@ -42,13 +42,24 @@ map chunk -> slot, the change-block map chunk -> number):
     MAP      (compaction) snapshot N reads chunks from slots [slot, slot + count).
     CBT      (compaction, and origin writes that copied nothing) change map := snapshot.
     CORRUPT  snapshot N is corrupted (count is the reason: 1 overflow, 2 store I/O
-             error, 3 table full): its reads fail, its map is dropped.
+             error, 3 table full, 4 power cut): its reads fail, its map is dropped.
+    DIRTY    from here on copies and records may be in the page cache only; chunk
+             and slot hold the boot id (/proc/sys/kernel/random/boot_id, 16 bytes)
+             of the running kernel. Durable before any origin write whose copy is not.
+    CLEAN    everything before it is durable (written after an fsync of the store).
+
+Loading: if a DIRTY is in force (no CLEAN after it) and its boot id is not the
+running kernel's, the machine went down with copies in its page cache: every
+snapshot is lost (CORRUPT, reason 4) and the change map starts a new generation.
+With the same boot id only the server died; the page cache kept everything.
 
 A slot is in use while an intact held snapshot maps to it. Ordering rules that keep
 every crash state honest (the image follows them, see fusesnap.images.snapshot): a
-slot's copy is durable before the record naming it; a record is durable before the
-origin chunk it protects is overwritten; a RELEASE or CORRUPT record is durable
-before a slot it frees is reused.
+copy reaches the store (page cache) before its record, and its record before the
+origin chunk it protects is overwritten; a DIRTY record is durable before the first
+overwrite whose copy is not; a CLEAN record only follows an fsync that covered every
+record before it; a RELEASE or CORRUPT record is durable before a slot it frees is
+reused; TAKE and RELEASE are fsynced before they are acknowledged.
 """
 
 from __future__ import annotations
@@ -70,13 +81,14 @@ _SUPER = struct.Struct("<8sIIQQI")
 _HEADER = struct.Struct("<8sQ16sIII20x")
 _RECORD = struct.Struct("<B3xIQQI")
 
-TAKE, RELEASE, COPY, OWN, MAP, CBT, CORRUPT = range(1, 8)
+TAKE, RELEASE, COPY, OWN, MAP, CBT, CORRUPT, DIRTY, CLEAN = range(1, 10)
 RECORD_NAMES = {TAKE: "take", RELEASE: "release", COPY: "copy", OWN: "own", MAP: "map",
-                CBT: "cbt", CORRUPT: "corrupt"}
-OVERFLOW, STORE_ERROR, TABLE_FULL = 1, 2, 3
+                CBT: "cbt", CORRUPT: "corrupt", DIRTY: "dirty", CLEAN: "clean"}
+OVERFLOW, STORE_ERROR, TABLE_FULL, POWER_CUT = 1, 2, 3, 4
 REASONS = {OVERFLOW: "overflow: the store had no room for a chunk it needed",
            STORE_ERROR: "the store could not be written",
-           TABLE_FULL: "the store's table is full"}
+           TABLE_FULL: "the store's table is full",
+           POWER_CUT: "power cut: the store was in use, not synced, when the machine went down"}
 
 
 class StoreFormatError(ValueError):
@@ -225,6 +237,16 @@ def new_generation() -> str:
     return str(uuid.uuid4())
 
 
+def dirty_record(boot_id: str) -> Record:
+    high, low = struct.unpack("<QQ", uuid.UUID(boot_id).bytes)
+    return Record(DIRTY, 0, high, low)
+
+
+def current_boot_id() -> str:
+    with open("/proc/sys/kernel/random/boot_id") as f:
+        return f.read().strip()
+
+
 # -- the state the records describe (pure logic, shared by the image and the CLI) ----
 
 @dataclasses.dataclass
@@ -247,6 +269,7 @@ class StoreState:
         self.refs: dict[int, int] = {}
         self.changed = RangeMap(index_values=False)  # chunk -> number of its last write
         self.freed: list[int] = []
+        self.dirty_boot: str | None = None  # the boot id of a DIRTY in force
 
     def _ref(self, slot: int) -> None:
         self.refs[slot] = self.refs.get(slot, 0) + 1
@@ -310,6 +333,24 @@ class StoreState:
                 self._mark_changed(r.chunk, r.chunk + r.count, r.snapshot, at_least=True)
         elif r.type == CBT:
             self._mark_changed(r.chunk, r.chunk + r.count, r.snapshot, at_least=False)
+        elif r.type == DIRTY:
+            self.dirty_boot = str(uuid.UUID(bytes=struct.pack("<QQ", r.chunk, r.slot)))
+        elif r.type == CLEAN:
+            self.dirty_boot = None
+
+    def recover(self, boot_id: str) -> bool:
+        """After a load: if a DIRTY of another boot is in force, every snapshot is
+        lost and the change map starts a new generation. True if so."""
+        if self.dirty_boot is None or self.dirty_boot == boot_id:
+            return False
+        for snapshot in self.held.values():
+            if not snapshot.corrupted:
+                self.apply(Record(CORRUPT, snapshot.number, count=POWER_CUT))
+        from ..rangemap import RangeMap
+        self.changed = RangeMap(index_values=False)
+        self.generation = new_generation()
+        self.dirty_boot = None
+        return True
 
     def compacted(self, *, with_maps: bool = True) -> list[Record]:
         """Records that rebuild this state from nothing (maps as runs)."""
@@ -334,6 +375,8 @@ class StoreState:
         for start, stop, number in self.changed:
             if number:
                 records.append(Record(CBT, number, start, 0, stop - start))
+        if self.dirty_boot is not None:
+            records.append(dirty_record(self.dirty_boot))
         return records
 
     def changed_since(self, number: int) -> list[tuple[int, int]]:

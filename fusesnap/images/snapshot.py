@@ -23,10 +23,17 @@ the origin write succeeds. `.status` warns when less than a tenth of the limit i
 left.
 
 Ordering (`fusesnap.copy_before_write` runs it; this module is the policy): copy
-into a reserved slot, fsync the store, write the records, fsync the store, then the
-origin write proceeds. A slot whose last reference went (release, corruption) is
-reused only after the record that freed it is durable. Takes and releases hold every
-chunk (no write is half done meanwhile) and fsync their record before returning.
+into a reserved slot, write the records, then the origin write proceeds. Copies and
+records stay in the page cache, which outlives a kill -9 of the server; for power
+cuts the store is marked DIRTY (with the kernel's boot id, fsynced) before the first
+origin write whose copy is not durable, and CLEAN after an fsync that covered every
+record (each flush of origin.img). A re-mount after a reboot that finds DIRTY in
+force reports every snapshot lost and starts a new generation of the change map:
+after a power cut a snapshot is intact or reported lost, and first writes cost no
+fsync (per-write fsyncs measured 0.04 of the writes without a snapshot). A slot
+whose last reference went (release, corruption) is reused only after the record
+that freed it is durable. Takes and releases hold every chunk (no write is half done
+meanwhile) and fsync their record before returning.
 
 State (plain attributes): `state` (`StoreState`: held snapshots with their chunk ->
 slot maps, slot reference counts, the change map), `free_slots`, `slot_end` (slots
@@ -162,6 +169,9 @@ class OriginImage(Image):
         self.pending_free: list[int] = []
         self.slot_end = 0
         self.store_failed: str | None = None
+        self.boot_id = fmt.current_boot_id()
+        self.dirty = False                  # a DIRTY record is in force (durable)
+        self.records_appended = 0
         if store.created:
             store.create()
         loaded = fmt.load_state(store.file.pread, store.sb)
@@ -175,6 +185,11 @@ class OriginImage(Image):
         self.slot_end = max(used) + 1 if used else 0
         self.free_slots.update(set(range(self.slot_end)) - used)
         self.state.freed.clear()
+        if self.state.recover(self.boot_id):
+            log.warning("%s: the machine went down while the store was in use: every snapshot "
+                        "is lost, and incremental backups need a full one first", store.path)
+        # Everything read is durable once the compacted table is: no DIRTY in force.
+        self.state.dirty_boot = None
         for number, held in self.state.held.items():
             self.snapshots[number] = SnapshotImage(self, number)
             if held.corrupted:
@@ -204,6 +219,7 @@ class OriginImage(Image):
 
     def _append(self, records: list[fmt.Record]) -> None:
         """Apply and write records (page cache; the caller makes them durable)."""
+        self.records_appended += len(records)
         for record in records:
             self.state.apply(record)
         self.pending_free += self.state.freed
@@ -281,9 +297,16 @@ class OriginImage(Image):
             self.device.punch(offset, length, zero_range=zero_range)
 
     async def flush(self) -> None:
+        appended = self.records_appended
         await trio.to_thread.run_sync(self.device.fsync)
         try:
             await self._sync_store()
+            # Ordering: CLEAN only after an fsync that covered every record so far
+            # (none was appended meanwhile), and never after a failed one.
+            if self.dirty and self.records_appended == appended and not self.store_failed:
+                self._append([fmt.Record(fmt.CLEAN)])
+                self.dirty = False
+                await self._sync_store()
         except OSError as exc:
             self._store_failure(exc)
 
@@ -359,13 +382,19 @@ class OriginImage(Image):
                 records.append(fmt.Record(fmt.CBT, copy.number, copy.chunk))
             elif copy.kind == "corrupt":
                 records.append(fmt.Record(fmt.CORRUPT, copy.number, count=copy.reason))
-        # Ordering: the copies these records name were made durable by the barrier
-        # before this one; the next barrier makes the records durable before any
+        # Ordering: the copies these records name are in the store (page cache) by
+        # now; the barrier after this makes sure a DIRTY is durable before any
         # overwrite of the chunks they protect.
         self._append(records)
         return copies, [], []
 
     async def barrier(self) -> None:
+        """Once per clean -> dirty change (not per write): DIRTY is made durable before
+        any overwrite whose copy is in the page cache only."""
+        if self.dirty:
+            return
+        self._append([fmt.dirty_record(self.boot_id)])
+        self.dirty = True
         try:
             await self._sync_store()
         except OSError as exc:
@@ -494,6 +523,9 @@ class OriginImage(Image):
         try:
             self.device.fsync()
             self.store.file.fsync()
+            if self.dirty and not self.store_failed:
+                self._append([fmt.Record(fmt.CLEAN)])  # after the fsync that covered everything
+                self.store.file.fsync()
         finally:
             self.device.close()
             self.store.file.close()
