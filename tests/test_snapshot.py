@@ -13,6 +13,7 @@ import threading
 
 import pytest
 
+from fusesnap.formats import snapshot_store as fmt
 from harness import FUSESNAP, fill_files, fusesnap, loop_device, mounted_dir, run, sparse_file
 
 pytestmark = pytest.mark.mount
@@ -386,3 +387,43 @@ def test_the_readme_backup_full_then_incremental(snap_mount, tmp_path):
     run(["bash", "-c", script])
     assert chunk_sums(tmp_path / "full.img") == chunk_sums(m / "snapshot.img")
     assert [s["number"] for s in json.loads(snapshot_cli(m, "list", "--json").stdout)["snapshots"]] == [2]
+
+
+def test_a_block_device_as_dev(mount, tmp_path, loop):
+    backing = sparse_file(tmp_path / "disk.raw", DEVICE_SIZE)
+    device = loop(backing)
+    m = mount("--snapshot", device, "--store", tmp_path / "disk.store")
+    pwrite(m / "origin.img", b"before" * 1000, 0)
+    take(m)
+    pwrite(m / "origin.img", b"after!" * 1000, 0)
+    assert pread(m / "snapshot.img", 6000, 0) == b"before" * 1000
+    assert pread(device, 6000, 0) == b"after!" * 1000
+
+
+def test_after_a_reboot_with_the_store_dirty_every_snapshot_is_reported_lost(snap_mount, mount, device,
+                                                                              tmp_path):
+    """A power cut is a kill -9 plus a lost page cache; the boot id tells them apart.
+    Here the store's DIRTY record is given another boot's id, as after a reboot."""
+    m = snap_mount()
+    first = take(m)
+    pwrite(m / "origin.img", b"x" * MiB, 0)  # not flushed: the store is dirty
+    m.kill_server()
+    fusesnap("umount", m.mountpoint)
+    store = tmp_path / "sdb1.store"
+    with open(store, "r+b") as f:
+        pread_store = lambda size, offset: os.pread(f.fileno(), size, offset)  # noqa: E731
+        sb = fmt.Superblock.unpack(pread_store(fmt.SUPERBLOCK_SIZE, 0))
+        table = fmt.read_table(pread_store, sb)
+        index = max(i for i, r in enumerate(table.records) if r.type == fmt.DIRTY)
+        os.pwrite(f.fileno(), fmt.dirty_record("00000000-0000-4000-8000-000000000001").pack(table.header.epoch),
+                  sb.region_offset(table.region) + fmt.HEADER_SIZE + index * fmt.RECORD_SIZE)
+    again = mount("--snapshot", device, "--store", store)
+    status = again.status()
+    assert status["snapshot-1.img"]["state"] == "corrupted"
+    assert "power cut" in status["snapshot-1.img"]["reason"]
+    with pytest.raises(OSError) as excinfo:
+        pread(again / "snapshot-1.img", 4096, 0)
+    assert excinfo.value.errno == errno.EIO
+    stale = snapshot_cli(again, "changes", "--since", first, check=False)
+    assert stale.returncode == 1 and "full backup" in stale.stderr
+    assert pread(again / "origin.img", MiB, 0) == b"x" * MiB

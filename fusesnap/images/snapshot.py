@@ -52,7 +52,6 @@ import fcntl
 import json
 import logging
 import os
-import stat
 import sys
 
 import trio
@@ -281,11 +280,28 @@ class OriginImage(Image):
         if not data:
             return 0
         first, end = offset // self.chunk_size, -(-(offset + len(data)) // self.chunk_size)
+        if self._nothing_to_do(first, end):
+            # No await from the check to the write: nothing can change in between.
+            self.device.pwrite(data, offset)
+            return len(data)
         async with self.cbw.writing(first, end):
-            # The old contents of every chunk a snapshot needs are durably in the
-            # store (or the snapshot is durably marked corrupted) by now.
+            # The old contents of every chunk a snapshot needs are in the store (or
+            # the snapshot is marked corrupted), and a DIRTY is durable, by now.
             self.device.pwrite(data, offset)
         return len(data)
+
+    def _nothing_to_do(self, first: int, end: int) -> bool:
+        """True if an origin write to chunks [first, end) needs no copy and no record
+        and no other write holds them (the common case once a chunk was copied)."""
+        if self.cbw.held.overlapping(first, end):
+            return False
+        newest, held = self.newest, self.state.held
+        for chunk in range(first, end):
+            if newest and self.state.changed.get(chunk, 0) != newest:
+                return False
+            if any(chunk not in s.map for s in held.values() if not s.corrupted):
+                return False
+        return True
 
     async def discard(self, offset: int, length: int, *, zero_range: bool) -> None:
         """A discard is a write of zeros to the snapshots' eyes: old contents first."""
@@ -426,8 +442,11 @@ class OriginImage(Image):
             raise OSError(errno.EIO, f"snapshot {number} is corrupted: {fmt.REASONS[held.corrupted]}")
         return held
 
-    def _snapshot_view(self, held: fmt.HeldSnapshot, offset: int, size: int) -> bytearray:
+    def _snapshot_view(self, held: fmt.HeldSnapshot, offset: int, size: int) -> bytes | bytearray:
         """What snapshot `held` shows at [offset, offset + size) (sync: no await)."""
+        first, end = offset // self.chunk_size, -(-(offset + size) // self.chunk_size)
+        if not any(chunk in held.map for chunk in range(first, end)):
+            return self.device.pread(size, offset)  # all of it from the device: one call
         out = bytearray(size)
         view = memoryview(out)
         pos, end, cs = offset, offset + size, self.chunk_size
@@ -448,7 +467,7 @@ class OriginImage(Image):
 
     async def read_snapshot(self, number: int, offset: int, size: int) -> bytes:
         size = max(0, min(size, self.size - offset))
-        return bytes(self._snapshot_view(self._held(number), offset, size)) if size else b""
+        return self._snapshot_view(self._held(number), offset, size) if size else b""
 
     async def write_snapshot(self, number: int, offset: int, data: bytes) -> int:
         check_range(self.size, offset, len(data))
