@@ -171,6 +171,7 @@ class OriginImage(Image):
         self.boot_id = fmt.current_boot_id()
         self.dirty = False                  # a DIRTY record is in force (durable)
         self.records_appended = 0
+        self.copy_in_kernel = True
         if store.created:
             store.create()
         loaded = fmt.load_state(store.file.pread, store.sb)
@@ -370,8 +371,7 @@ class OriginImage(Image):
         for copy in copies:
             if copy.kind == "copy":
                 try:
-                    data = self.device.pread(self.chunk_size, copy.chunk * self.chunk_size)
-                    self.store.file.pwrite(data, self.store.slot_offset(copy.slot))
+                    self._copy_from_device(copy.chunk, copy.slot)
                 except OSError as exc:
                     # Never the origin's failure: the snapshots needing it are corrupted.
                     log.error("store %s: copy of chunk %d failed: %s", self.store.path, copy.chunk, exc)
@@ -380,6 +380,28 @@ class OriginImage(Image):
                 data = self._snapshot_view(self.state.held[copy.number], copy.chunk * self.chunk_size,
                                            min(self.chunk_size, self.size - copy.chunk * self.chunk_size))
                 self.store.file.pwrite(data, self.store.slot_offset(copy.slot))
+
+    def _copy_from_device(self, chunk: int, slot: int) -> None:
+        """Device chunk -> store slot, in the kernel where it can (copy_file_range: a
+        reflink or one in-kernel copy instead of two through this process)."""
+        start = chunk * self.chunk_size
+        length = min(self.chunk_size, self.size - start)
+        done = 0
+        if self.copy_in_kernel:
+            try:
+                while done < length:
+                    copied = os.copy_file_range(self.device.fd, self.store.file.fd, length - done,
+                                                start + done, self.store.slot_offset(slot) + done)
+                    if copied == 0:
+                        break
+                    done += copied
+            except OSError as exc:
+                if exc.errno not in (errno.EXDEV, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOSYS):
+                    raise
+                self.copy_in_kernel = False  # e.g. a block device: pread/pwrite from now on
+        if done < length:
+            data = self.device.pread(length - done, start + done)
+            self.store.file.pwrite(data, self.store.slot_offset(slot) + done)
 
     def write_records(self, copies: list[StoreCopy]):
         records = []
