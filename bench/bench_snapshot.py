@@ -61,6 +61,7 @@ def parse_args(argv=None):
     parser.add_argument("--region-mib", type=int, default=64, help="written per run (default 64)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds of writes (default 3)")
     parser.add_argument("--read-runtime", type=float, default=5, help="seconds per read run (default 5)")
+    parser.add_argument("--workers", type=int, default=1, help="fusesnap mount --workers N, all mounts")
     parser.add_argument("--no-qemu", action="store_true", help="leave qemu-storage-daemon out")
     parser.add_argument("--tmpdir", help="where the backing files go (default: $TMPDIR)")
     args = parser.parse_args(argv)
@@ -137,7 +138,8 @@ def main(argv=None) -> int:
         for name, takes in (("none", 0), ("one", 1), ("eight", 8)):
             device = page_cached_file(tmp / f"{name}.raw", size)
             m = stack.enter_context(fusesnap_mounted(tmp / f"mnt-{name}", "--snapshot", device,
-                                                     "--store", tmp / f"{name}.store"))
+                                                     "--store", tmp / f"{name}.store",
+                                                     "--workers", str(args.workers)))
             for _ in range(takes):
                 take(m.mountpoint)
             mounts[name] = (m, device)

@@ -368,18 +368,23 @@ class OriginImage(Image):
         return copies
 
     async def copy(self, copies: list[StoreCopy]) -> None:
+        # Inline, not in a worker thread: page-cached copies cost less than the
+        # hand-off (measured no faster with --workers 2 and a thread).
+        self._copies_from_device([copy for copy in copies if copy.kind == "copy"])
         for copy in copies:
-            if copy.kind == "copy":
-                try:
-                    self._copy_from_device(copy.chunk, copy.slot)
-                except OSError as exc:
-                    # Never the origin's failure: the snapshots needing it are corrupted.
-                    log.error("store %s: copy of chunk %d failed: %s", self.store.path, copy.chunk, exc)
-                    copy.failed = True
-            elif copy.kind == "own":
+            if copy.kind == "own":
                 data = self._snapshot_view(self.state.held[copy.number], copy.chunk * self.chunk_size,
                                            min(self.chunk_size, self.size - copy.chunk * self.chunk_size))
                 self.store.file.pwrite(data, self.store.slot_offset(copy.slot))
+
+    def _copies_from_device(self, copies: list[StoreCopy]) -> None:
+        for copy in copies:
+            try:
+                self._copy_from_device(copy.chunk, copy.slot)
+            except OSError as exc:
+                # Never the origin's failure: the snapshots needing it are corrupted.
+                log.error("store %s: copy of chunk %d failed: %s", self.store.path, copy.chunk, exc)
+                copy.failed = True
 
     def _copy_from_device(self, chunk: int, slot: int) -> None:
         """Device chunk -> store slot, in the kernel where it can (copy_file_range: a
