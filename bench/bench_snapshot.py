@@ -3,13 +3,13 @@
 without any, snapshot reads against origin reads, and qemu-storage-daemon (a qcow2
 overlay exported over FUSE) beside them.
 
-    python bench/bench_snapshot.py                     # 512 MiB devices, 64 MiB regions, 3 rounds
-    python bench/bench_snapshot.py --size-mib 1024 --region-mib 128 --rounds 2
+    python bench/bench_snapshot.py                     # 1 GiB devices, 128 MiB regions, 3 rounds
+    python bench/bench_snapshot.py --size-mib 512 --region-mib 64 --rounds 2 --no-qemu
 
 Must run as root; installs qemu-utils and qemu-system-common with apt-get if
 qemu-storage-daemon is missing (--no-qemu skips that column). In one run it:
 
-1. fills three backing files of --size-mib with random data (page-cached) and mounts
+1. fills three (four with qemu) backing files of --size-mib with random data (page-cached) and mounts
    three fusesnap servers: NONE (`--snapshot` with no snapshot ever taken: the
    limit), ONE (one snapshot held) and EIGHT (eight held), each with its own store;
    attaches a loop device (`--direct-io=on`) to each origin.img, to ONE's
@@ -57,8 +57,8 @@ FIRST_TOUCH_FLOOR, COPIED_FLOOR, EIGHT_TOLERANCE, READ_FLOOR = 0.5, 0.9, 0.1, 0.
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--size-mib", type=int, default=512, help="device size (default 512)")
-    parser.add_argument("--region-mib", type=int, default=64, help="written per run (default 64)")
+    parser.add_argument("--size-mib", type=int, default=1024, help="device size (default 1024)")
+    parser.add_argument("--region-mib", type=int, default=128, help="written per run (default 128)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds of writes (default 3)")
     parser.add_argument("--read-runtime", type=float, default=5, help="seconds per read run (default 5)")
     parser.add_argument("--workers", type=int, default=1, help="fusesnap mount --workers N, all mounts")
