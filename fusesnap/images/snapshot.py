@@ -204,7 +204,7 @@ class OriginImage(Image):
         """Write the whole state as the base of the other region (sync; durable with
         the next fsync, until then the current region stays the active one)."""
         base = self.state.compacted()
-        if len(base) > self.store.sb.record_capacity - 1024:
+        if len(base) > self.store.sb.record_capacity // 2:  # half the region left for appends
             for held in self.state.held.values():
                 if not held.corrupted:
                     self.state.apply(fmt.Record(fmt.CORRUPT, held.number, count=fmt.TABLE_FULL))
