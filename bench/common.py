@@ -7,6 +7,7 @@
     attached(path, direct_io=True)     `losetup --find --show`, detached on the way out
     fusesnap_mounted(mnt, *args)       `fusesnap mount`, always torn down on the way out
     fio_job(device, kind, runtime)     one fio job from WORKLOADS -> {"mbps", "iops"}
+    fio_figures(command, direction)    any fio command's figures, the same way
     deferred_interrupts()              lets a teardown finish before a Ctrl-C takes effect
     header_lines(), format_table()     what the reports print
 
@@ -327,13 +328,19 @@ def fio_command(device: str, kind: str, runtime: float) -> list[str]:
 def fio_job(device: str, kind: str, runtime: float) -> dict:
     """Run one workload of WORKLOADS against `device`; returns {"mbps", "iops"}
     (MB/s in units of 10^6 bytes, as fio prints them)."""
-    result = run(fio_command(device, kind, runtime))
+    return fio_figures(fio_command(device, kind, runtime), WORKLOADS[kind].direction)
+
+
+def fio_figures(command: list[str], direction: str) -> dict:
+    """Run a fio command with --output-format=json; {"mbps", "iops"} of its first job
+    in `direction` ("read" or "write")."""
+    result = run(command)
     # fio may print notes before its JSON document.
     report = json.loads(result.stdout[result.stdout.index("{"):])
     job = report["jobs"][0]
     if job.get("error"):
-        raise BenchError(f"fio {kind} on {device}: error {job['error']}")
-    figures = job[WORKLOADS[kind].direction]
+        raise BenchError(f"{shlex.join(command)}: error {job['error']}")
+    figures = job[direction]
     return {"mbps": figures["bw_bytes"] / 1e6, "iops": figures["iops"]}
 
 

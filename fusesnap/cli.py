@@ -51,7 +51,7 @@ def default_log_path(mountpoint: str) -> str:
 # -- mount -------------------------------------------------------------------------
 
 def cmd_mount(args) -> int:
-    mountpoint = args.mountpoint
+    mountpoint = os.path.abspath(args.mountpoint)  # before the chdir below
     if not os.path.isdir(mountpoint):
         raise UserError(f"mountpoint {mountpoint} is not a directory")
     if mounted_at(mountpoint):
@@ -66,7 +66,8 @@ def cmd_mount(args) -> int:
     try:
         images = [image for image_type in IMAGE_TYPES for image in image_type.images_from_args(args)]
         if not images:
-            raise UserError("no images to mount: give --linear DEV, or --system DEV --diff DIFF")
+            raise UserError("no images to mount: give --linear DEV, --system DEV --diff DIFF, "
+                            "--bow DEV or --snapshot DEV --store FILE")
         mount.check_discards(images)
     except UserError as exc:
         channel.failed(exc)

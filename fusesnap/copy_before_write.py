@@ -29,7 +29,10 @@ Interface
          (into the page cache; no sync needed).
       4. *Group commit* (below) until every copy is durably recorded.
     The overwrite in the block may then proceed. `writing(..., before_plan=f)` runs
-    `f()` between 1 and 2 (a read-modify-write reads the current contents there).
+    `f()` between 1 and 2 (a read-modify-write reads the current contents there);
+    `writing(..., plan=g)` calls `g(first, end)` instead of ``policy.plan`` in 2, for
+    an image whose writes come in kinds that need different copies (a snapshot's
+    own writes beside the origin's); `g` has the same contract as ``plan``.
     `exclusive(first, end)` only holds the chunks (a discard, a state change);
     `hold(first, end)` / `release(...)` let the policy hold chunks itself, without
     waiting, e.g. the destinations of its copies until they are recorded. An exception in 2-4 calls
@@ -147,17 +150,19 @@ class CopyBeforeWrite:
     # -- the public entry -------------------------------------------------------
 
     @contextlib.asynccontextmanager
-    async def writing(self, first: int, end: int, *, before_plan: Callable[[], None] | None = None):
+    async def writing(self, first: int, end: int, *, before_plan: Callable[[], None] | None = None,
+                      plan: Callable[[int, int], list[Any]] | None = None):
         """Hold chunks [first, end) and make their old contents durably copied
         (where the policy says so) before the body overwrites them.
 
         `before_plan` (sync) runs once the chunks are held and before `plan`: the
-        place for a read-modify-write to read what the chunks hold now."""
+        place for a read-modify-write to read what the chunks hold now. `plan`
+        (sync) replaces ``policy.plan`` for this write."""
         released = await self._lock(first, end)
         try:
             if before_plan is not None:
                 before_plan()
-            copies = self.policy.plan(first, end)
+            copies = (plan or self.policy.plan)(first, end)
             if copies:
                 await self._copy_and_commit(copies)
             yield

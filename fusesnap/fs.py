@@ -1,7 +1,13 @@
 """The FUSE adapter: a protocol translator between pyfuse3 and the images.
 
 It owns the inode table (the root directory, one file per image, `.status` and
-`.status.json`), builds attributes, and maps errors. For I/O it finds the image of a
+`.status.json`), builds attributes, and maps errors. The set of image files may
+change while mounted (snapshots come and go): `set_files` gives each new (name,
+image) pair a fresh inode (never reused), and asks the kernel to drop its cached
+entries of names that went or now mean another image. The invalidation is queued
+(pyfuse3.invalidate_entry_async), never done inside the request handler that
+caused it, which would deadlock on the kernel's lock of the directory. Open handles
+keep the image they opened. For I/O it finds the image of a
 file handle and calls `read/write/discard/flush` on it; nothing else happens here.
 
 Error boundary: every handler that can fail funnels exceptions through
@@ -56,6 +62,9 @@ class StatusRenderer:
         #: figures of the server process for .status.json (version, upgrades; mount.py)
         self.server_status: Callable[[], dict] | None = None
 
+    def set_images(self, images: list[Image]) -> None:
+        self.images = images
+
     def as_dict(self) -> dict:
         figures = {**self.mount_figures,
                    "images": {img.name: {"target": img.target, **img.status()} for img in self.images}}
@@ -80,22 +89,49 @@ class StatusRenderer:
 class FuseOperations(pyfuse3.Operations):
     """pyfuse3 handlers for a flat directory of images and status files."""
 
-    def __init__(self, images: list[Image], control: Callable[[str], Awaitable[None]],
+    def __init__(self, files: list[tuple[str, Image]], control: Callable[[str], Awaitable[None]],
                  mount_figures: dict | None = None):
         super().__init__()
-        self.status = StatusRenderer(images, mount_figures)
+        self.status = StatusRenderer([], mount_figures)
         self.control = control
         self.mount_time_ns = time.time_ns()
         # inode -> Image, or the name of a status file
         self.by_inode: dict[int, Image | str] = {}
         self.by_name: dict[bytes, int] = {}
-        for inode, entry in enumerate([*images, *STATUS_FILES], start=_FIRST_FILE_INODE):
-            name = entry.name if isinstance(entry, Image) else entry
-            self.by_inode[inode] = entry
+        self.inode_of: dict[tuple[str, int], int] = {}  # (name, id(image)) -> inode
+        self.next_inode = _FIRST_FILE_INODE + len(files) + len(STATUS_FILES)
+        for inode, (name, image) in enumerate(files, start=_FIRST_FILE_INODE):
+            self.inode_of[(name, id(image))] = inode
+        for inode, name in enumerate(STATUS_FILES, start=_FIRST_FILE_INODE + len(files)):
+            self.by_inode[inode] = name
             self.by_name[name.encode()] = inode
+        self.set_files(files)
         # file handle -> Image, or the bytes of a status file rendered at open
         self.open_files: dict[int, Image | bytes] = {}
         self.next_fh = 1
+
+    def set_files(self, files: list[tuple[str, Image]]) -> None:
+        """The image files now in the mount (sync: the tables change at once)."""
+        old_names = {name: inode for name, inode in self.by_name.items()
+                     if isinstance(self.by_inode[inode], Image)}
+        for name, inode in old_names.items():
+            del self.by_inode[inode]
+            del self.by_name[name]
+        images: list[Image] = []
+        for name, image in files:
+            inode = self.inode_of.get((name, id(image)))
+            if inode is None:
+                inode = self.inode_of[(name, id(image))] = self.next_inode
+                self.next_inode += 1
+            self.by_inode[inode] = image
+            self.by_name[name.encode()] = inode
+            if image not in images:
+                images.append(image)
+        self.inode_of = {key: inode for key, inode in self.inode_of.items() if inode in self.by_inode}
+        self.status.set_images(images)
+        for name, inode in old_names.items():
+            if self.by_name.get(name) != inode:
+                pyfuse3.invalidate_entry_async(pyfuse3.ROOT_INODE, name, ignore_enoent=True)
 
     # -- attributes -------------------------------------------------------------
 

@@ -19,6 +19,7 @@ that needs discards is refused and the others mount with a warning.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import logging.handlers
 import os
@@ -126,6 +127,10 @@ class MountServer:
         self.workers = max(workers, *(image.concurrent_requests for image in images))
         self.debug = debug
         self.handover = HandOver(self)  # live upgrade: fusesnap/upgrade.py
+        self.operations: FuseOperations | None = None
+
+    def files(self) -> list[tuple[str, Image]]:
+        return [entry for image in self.images for entry in image.files()]
 
     async def control(self, command: str) -> None:
         """Run a control command from the CLI (setxattr on the root). ValueError if bad."""
@@ -141,12 +146,18 @@ class MountServer:
         takers = [image for image in self.images if verb in image.control_verbs]
         if not takers:
             raise ValueError(f"no image in this mount takes '{verb}' commands")
-        for image in takers:
-            image.control(verb, args)
+        try:
+            for image in takers:
+                answer = image.control(verb, args)
+                if inspect.isawaitable(answer):
+                    await answer
+        finally:
+            if self.operations is not None:
+                self.operations.set_files(self.files())  # images may have come or gone
 
     async def serve(self, on_ready) -> None:
-        operations = FuseOperations(self.images, self.control,
-                                    {"discards": discards_supported()})
+        operations = self.operations = FuseOperations(self.files(), self.control,
+                                                      {"discards": discards_supported()})
         operations.status.server_status = self.handover.status
         options = set(pyfuse3.default_options)
         options |= {"fsname=fusesnap", "subtype=fusesnap"}

@@ -315,6 +315,11 @@ class HandOver:
         """One hand-over attempt: start `program` with `environment` (the command's,
         so that it finds the fusesnap installed where the command runs). Returns the
         reply for `fusesnap upgrade`."""
+        unable = [image.name for image in self.server.images if not image.handover_versions]
+        if unable:
+            return {"ok": False, "old_version": __version__, "old_pid": os.getpid(),
+                    "reason": f"{', '.join(unable)} cannot be handed over to a new server yet: "
+                              "unmount and mount again to run the new code"}
         successor = Successor(program, environment, self.server.mountpoint)
         old = {"old_version": __version__, "old_pid": os.getpid()}
         stopped_at = None

@@ -42,7 +42,7 @@ def _open_image(ops):
     (pyfuse3.FUSEError(errno.EROFS), errno.EROFS),
 ])
 def test_any_failure_becomes_an_errno_for_that_request(exc, expected, caplog):
-    ops = FuseOperations([BrokenImage(exc)], _no_control)
+    ops = FuseOperations(BrokenImage(exc).files(), _no_control)
     fh = _open_image(ops)
     for call in (lambda: ops.read(fh, 0, 4096), lambda: ops.write(fh, 0, b"x")):
         with pytest.raises(pyfuse3.FUSEError) as excinfo:

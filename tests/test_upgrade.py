@@ -306,8 +306,8 @@ def test_upgrade_to_a_different_build_runs_its_code_with_the_state(tmp_path, mou
 
 def test_state_of_an_unknown_version_is_refused(tmp_path, mount, device):
     newer = variant_build(tmp_path / "newer", VERSION,
-                          ("images/base.py", "handover_versions: ClassVar[tuple[int, ...]] = (1,)",
-                           "handover_versions: ClassVar[tuple[int, ...]] = (2, 1)"))
+                          ("images/linear.py", "handover_versions = (1,)",
+                           "handover_versions = (2, 1)"))
     m = mount("--linear", device)
     upgrade(m, "--exec", newer)  # the newer build restores version 1 ...
     newer_pid = m.pid
@@ -317,6 +317,19 @@ def test_state_of_an_unknown_version_is_refused(tmp_path, mount, device):
     assert result.returncode == 1
     assert "hand-over state version 2 is unknown to this build" in result.stderr
     assert m.pid == newer_pid and server_status(m)["version"].startswith("9.9.9")
+
+
+def test_a_mount_with_an_image_that_cannot_be_handed_over_is_refused(mount, device):
+    """bow.img has no hand-over of its own yet: the upgrade is refused before a
+    successor starts, and the server serves on."""
+    m = mount("--bow", device)
+    server = m.pid
+
+    result = upgrade(m, check=False)
+
+    assert result.returncode == 1
+    assert "bow.img cannot be handed over to a new server yet" in result.stderr
+    assert m.pid == server and "bow.img" in m.status()
 
 
 def test_image_state_checks_type_and_version(device):

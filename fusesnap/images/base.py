@@ -53,8 +53,10 @@ class Image:
     #: several in flight, or every write waits alone
     concurrent_requests: ClassVar[int] = 1
 
-    #: versions of handover_state() this code restores; the first is the one it writes
-    handover_versions: ClassVar[tuple[int, ...]] = (1,)
+    #: versions of handover_state() this code restores; the first is the one it writes.
+    #: Empty: the image type cannot be handed over, and `fusesnap upgrade` refuses the
+    #: mount (its state would go stale between the successor opening it and the pause).
+    handover_versions: ClassVar[tuple[int, ...]] = ()
 
     def __init__(self, name: str, size: int, *, read_only: bool):
         self.name = name
@@ -81,8 +83,15 @@ class Image:
         """Target figures for .status.json (JSON-serialisable)."""
         return {}
 
+    def files(self) -> list[tuple[str, "Image"]]:
+        """The files this image shows in the mount: itself, and for an image type whose
+        set of files changes at runtime (snapshots) the others it owns. The server asks
+        again after every control command."""
+        return [(self.name, self)]
+
     def control(self, verb: str, args: list[str]) -> str:
-        """Act on a control command; return a one-line answer. ValueError = bad command."""
+        """Act on a control command; return a one-line answer. ValueError = bad command.
+        May be a coroutine function (a command that waits for in-flight writes)."""
         raise ValueError(f"{self.name} takes no '{verb}' commands")
 
     async def close(self) -> None:

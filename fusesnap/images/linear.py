@@ -18,6 +18,7 @@ from .base import Image
 class LinearImage(Image):
     target = "linear"
     status_line_keys = ("size", "device")
+    handover_versions = (1,)
 
     def __init__(self, device: BlockDevice, name: str = "linear.img"):
         super().__init__(name, device.size, read_only=device.read_only)

@@ -252,6 +252,7 @@ class UpdateImage(Image):
     target = "update"
     status_line_keys = ("merged", "total", "state")
     control_verbs = ("update",)
+    handover_versions = (1,)
 
     def __init__(self, device: BlockDevice, diff: DiffFile, progress: MergeProgress, *,
                  merged_chunks: int = 0, saved_chunks: int = 0, background_merge: bool = True,

@@ -1,0 +1,185 @@
+"""The snapshot store's format and the origin's state machine without FUSE: records
+against a naive model, compaction that rebuilds the same state, a table that fills
+up and moves to its other region while snapshots keep their contents."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+import trio
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fusesnap.devices import BlockDevice
+from fusesnap.errors import UserError
+from fusesnap.formats import snapshot_store as fmt
+from fusesnap.images.snapshot import OriginImage, Store
+
+GENERATION = "5b0c2f6e-8d7a-4e1b-9c3d-2a1f0e9d8c7b"
+
+operations = st.lists(st.one_of(
+    st.tuples(st.just("take")),
+    st.tuples(st.just("release"), st.integers(1, 6)),
+    st.tuples(st.just("corrupt"), st.integers(1, 6), st.integers(1, 4)),
+    st.tuples(st.just("copy"), st.integers(0, 15)),
+    st.tuples(st.just("own"), st.integers(1, 6), st.integers(0, 15)),
+    st.tuples(st.just("cbt"), st.integers(0, 15), st.integers(0, 6)),
+), max_size=60)
+
+
+def as_records(ops) -> list[fmt.Record]:
+    """Operations as the image would record them (fresh slots for every copy)."""
+    records, next_number, next_slot = [], 1, 0
+    for op in ops:
+        if op[0] == "take":
+            records.append(fmt.Record(fmt.TAKE, next_number))
+            next_number += 1
+        elif op[0] == "release":
+            records.append(fmt.Record(fmt.RELEASE, op[1]))
+        elif op[0] == "corrupt":
+            records.append(fmt.Record(fmt.CORRUPT, op[1], count=op[2]))
+        elif op[0] == "copy":
+            records.append(fmt.Record(fmt.COPY, next_number - 1, op[1], next_slot))
+            next_slot += 1
+        elif op[0] == "own":
+            records.append(fmt.Record(fmt.OWN, op[1], op[2], next_slot))
+            next_slot += 1
+        else:
+            records.append(fmt.Record(fmt.CBT, op[2], op[1]))
+    return records
+
+
+def naive(records) -> tuple[dict, dict]:
+    """What each held snapshot reads per chunk (slot or device), and the change map."""
+    held: dict[int, dict | str] = {}
+    changed: dict[int, int] = {}
+    for r in records:
+        if r.type == fmt.TAKE:
+            held[r.snapshot] = {}
+        elif r.type == fmt.RELEASE:
+            held.pop(r.snapshot, None)
+        elif r.type == fmt.CORRUPT and r.snapshot in held:
+            held[r.snapshot] = f"corrupt {r.count}"
+        elif r.type == fmt.COPY:
+            for snapshot in held.values():
+                if isinstance(snapshot, dict) and r.chunk not in snapshot:
+                    snapshot[r.chunk] = r.slot
+            changed[r.chunk] = r.snapshot
+        elif r.type == fmt.OWN:
+            if isinstance(held.get(r.snapshot), dict):
+                held[r.snapshot][r.chunk] = r.slot
+            changed[r.chunk] = max(changed.get(r.chunk, 0), r.snapshot)
+        elif r.type == fmt.CBT:
+            changed[r.chunk] = r.snapshot
+    return held, {chunk: n for chunk, n in changed.items() if n}
+
+
+def observed(state: fmt.StoreState) -> tuple[dict, dict]:
+    held = {n: (f"corrupt {s.corrupted}" if s.corrupted else dict(s.map)) for n, s in state.held.items()}
+    changed = {chunk: n for start, stop, n in state.changed for chunk in range(start, stop) if n}
+    return held, changed
+
+
+@settings(max_examples=300, deadline=None)
+@given(operations)
+def test_records_mean_what_the_format_says_and_compaction_keeps_it(ops):
+    records = as_records(ops)
+    state = fmt.StoreState(GENERATION)
+    for record in records:
+        state.apply(record)
+    assert observed(state) == naive(records)
+    in_use = {slot for s in state.held.values() for slot in s.map.values()}
+    assert set(state.refs) == in_use
+    assert sum(state.refs.values()) == sum(len(s.map) for s in state.held.values())
+    rebuilt = fmt.StoreState(GENERATION, state.next_snapshot)
+    for record in state.compacted():
+        rebuilt.apply(fmt.Record(*fmt._RECORD.unpack(record.pack(7)[:28])))
+    assert observed(rebuilt) == observed(state)
+    assert rebuilt.refs == state.refs
+
+
+def test_a_torn_record_ends_the_replay_and_stale_records_never_count(tmp_path):
+    sb = fmt.Superblock(65536, 1 << 20, 4096 * 4, {"device": "x"})
+    data = bytearray(sb.data_start)
+    data[:fmt.SUPERBLOCK_SIZE] = sb.pack()
+    old = fmt.TableHeader(1, GENERATION, 1)
+    region = sb.region_offset(0)
+    body = fmt.pack_base(old, [fmt.Record(fmt.TAKE, 1)])
+    data[region:region + len(body)] = body
+    stale = [fmt.Record(fmt.TAKE, 2).pack(1), fmt.Record(fmt.TAKE, 3).pack(1)]
+    data[region + len(body):region + len(body) + 64] = b"".join(stale)
+
+    def pread(size, offset):
+        return bytes(data[offset:offset + size])
+
+    assert sorted(fmt.load_state(pread, sb)[0].held) == [1, 2, 3]
+    torn = region + len(body) + 32 + 5
+    data[torn] ^= 0xFF
+    assert sorted(fmt.load_state(pread, sb)[0].held) == [1, 2]
+    # A newer region (epoch 2) whose base is whole wins; records of epoch 1 after its
+    # base are not replayed.
+    new = fmt.TableHeader(2, GENERATION, 3)
+    body = fmt.pack_base(new, [fmt.Record(fmt.TAKE, 2)])
+    other = sb.region_offset(1)
+    data[other:other + len(body)] = body
+    data[other + len(body):other + len(body) + 32] = fmt.Record(fmt.TAKE, 9).pack(1)
+    assert sorted(fmt.load_state(pread, sb)[0].held) == [2]
+    data[other + fmt.HEADER_SIZE + 3] ^= 0xFF  # its base is torn: the old region again
+    assert sorted(fmt.load_state(pread, sb)[0].held) == [1, 2]
+
+
+def test_a_full_table_moves_to_its_other_region_and_snapshots_keep_their_contents(tmp_path, monkeypatch):
+    """Many takes, writes and releases with a small table: it compacts into the other
+    region while in use and again at each re-open; every snapshot stays exact."""
+    monkeypatch.setattr(fmt, "table_bytes_for", lambda chunks: 4096 * 24)  # ~3000 records
+    chunk, size = 16 << 10, 4 << 20  # 256 chunks: a compacted table always fits in half
+    device_path = tmp_path / "dev.raw"
+    rng = random.Random(1)
+    device_path.write_bytes(rng.randbytes(size))
+    store_path = str(tmp_path / "dev.store")
+    expected: dict[int, bytes] = {}
+
+    def open_origin() -> OriginImage:
+        device = BlockDevice(str(device_path))
+        return OriginImage(device, Store(store_path, device, chunk, 64 << 20))
+
+    async def session(origin: OriginImage, rounds: int):
+        for _ in range(rounds):
+            number = await origin.take()
+            expected[number] = bytes(origin.device.pread(size, 0))
+            for _ in range(150):
+                offset = rng.randrange(size - 3 * chunk)
+                await origin.write(offset, rng.randbytes(rng.randrange(1, 3 * chunk)))
+            if len(origin.state.held) > 3:
+                oldest = min(origin.state.held)
+                await origin.release(oldest)
+                del expected[oldest]
+        await origin.flush()
+        for number, contents in expected.items():
+            assert await origin.read_snapshot(number, 0, size) == contents, number
+        await origin.close()
+
+    epochs = []
+    for _ in range(3):
+        origin = open_origin()
+        epochs.append(origin.epoch)
+        trio.run(session, origin, 16)
+    # one compaction at each open, and more while in use
+    assert epochs[-1] >= len(epochs) + 3, epochs
+    origin = open_origin()
+    assert sorted(origin.state.held) == sorted(expected)
+    assert all(not s.corrupted for s in origin.state.held.values())
+    trio.run(origin.close)
+
+
+def test_a_file_that_is_not_a_store_is_not_overwritten(tmp_path):
+    (tmp_path / "dev.raw").write_bytes(bytes(1 << 20))
+    device = BlockDevice(str(tmp_path / "dev.raw"))
+    precious = tmp_path / "precious"
+    precious.write_bytes(b"FSNAPSTX" + os.urandom(8000))
+    before = precious.read_bytes()
+    with pytest.raises(UserError, match="refusing to overwrite"):
+        Store(str(precious), device, None, 64 << 20)
+    assert precious.read_bytes() == before
