@@ -81,3 +81,17 @@ def refuse_repeated_options(parser: argparse.ArgumentParser) -> None:
     (argument groups share the parser's registry, so image types' options are covered)."""
     parser.register("action", None, StoreOnce)
     parser.register("action", "store", StoreOnce)
+
+
+def size(text: str) -> int:
+    """`100M`, `1G`, `4096` ... (binary units)."""
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    number, unit = text.rstrip("KMGTkmgtiBb"), text[len(text.rstrip("KMGTkmgtiBb")):].upper()
+    unit = unit.replace("IB", "").replace("B", "")
+    try:
+        value = int(float(number) * units[unit])
+    except (ValueError, KeyError):
+        raise argparse.ArgumentTypeError(f"not a size: {text} (e.g. 100M, 1G)") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value

@@ -828,20 +828,6 @@ class BowImage(Image):
 
 # -- the command line --------------------------------------------------------------
 
-def parse_size(text: str) -> int:
-    """`100M`, `1G`, `4096` ... (binary units)."""
-    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-    number, unit = text.rstrip("KMGTkmgtiBb"), text[len(text.rstrip("KMGTkmgtiBb")):].upper()
-    unit = unit.replace("IB", "").replace("B", "")
-    try:
-        value = int(float(number) * units[unit])
-    except (ValueError, KeyError):
-        raise argparse.ArgumentTypeError(f"not a size: {text} (e.g. 100M, 1G)") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
-
-
 def block_size_arg(text: str) -> int:
     try:
         value = int(text)
@@ -860,7 +846,7 @@ def add_mount_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--bow-block-size", type=block_size_arg, default=None, metavar="BYTES",
                        help=f"backup granularity, 512..4096 (default {DEFAULT_BLOCK_SIZE}, "
                        "or what DEV's map or log says)")
-    group.add_argument("--bow-low-space", type=parse_size, default=DEFAULT_LOW_SPACE, metavar="SIZE",
+    group.add_argument("--bow-low-space", type=arguments.size, default=DEFAULT_LOW_SPACE, metavar="SIZE",
                        help="warn (or commit) when free space for backups falls below SIZE (default 100M)")
     group.add_argument("--bow-on-low-space", choices=("warn", "commit"), default="warn",
                        help="what to do below --bow-low-space in checkpoint state (default warn)")

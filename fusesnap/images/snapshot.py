@@ -57,13 +57,13 @@ import sys
 import trio
 from sortedcontainers import SortedList
 
+from .. import arguments
 from ..control import read_status, require_image, send_command
 from ..copy_before_write import CopyBeforeWrite
-from ..devices import BlockDevice, check_range, loop_devices_backed_under, resolve_device_path
+from ..devices import BlockDevice, check_range, loop_devices_backed_under
 from ..errors import EXIT_FAILED, UserError
 from ..formats import snapshot_store as fmt
 from .base import Image
-from .bow import parse_size
 
 log = logging.getLogger(__name__)
 
@@ -610,7 +610,7 @@ class SnapshotImage(Image):
 # -- mount options ------------------------------------------------------------------------
 
 def chunk_size_arg(text: str) -> int:
-    value = parse_size(text)
+    value = arguments.size(text)
     if value < 4096 or value & (value - 1):
         raise argparse.ArgumentTypeError(f"must be a power of two of at least 4096, got {text}")
     return value
@@ -618,9 +618,9 @@ def chunk_size_arg(text: str) -> int:
 
 def add_mount_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("snapshots (origin.img, snapshot.img)")
-    group.add_argument("--snapshot", metavar="DEV", help="expose origin.img (DEV) and its snapshots")
-    group.add_argument("--store", metavar="FILE", help="the snapshots' store, created if missing")
-    group.add_argument("--store-limit", type=parse_size, metavar="SIZE",
+    group.add_argument("--snapshot", metavar="DEV", type=arguments.device, help="expose origin.img (DEV) and its snapshots")
+    group.add_argument("--store", metavar="FILE", type=arguments.path, help="the snapshots' store, created if missing")
+    group.add_argument("--store-limit", type=arguments.size, metavar="SIZE",
                        help="the most the store may grow to (default: the size of DEV)")
     group.add_argument("--chunk-size", type=chunk_size_arg, metavar="BYTES",
                        help="copy granularity, a power of two (default: from DEV's size, at least 256K)")
@@ -662,12 +662,12 @@ def images_from_args(args: argparse.Namespace) -> list[Image]:
         return []
     if not args.store:
         raise UserError("--snapshot needs --store FILE (where old chunks are kept)")
-    device = BlockDevice(resolve_device_path(args.snapshot))
+    device = BlockDevice(args.snapshot)
     store = None
     try:
         if device.read_only:
             raise UserError(f"{device.path} is read-only: origin.img needs to write it")
-        store_path = os.path.abspath(args.store)
+        store_path = args.store
         refuse_store_on_device(store_path, device)
         limit = args.store_limit if args.store_limit is not None else max(device.size, 64 << 20)
         store = Store(store_path, device, args.chunk_size, limit)
@@ -688,6 +688,14 @@ def images_from_args(args: argparse.Namespace) -> list[Image]:
 
 # -- the command line -------------------------------------------------------------------
 
+USAGE_EXAMPLES = """\
+  fusesnap mount mnt --snapshot /dev/sdb1 --store /var/lib/fusesnap/sdb1.store   # mnt/origin.img
+  fusesnap snapshot take mnt                                  # prints GEN:N; mnt/snapshot.img appears
+  dd if=mnt/snapshot.img of=/backup/full.img bs=4M            # a consistent full backup
+  fusesnap snapshot changes mnt --since GEN:N                 # next time: what changed since N
+  fusesnap snapshot release mnt                               # drop the oldest snapshot"""
+
+
 def add_commands(commands) -> None:
     p = commands.add_parser("snapshot", help="snapshots: take, release, list, changes",
                             description="Take and release snapshots of origin.img in a mount, list "
@@ -695,20 +703,20 @@ def add_commands(commands) -> None:
     actions = p.add_subparsers(dest="snapshot_action", metavar="ACTION", parser_class=type(p))
     actions.required = True
     q = actions.add_parser("take", help="take a snapshot; prints its id GEN:N")
-    q.add_argument("mountpoint", metavar="MOUNTPOINT")
+    q.add_argument("mountpoint", metavar="MOUNTPOINT", type=arguments.path)
     q.add_argument("--no-freeze", action="store_true",
                    help="do not freeze filesystems mounted from loop devices on origin.img")
     q.set_defaults(run=cmd_take)
     q = actions.add_parser("release", help="drop a snapshot (the oldest if no ID) and free its store space")
-    q.add_argument("mountpoint", metavar="MOUNTPOINT")
+    q.add_argument("mountpoint", metavar="MOUNTPOINT", type=arguments.path)
     q.add_argument("id", metavar="ID", nargs="?", help="N or GEN:N")
     q.set_defaults(run=cmd_release)
     q = actions.add_parser("list", help="the held snapshots")
-    q.add_argument("mountpoint", metavar="MOUNTPOINT")
+    q.add_argument("mountpoint", metavar="MOUNTPOINT", type=arguments.path)
     q.add_argument("--json", action="store_true", help="as JSON")
     q.set_defaults(run=cmd_list)
     q = actions.add_parser("changes", help="byte ranges changed since snapshot N of generation GEN")
-    q.add_argument("mountpoint", metavar="MOUNTPOINT")
+    q.add_argument("mountpoint", metavar="MOUNTPOINT", type=arguments.path)
     q.add_argument("--since", required=True, metavar="GEN:N")
     q.add_argument("--json", action="store_true", help="as JSON")
     q.set_defaults(run=cmd_changes)
