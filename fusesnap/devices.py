@@ -66,9 +66,11 @@ def resolve_device_path(arg: str) -> str:
 
 
 class BlockDevice:
-    """An open block device or regular file used as an image's backing store."""
+    """An open block device or regular file used as an image's backing store (or,
+    with `image_device=False`, a file an image keeps data in, such as a snapshot store,
+    which may be empty and of any size)."""
 
-    def __init__(self, path: str, *, read_only: bool = False):
+    def __init__(self, path: str, *, read_only: bool = False, image_device: bool = True):
         self.path = path
         self.read_only = read_only
         try:
@@ -101,10 +103,10 @@ class BlockDevice:
         else:
             self.size = st.st_size
             self.logical_block_size = 512
-        if self.size == 0:
+        if image_device and self.size == 0:
             self.close()
             raise UserError(f"{path} is empty (0 bytes): there is nothing to serve")
-        if self.size % 512:
+        if image_device and self.size % 512:
             log.warning("%s is %d bytes, not a multiple of 512: a loop device on its image "
                         "ignores the last %d bytes", path, self.size, self.size % 512)
 

@@ -104,7 +104,7 @@ class Store:
                 os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
             except OSError as exc:
                 raise UserError(f"cannot create the store {path}: {exc.strerror}") from None
-        self.file = BlockDevice(path)
+        self.file = BlockDevice(path, image_device=False)
         if self.file.read_only:
             raise UserError(f"the store {path} is read-only")
         identity = {"device": os.path.realpath(device.path), "size": device.size}
@@ -809,7 +809,7 @@ def cmd_changes(args) -> int:
         raise UserError(f"--since wants GEN:N (as `snapshot take` printed), not {args.since}")
     # The store's table, read as the server wrote it (takes fsync it, so everything
     # up to the newest take is there).
-    store = BlockDevice(origin["store"], read_only=True)
+    store = BlockDevice(origin["store"], read_only=True, image_device=False)
     try:
         sb = fmt.Superblock.unpack(store.pread(fmt.SUPERBLOCK_SIZE, 0))
         loaded = fmt.load_state(store.pread, sb)
