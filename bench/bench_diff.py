@@ -245,7 +245,8 @@ def measure_pairs(names: list[str], workdir: str, threads: int | None) -> None:
 
 
 # fusesnap settings measured beside v0 on the pairs (name, build_diff keywords)
-FUSESNAP_VARIANTS: list[tuple[str, dict]] = []
+FUSESNAP_VARIANTS = [("fusesnap diff --format v1", {"diff_format": "v1"}),
+                     ("fusesnap diff --format v1 --level 19", {"diff_format": "v1", "level": 19})]
 
 
 def row(name: str, value: str, target: str, ok: bool | None = None) -> None:

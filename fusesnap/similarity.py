@@ -128,16 +128,19 @@ class SimilarityIndex:
 
 
 def choose_references(index: SimilarityIndex, chunk, block_size: int, limit: int,
-                      allowed: np.ndarray) -> list[int]:
+                      allowed: np.ndarray | None = None, old_blocks: int | None = None) -> list[int]:
     """Old block numbers (sorted, at most `limit`) to compress the chunk (new blocks'
     contents, bytes-like) against: for each new block the old block sharing most of
     its features, with the blocks either side of it (a shifted file straddles two),
-    among the blocks `allowed` (a bool per old block) says may be referenced. When
-    there are more than `limit`, the most voted for are kept."""
+    among the blocks `allowed` (a bool per old block) says may be referenced (all
+    `old_blocks` if None). When there are more than `limit`, the most voted for are
+    kept."""
     feats, owners = features(chunk, block_size)
     owner, old, shared = index.votes(feats, owners)
-    ok = allowed[old]
-    owner, old, shared = owner[ok], old[ok], shared[ok]
+    if allowed is not None:
+        ok = allowed[old]
+        owner, old, shared = owner[ok], old[ok], shared[ok]
+        old_blocks = len(allowed)
     if not len(owner):
         return []
     # per new block (owner), its best old block: sort by owner, then shared descending
@@ -147,12 +150,24 @@ def choose_references(index: SimilarityIndex, chunk, block_size: int, limit: int
     best, weight = old[first], shared[first]
     candidates = np.concatenate((best - 1, best, best + 1))
     weights = np.concatenate((weight, weight * 2, weight))
-    ok = (candidates >= 0) & (candidates < len(allowed))
+    ok = (candidates >= 0) & (candidates < old_blocks)
     candidates, weights = candidates[ok], weights[ok]
-    ok = allowed[candidates]
-    candidates, weights = candidates[ok], weights[ok]
+    if allowed is not None:
+        ok = allowed[candidates]
+        candidates, weights = candidates[ok], weights[ok]
     blocks, inverse = np.unique(candidates, return_inverse=True)
     if len(blocks) > limit:
         total = np.bincount(inverse, weights=weights)
         blocks = np.sort(blocks[np.argsort(-total, kind="stable")[:limit]])
     return blocks.tolist()
+
+
+def runs_of(blocks: list[int]) -> list[tuple[int, int]]:
+    """(first, count) runs of consecutive numbers in a sorted list."""
+    runs: list[tuple[int, int]] = []
+    for b in blocks:
+        if runs and runs[-1][0] + runs[-1][1] == b:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((b, 1))
+    return runs
