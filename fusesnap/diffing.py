@@ -36,6 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 import zstandard
 from tqdm import tqdm
 
+from fusesnap import arguments
 from fusesnap.arguments import positive_int, whole_number
 from fusesnap.errors import EXIT_FAILED, EXIT_OK, UserError
 from fusesnap import similarity
@@ -499,10 +500,12 @@ def _fill_referencing_diff(old_fd: int, new_fd: int, out_fd: int, stats: DiffSta
     index.freeze()
     limit = REFERENCE_FACTOR * cb
 
+    read_old = old_reader(old_fd, bs)
+
     def references(data: bytes) -> tuple[list[tuple[int, int]], bytes]:
         runs = similarity.runs_of(similarity.choose_references(index, data, bs, limit,
                                                                old_blocks=old_blocks))
-        return runs, b"".join(_read_at(old_fd, count * bs, first * bs) for first, count in runs)
+        return runs, read_old(runs)
 
     pos = CHUNKS_OFFSET
     chunk_src = array("Q")
@@ -537,6 +540,18 @@ def _fill_referencing_diff(old_fd: int, new_fd: int, out_fd: int, stats: DiffSta
     _finish_diff(out_fd, stats, level, dests, chunk_src, pos, Identification(
         stats.old_size, new_size, len(dests), bytes(chunk_hashes),
         reference_hashes=bytes(reference_hashes)), old_block_hashes)
+
+
+FORMAT_NAMES = {VERSION: "dm-update version 0",
+                VERSION_REFERENCING: "fusesnap version 1 (chunks reference OLD)"}
+
+
+def old_reader(fd: int, block_size: int) -> Callable[[list[tuple[int, int]]], bytes]:
+    """`read_old` of `DiffFile.decompress_chunk` over an open image of OLD."""
+    def read_old(runs: list[tuple[int, int]]) -> bytes:
+        return b"".join(_read_at(fd, count * block_size, first * block_size)
+                        for first, count in runs)
+    return read_old
 
 
 def _read_at(fd: int, n: int, offset: int) -> bytes:
@@ -670,6 +685,9 @@ def add_diff_info_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("diff", metavar="DIFF", help="the diff to describe")
     parser.add_argument("--verify", action="store_true",
                         help="decompress every chunk and check every rule of the format")
+    parser.add_argument("--old", metavar="OLD", type=arguments.path,
+                        help="the image the diff applies to: --verify of a v1 diff reads the "
+                        "blocks its chunks reference from it")
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")
 
 
@@ -743,19 +761,29 @@ def run_diff_info(args) -> int:
     with diff:
         info = diff_info(diff)
         if args.verify:
+            read_old = None
+            if args.old is not None:
+                old_fd, _ = _open_image(args.old, "OLD")
+                read_old = old_reader(old_fd, diff.block_size)
+            elif diff.version == VERSION_REFERENCING:
+                raise UserError(f"{args.diff} is a v1 diff: --verify needs --old OLD, the image "
+                                "its chunks reference")
             try:
-                diff.verify()
+                diff.verify(read_old)
             except DiffFormatError as e:
                 raise UserError(str(e), EXIT_FAILED) from None
             except OSError as e:
                 raise UserError(f"cannot read {args.diff}: {e.strerror}", EXIT_FAILED) from None
+            finally:
+                if read_old is not None:
+                    os.close(old_fd)
             info["verified"] = True
     if args.json:
         print(json.dumps(info, indent=2))
         return EXIT_OK
     mib = 2 ** 20
     print(f"diff:          {info['path']}")
-    print(f"format:        dm-update version {info['version']}, {info['compression']}")
+    print(f"format:        {FORMAT_NAMES[info['version']]}, {info['compression']}")
     print(f"block size:    {info['block_size']} bytes (block_bits {info['block_bits']})")
     print(f"chunk size:    {info['chunk_blocks']} blocks "
           f"({info['chunk_blocks'] * info['block_size'] // 1024} KiB)")

@@ -56,8 +56,8 @@ from ..control import read_status, require_image, send_command
 from ..devices import BlockDevice, resolve_device_path
 from ..diffing import open_diff
 from ..errors import EXIT_FAILED, EXIT_USAGE, UserError
-from ..formats.update_diff import (BLOCK_HASH_SIZE, DiffFile, DiffFormatError, hash_block,
-                                   hash_chunk)
+from ..formats.update_diff import (BLOCK_HASH_SIZE, VERSION, DiffFile, DiffFormatError,
+                                   hash_block, hash_chunk)
 from ..rangemap import RangeMap
 from .base import Image
 
@@ -636,6 +636,10 @@ def images_from_args(args: argparse.Namespace) -> list[Image]:
         raise UserError("--system DEV and --diff DIFF go together")
     # Absolute: the server leaves the current directory.
     diff = open_diff(os.path.abspath(args.diff), bad_diff_status=EXIT_USAGE)
+    if diff.version != VERSION:
+        diff.close()
+        raise UserError(f"{args.diff} is a version {diff.version} diff: system.img reads "
+                        "version 0 only so far (make it with `fusesnap diff --format v0`)")
     device = None
     try:
         device = BlockDevice(resolve_device_path(args.system), read_only=args.no_bg_update)
