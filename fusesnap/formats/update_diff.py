@@ -49,36 +49,34 @@ rewritten in place), not against someone who can rewrite the diff, hashes includ
 zstd's CPU time instead of 1.05x (every block changed), and the source check of a
 1 GiB image with a quarter changed 3 to 6 times as long (page-cached device).
 
-Version 1 (specified and measured, not yet written or read by this module: see
-"Diff format version 1" in DEVELOPERS.md for the figures that chose it). A v1 diff
-is smaller because a chunk may be compressed against data of OLD that resembles it.
-It keeps v0's superblock (``version`` 1, ``compression`` "zstd" only), directory
-(same entries, same rules: sorted dests, one contiguous run of entries per chunk,
-sentinel) and layout; what changes is what sits at a chunk's ``src``::
+Version 1 (fusesnap's own; written by ``fusesnap diff --format v1``, read here given
+OLD; `system.img` does not read it yet; DEVELOPERS.md "Diff format version 1" has
+the measurements that chose it). A v1 chunk is compressed against data of OLD that
+resembles it. It keeps v0's superblock (``version`` 1; ``compression`` must be
+"zstd"), directory (same entries, same rules: sorted dests, one contiguous run of
+entries per chunk, sentinel) and layout; what changes is what sits at a chunk's
+``src`` (little-endian)::
 
     u32 n_runs                        references: runs of OLD's blocks, in this order
     n_runs * (u64 first, u32 count)   first block and block count of each run
     zstd frame                        the chunk's new blocks, compressed with the
                                       concatenated contents of those OLD blocks as a
-                                      raw-content dictionary (no dictionary ID)
+                                      raw-content dictionary (no dictionary ID); with
+                                      n_runs 0, a plain frame as in v0
 
 A chunk's length is still the next chunk's src minus its src, header included.
-Rules: n_runs may be 0 (a plain frame, as in v0); runs lie within OLD
-(first + count <= old_size / block size), do not overlap, and hold at most
-MAX_REFERENCE_BLOCKS = 2 * chunk_blocks blocks in all. The references are OLD's
-contents, whichever blocks they are: blocks the update leaves unchanged, and
-blocks it changes (the old version of a file often sits exactly where the new one
-is written). So a v1 diff needs its identification trailer (trailer version 2):
-v1's fields, then per chunk the XXH3-128 of its dictionary (so a device whose
-referenced blocks are not OLD's is told apart from a damaged chunk), then the
-*scratch list*: the sorted block numbers of changed blocks some chunk references,
-as u64 each. The merge copies those blocks' OLD contents to a scratch file (in the
-state directory, fsynced, checked against their old-block hashes) before its first
-write to the device, and from then on reads references to changed blocks from the
-scratch file; references to unchanged blocks come from the device, which the merge
-never writes there. So merging stays idempotent and order-free as in v0: a crash at
-any point resumes from the source check, with the scratch file kept until the merge
-is done. A read of a changed block needs its chunk and that chunk's references only.
+Runs are non-empty, ascend without overlapping, lie within OLD (first + count <=
+old_size / block size) and hold at most REFERENCE_FACTOR * chunk_blocks blocks in
+all. References are OLD's contents wherever they are: blocks the update leaves
+unchanged and blocks it changes (after an in-place upgrade the old version of a file
+mostly sits where the new one is written).
+
+A v1 diff must carry its identification trailer, in version 2: the version 1 layout
+with ``version`` 2, whose hashes are n_chunks chunk hashes, then n_chunks reference
+hashes (XXH3-128 of each chunk's dictionary, of empty input for a chunk with no
+references), then the old block hashes. The header checksum covers the header and
+both sets of chunk-sized hashes. The reference hash tells a device whose referenced
+blocks are not OLD's from a damaged chunk.
 
 This module is pure format code: packing, unpacking, validation and reading of
 chunks. It never decides policy (what to do with a bad diff) and never touches trio.
