@@ -394,22 +394,9 @@ def _fill_diff(old_fd: int, new_fd: int, out_fd: int, stats: DiffStats, level: i
     new_size = stats.new_size
     window = max(WINDOW_BYTES // bs, 1) * bs
 
-    pos = CHUNKS_OFFSET
-    chunk_src = array("Q")
     dests = array("Q")
-    chunk_hashes = bytearray()      # for the identification trailer
-    old_block_hashes = bytearray()
-
-    def write_chunk(data, new_hash: bytes, old_hashes: bytes) -> None:
-        nonlocal pos
-        chunk_src.append(pos)
-        _write_all(out_fd, data)
-        pos += len(data)
-        chunk_hashes.extend(new_hash)
-        old_block_hashes.extend(old_hashes)
-
-    os.lseek(out_fd, CHUNKS_OFFSET, os.SEEK_SET)
-    compressor = _Compressor(stats.compression, level, threads, chunk_bytes, bs, write_chunk)
+    chunks = _ChunkWriter(out_fd)
+    compressor = _Compressor(stats.compression, level, threads, chunk_bytes, bs, chunks.write)
     reader = _WindowReader(old_fd, new_fd, new_size, window)
     try:
         parts: list = []         # pieces of the chunk being filled
@@ -450,8 +437,7 @@ def _fill_diff(old_fd: int, new_fd: int, out_fd: int, stats: DiffStats, level: i
         reader.close()
         compressor.close()
 
-    _finish_diff(out_fd, stats, level, dests, chunk_src, pos, Identification(
-        stats.old_size, new_size, len(dests), bytes(chunk_hashes)), old_block_hashes)
+    _finish_diff(out_fd, stats, level, dests, chunks)
 
 
 def _fill_referencing_diff(old_fd: int, new_fd: int, out_fd: int, stats: DiffStats,
@@ -507,21 +493,8 @@ def _fill_referencing_diff(old_fd: int, new_fd: int, out_fd: int, stats: DiffSta
                                                                old_blocks=old_blocks))
         return runs, read_old(runs)
 
-    pos = CHUNKS_OFFSET
-    chunk_src = array("Q")
-    chunk_hashes, old_block_hashes, reference_hashes = bytearray(), bytearray(), bytearray()
-
-    def write_chunk(data, new_hash: bytes, old_hashes: bytes, reference_hash: bytes) -> None:
-        nonlocal pos
-        chunk_src.append(pos)
-        _write_all(out_fd, data)
-        pos += len(data)
-        chunk_hashes.extend(new_hash)
-        old_block_hashes.extend(old_hashes)
-        reference_hashes.extend(reference_hash)
-
-    os.lseek(out_fd, CHUNKS_OFFSET, os.SEEK_SET)
-    compressor = _Compressor(stats.compression, level, threads, cb * bs, bs, write_chunk,
+    chunks = _ChunkWriter(out_fd)
+    compressor = _Compressor(stats.compression, level, threads, cb * bs, bs, chunks.write,
                              references)
     try:
         for first in range(0, len(dests), cb):
@@ -537,9 +510,29 @@ def _fill_referencing_diff(old_fd: int, new_fd: int, out_fd: int, stats: DiffSta
         compressor.finish()
     finally:
         compressor.close()
-    _finish_diff(out_fd, stats, level, dests, chunk_src, pos, Identification(
-        stats.old_size, new_size, len(dests), bytes(chunk_hashes),
-        reference_hashes=bytes(reference_hashes)), old_block_hashes)
+    _finish_diff(out_fd, stats, level, dests, chunks)
+
+
+class _ChunkWriter:
+    """Writes compressed chunks one after the other from CHUNKS_OFFSET, and keeps
+    what the directory and the identification trailer need of them."""
+
+    def __init__(self, out_fd: int):
+        self.out_fd = out_fd
+        self.pos = CHUNKS_OFFSET         # where the next chunk goes
+        self.chunk_src = array("Q")
+        self.chunk_hashes = bytearray()
+        self.old_block_hashes = bytearray()
+        self.reference_hashes = bytearray()   # version 1 only
+        os.lseek(out_fd, CHUNKS_OFFSET, os.SEEK_SET)
+
+    def write(self, data, new_hash: bytes, old_hashes: bytes, reference_hash: bytes = b"") -> None:
+        self.chunk_src.append(self.pos)
+        _write_all(self.out_fd, data)
+        self.pos += len(data)
+        self.chunk_hashes.extend(new_hash)
+        self.old_block_hashes.extend(old_hashes)
+        self.reference_hashes.extend(reference_hash)
 
 
 FORMAT_NAMES = {VERSION: "dm-update version 0",
@@ -561,10 +554,14 @@ def _read_at(fd: int, n: int, offset: int) -> bytes:
     return data
 
 
-def _finish_diff(out_fd: int, stats: DiffStats, level: int, dests: array, chunk_src: array,
-                 pos: int, identification: Identification, old_block_hashes) -> None:
-    """After the chunks (which end at `pos`): the directory, the identification
-    trailer, then the superblock."""
+def _finish_diff(out_fd: int, stats: DiffStats, level: int, dests: array,
+                 chunks: _ChunkWriter) -> None:
+    """After the chunks: the directory, the identification trailer, then the superblock."""
+    pos, chunk_src = chunks.pos, chunks.chunk_src
+    identification = Identification(stats.old_size, stats.new_size, len(dests),
+                                    bytes(chunks.chunk_hashes),
+                                    reference_hashes=bytes(chunks.reference_hashes))
+    old_block_hashes = chunks.old_block_hashes
     bs = stats.block_size
     cb = stats.chunk_blocks
     new_size = stats.new_size
