@@ -619,8 +619,8 @@ def add_diff_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--format", choices=tuple(FORMATS), default="v0", dest="diff_format",
                         help="v0: the dm-update kernel target's format (default; what "
                         "system.img reads); v1: fusesnap's, whose chunks are compressed "
-                        "against similar data of OLD (smaller; read by diff-info only, "
-                        "so far)")
+                        "against similar data of OLD (smaller; system.img serves it "
+                        "with --no-bg-update but does not merge it yet)")
     parser.add_argument("-a", "--algorithm", choices=COMPRESSIONS, default="zstd",
                         help="chunk and directory compression (default: zstd)")
     parser.add_argument("--block-size", type=_block_size, default=DEFAULT_BLOCK_SIZE,

@@ -146,15 +146,27 @@ def test_v1_needs_zstd(tmp_path):
 
 
 @pytest.mark.mount
-def test_system_img_refuses_a_v1_diff_in_one_line(tmp_path):
-    old, new = make_pair(random.Random(9), 64, [3, 4])
-    o, n = write(tmp_path / "old", old), write(tmp_path / "new", new)
-    build_diff(o, n, tmp_path / "v1.diff", threads=2, diff_format="v1")
+def test_system_img_serves_a_v1_diff_without_merging_and_refuses_to_merge_it(tmp_path, mount, loop):
+    old, new = upgraded_in_place(random.Random(9), 1024)
+    device = write(tmp_path / "device.img", old)
+    write(tmp_path / "new.img", new)
+    build_diff(device, tmp_path / "new.img", tmp_path / "v1.diff", threads=2, diff_format="v1")
+    state = ("--state-dir", tmp_path / "state")
+
     (tmp_path / "mnt").mkdir()
-    result = fusesnap("mount", tmp_path / "mnt", "--system", o, "--diff", tmp_path / "v1.diff",
-                      "--state-dir", tmp_path / "state", check=False)
+    result = fusesnap("mount", tmp_path / "mnt", *state, "--system", device, "--diff",
+                      tmp_path / "v1.diff", check=False)
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip().splitlines() == [
-        f"fusesnap: {tmp_path / 'v1.diff'} is a version 1 diff: system.img reads version 0 "
-        "only so far (make it with `fusesnap diff --format v0`)"]
-    assert os.path.getsize(o) == len(old) and open(o, "rb").read() == old
+        f"fusesnap: {tmp_path / 'v1.diff'} is a version 1 diff: system.img merges version 0 "
+        "only so far (serve it with --no-bg-update, or make it with `fusesnap diff --format v0`)"]
+
+    m = mount(*state, "--system", device, "--diff", tmp_path / "v1.diff", "--no-bg-update")
+    blocks = len(new) // BS
+    with open(loop(m / "system.img", read_only=True), "rb", buffering=0) as dev:
+        for block in random.Random(10).sample(range(blocks), 200):   # cold chunks, one by one
+            dev.seek(block * BS)
+            assert dev.read(BS) == new[block * BS:(block + 1) * BS], block
+        dev.seek(0)
+        assert dev.read(len(new)) == new
+    assert open(device, "rb").read() == old   # nothing merged

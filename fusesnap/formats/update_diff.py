@@ -50,7 +50,8 @@ zstd's CPU time instead of 1.05x (every block changed), and the source check of 
 1 GiB image with a quarter changed 3 to 6 times as long (page-cached device).
 
 Version 1 (fusesnap's own; written by ``fusesnap diff --format v1``, read here given
-OLD; `system.img` does not read it yet; DEVELOPERS.md "Diff format version 1" has
+OLD; `system.img` serves it with --no-bg-update, reading references from the device,
+and does not merge it yet; DEVELOPERS.md "Diff format version 1" has
 the measurements that chose it). A v1 chunk is compressed against data of OLD that
 resembles it. It keeps v0's superblock (``version`` 1; ``compression`` must be
 "zstd"), directory (same entries, same rules: sorted dests, one contiguous run of
