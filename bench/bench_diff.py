@@ -16,6 +16,14 @@ Then it prints, side by side with the targets:
     python bench/bench_diff.py                 # 1 GiB images
     python bench/bench_diff.py --size-mib 128  # quicker
     python bench/bench_diff.py --sweep 16,32,64,128,256   # diff size per chunk_blocks
+    python bench/bench_diff.py --pairs          # real software (bench/pairs.py) vs delta tools
+
+With --pairs it measures instead, on each benchmark pair from real software (ext4
+images of a Python tree whose packages were upgraded in place, bench/pairs.py), in one
+run: `fusesnap diff` at level 3 and 19, `xdelta3 -9 -s OLD NEW` and
+`zstd -19 --long=30 --patch-from=OLD NEW` (diff size and wall time each), and the
+issue's targets for the diff size as ratios. xdelta3 is Debian's (apt-get install
+xdelta3), not a test dependency.
 """
 
 from __future__ import annotations
@@ -184,6 +192,63 @@ def zstd_size(path: str, level: int = 3) -> int:
     return len(out)
 
 
+def peer_sizes(old: str, new: str, workdir: str) -> dict[str, tuple[int, float]]:
+    """{tool: (delta size, wall seconds)} of the delta tools fusesnap is compared with."""
+    if shutil.which("xdelta3") is None:
+        raise SystemExit("xdelta3 is missing: apt-get install xdelta3")
+    out = os.path.join(workdir, "peer.delta")
+    results = {}
+    for name, argv in (("xdelta3 -9", ["xdelta3", "-9", "-f", "-e", "-s", old, new, out]),
+                       ("zstd -19 --long --patch-from",
+                        ["zstd", "-q", "-f", "-19", "--long=30", f"--patch-from={old}", new,
+                         "-o", out])):
+        elapsed, _ = time_cmd(argv)
+        results[name] = (os.path.getsize(out), elapsed)
+        os.unlink(out)
+    return results
+
+
+def measure_pairs(names: list[str], workdir: str, threads: int | None) -> None:
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from pairs import build_pair
+    mb = 1e6
+    for name in names:
+        old, new = map(str, build_pair(name))
+        subprocess.run(["cat", old, new], stdout=subprocess.DEVNULL, check=True)  # warm cache
+        size = os.path.getsize(new)
+        out = os.path.join(workdir, f"{name}.diff")
+        figures = {}
+        for label, extra in (("fusesnap diff (v0)", {}), ("fusesnap diff --level 19", {"level": 19}),
+                             *FUSESNAP_VARIANTS):
+            if threads:
+                extra = dict(extra, threads=threads)
+            elapsed, rss, stats = run_diff_subprocess(old, new, out, extra)
+            figures[label] = (stats["diff_size"], elapsed, rss)
+        for label, (nbytes, elapsed) in peer_sizes(old, new, workdir).items():
+            figures[label] = (nbytes, elapsed, None)
+        with DiffFile.open(out) as d:
+            changed = d.total_blocks * d.block_size
+        print(f"pair {name}: {size >> 20} MiB images, {changed / 2**20:.1f} MiB of 4 KiB blocks "
+              f"changed; load average {os.getloadavg()[0]:.1f}")
+        for label, (nbytes, elapsed, rss) in figures.items():
+            memory = f"  peak RSS {rss / 2**20:.0f} MiB" if rss else ""
+            print(f"  {label:<44} {nbytes / mb:8.2f} MB {elapsed:7.1f} s "
+                  f"{size / elapsed / mb:7.0f} MB/s{memory}")
+        v0 = figures["fusesnap diff (v0)"][0]
+        xdelta = figures["xdelta3 -9"][0]
+        zstd19 = figures["zstd -19 --long --patch-from"][0]
+        for label, (nbytes, elapsed, _) in figures.items():
+            if label.startswith("fusesnap"):
+                row(f"{label[len('fusesnap diff '):]}: / v0, xdelta3, zstd",
+                    f"{nbytes / v0:.2f} {nbytes / xdelta:.2f} {nbytes / zstd19:.2f}",
+                    "<=0.6 <=1.5 (<=1.1 best)", None)
+
+
+# fusesnap settings measured beside v0 on the pairs (name, build_diff keywords)
+FUSESNAP_VARIANTS = [("fusesnap diff --format v1", {"diff_format": "v1"}),
+                     ("fusesnap diff --format v1 --level 19", {"diff_format": "v1", "level": 19})]
+
+
 def row(name: str, value: str, target: str, ok: bool | None = None) -> None:
     mark = "" if ok is None else ("ok" if ok else "MISSED")
     print(f"  {name:<34} {value:>26}   {target:<22} {mark}")
@@ -201,12 +266,17 @@ def main() -> int:
     ap.add_argument("--chunk-blocks", type=int, default=None, help="default: fusesnap's default")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--repeat", type=int, default=3, help="runs per speed measurement, best kept")
+    ap.add_argument("--pairs", nargs="?", const="binary,text", default=None,
+                    help="measure on pairs from real software (default: binary,text)")
     ap.add_argument("--sweep", default=None,
                     help="comma-separated chunk_blocks values: print diff size and time for each")
     args = ap.parse_args()
     size = args.size_mib << 20
     workdir = tempfile.mkdtemp(prefix="bench-diff-", dir=args.dir)
     try:
+        if args.pairs:
+            measure_pairs(args.pairs.split(","), workdir, args.threads)
+            return 0
         t0 = time.monotonic()
         # in a child process: a fork of a big parent would inflate the diff child's peak RSS
         out = subprocess.run([sys.executable, os.path.abspath(__file__), "--make-images", workdir,

@@ -36,12 +36,14 @@ from concurrent.futures import ThreadPoolExecutor
 import zstandard
 from tqdm import tqdm
 
+from fusesnap import arguments
 from fusesnap.arguments import positive_int, whole_number
 from fusesnap.errors import EXIT_FAILED, EXIT_OK, UserError
+from fusesnap import similarity
 from fusesnap.formats.update_diff import (
-    CHUNKS_OFFSET, COMPRESSIONS, ENTRY_SIZE, MAGIC, MAX_CHUNK_BYTES, SUPERBLOCK_SIZE, DiffFile,
-    DiffFormatError, Identification, Superblock, TruncatedDiff, hash_block, hash_chunk,
-    pack_directory)
+    CHUNKS_OFFSET, COMPRESSIONS, ENTRY_SIZE, MAGIC, MAX_CHUNK_BYTES, REFERENCE_FACTOR,
+    SUPERBLOCK_SIZE, VERSION, VERSION_REFERENCING, DiffFile, DiffFormatError, Identification,
+    Superblock, TruncatedDiff, hash_block, hash_chunk, pack_directory, pack_references)
 
 DEFAULT_BLOCK_SIZE = 4096
 # 512 KiB of decompressed data per chunk (128 blocks of 4 KiB). Whole diff size relative
@@ -57,6 +59,7 @@ DEFAULT_LEVEL = 3
 WINDOW_BYTES = 8 << 20          # read both images in windows of this size
 DIRECTORY_BATCH = 1 << 16       # directory entries packed per step when writing
 MIN_LEVEL, MAX_LEVEL = -7, zstandard.MAX_COMPRESSION_LEVEL
+FORMATS = {"v0": VERSION, "v1": VERSION_REFERENCING}   # --format: superblock version
 
 
 def default_chunk_blocks(block_size: int) -> int:
@@ -77,6 +80,7 @@ class DiffStats:
     block_size: int
     chunk_blocks: int
     compression: str
+    version: int = VERSION      # of the format: VERSION (dm-update) or VERSION_REFERENCING
     changed_blocks: int = 0
     n_chunks: int = 0
     chunks_bytes: int = 0       # compressed chunks, on disk
@@ -160,8 +164,12 @@ class _Compressor:
     INFLIGHT_BYTES = 64 << 20
 
     def __init__(self, compression: str, level: int, threads: int, chunk_bytes: int,
-                 block_size: int, on_result: Callable[[bytes, bytes, bytes], None]):
+                 block_size: int, on_result: Callable[..., None], references=None):
+        """`references(data) -> (runs, reference bytes)`, if given, makes version 1
+        chunks: a header of runs, then a frame compressed against the reference;
+        `on_result` then gets the reference's hash as a fourth argument."""
         self._on_result = on_result
+        self._references = references
         self._block_size = block_size
         self._pending: collections.deque = collections.deque()
         self._compression = compression
@@ -180,11 +188,24 @@ class _Compressor:
                 level=self._level, write_checksum=True, write_content_size=True)
         return cctx.compress(data)
 
-    def _work(self, data: bytes, old: bytes) -> tuple[bytes, bytes, bytes]:
-        """(compressed chunk, hash of its new contents, hashes of its blocks' old contents)."""
+    def _work(self, data: bytes, old: bytes) -> tuple[bytes, ...]:
+        """(compressed chunk, hash of its new contents, hashes of its blocks' old
+        contents[, hash of the reference])."""
         view, bs = memoryview(old), self._block_size
         old_hashes = b"".join(hash_block(view[o:o + bs]) for o in range(0, len(old), bs))
-        return self._compress(data), hash_chunk(data), old_hashes
+        if self._references is None:
+            return self._compress(data), hash_chunk(data), old_hashes
+        runs, reference = self._references(data)
+        if reference:
+            cctx = zstandard.ZstdCompressor(
+                level=self._level, write_checksum=True, write_content_size=True,
+                write_dict_id=False, dict_data=zstandard.ZstdCompressionDict(
+                    reference, dict_type=zstandard.DICT_TYPE_RAWCONTENT))
+            frame = cctx.compress(data)
+        else:
+            frame = self._compress(data)
+        return (pack_references(runs) + frame, hash_chunk(data), old_hashes,
+                hash_chunk(reference))
 
     def submit(self, data: bytes, old: bytes) -> None:
         """A chunk's new contents, and the old contents of its blocks."""
@@ -273,8 +294,10 @@ def _directory_pieces(dests: array, chunk_first: array, chunk_src: array, sentin
 def build_diff(old_path, new_path, out_path, *, compression: str = "zstd",
                block_size: int = DEFAULT_BLOCK_SIZE, chunk_blocks: int | None = None,
                level: int = DEFAULT_LEVEL, threads: int | None = None,
-               progress: Callable[[int, int, int], None] | None = None) -> DiffStats:
-    """Write the diff that turns OLD into NEW to `out_path`, atomically.
+               progress: Callable[[int, int, int], None] | None = None,
+               diff_format: str = "v0") -> DiffStats:
+    """Write the diff that turns OLD into NEW to `out_path`, atomically: the dm-update
+    format (`diff_format` "v0") or fusesnap's version 1, whose chunks reference OLD.
 
     `progress(scanned_bytes, total_bytes, changed_blocks)` is called after each window.
     Raises UserError for bad input (missing file, NEW larger than OLD, ...).
@@ -283,6 +306,10 @@ def build_diff(old_path, new_path, out_path, *, compression: str = "zstd",
         chunk_blocks = default_chunk_blocks(block_size)
     threads = threads or default_threads()
     _check_params(compression, block_size, chunk_blocks, level)
+    if diff_format not in FORMATS:
+        raise UserError(f"format must be one of {', '.join(FORMATS)}, got {diff_format!r}")
+    if diff_format == "v1" and compression != "zstd":
+        raise UserError("format v1 compresses with zstd only (--algorithm none needs --format v0)")
     start_time = time.monotonic()
     old_fd, old_size = _open_image(old_path, "OLD")
     try:
@@ -308,7 +335,8 @@ def build_diff(old_path, new_path, out_path, *, compression: str = "zstd",
                 st_in = os.fstat(fd)
                 if (st_in.st_dev, st_in.st_ino) == (st_out.st_dev, st_out.st_ino):
                     raise UserError(f"DIFF {out_path} is the same file as {what}")
-            stats = DiffStats(old_size, new_size, block_size, chunk_blocks, compression)
+            stats = DiffStats(old_size, new_size, block_size, chunk_blocks, compression,
+                              FORMATS[diff_format])
             try:
                 _write_diff(old_fd, new_fd, out_path, stats, level, threads, progress)
             except OSError as e:   # EIO on an image, ENOSPC on the diff, ...
@@ -358,28 +386,17 @@ def _write_diff(old_fd: int, new_fd: int, out_path: str, stats: DiffStats, level
 
 def _fill_diff(old_fd: int, new_fd: int, out_fd: int, stats: DiffStats, level: int,
                threads: int, progress) -> None:
+    if stats.version == VERSION_REFERENCING:
+        return _fill_referencing_diff(old_fd, new_fd, out_fd, stats, level, threads, progress)
     bs = stats.block_size
     cb = stats.chunk_blocks
     chunk_bytes = cb * bs
     new_size = stats.new_size
     window = max(WINDOW_BYTES // bs, 1) * bs
 
-    pos = CHUNKS_OFFSET
-    chunk_src = array("Q")
     dests = array("Q")
-    chunk_hashes = bytearray()      # for the identification trailer
-    old_block_hashes = bytearray()
-
-    def write_chunk(data, new_hash: bytes, old_hashes: bytes) -> None:
-        nonlocal pos
-        chunk_src.append(pos)
-        _write_all(out_fd, data)
-        pos += len(data)
-        chunk_hashes.extend(new_hash)
-        old_block_hashes.extend(old_hashes)
-
-    os.lseek(out_fd, CHUNKS_OFFSET, os.SEEK_SET)
-    compressor = _Compressor(stats.compression, level, threads, chunk_bytes, bs, write_chunk)
+    chunks = _ChunkWriter(out_fd)
+    compressor = _Compressor(stats.compression, level, threads, chunk_bytes, bs, chunks.write)
     reader = _WindowReader(old_fd, new_fd, new_size, window)
     try:
         parts: list = []         # pieces of the chunk being filled
@@ -420,6 +437,134 @@ def _fill_diff(old_fd: int, new_fd: int, out_fd: int, stats: DiffStats, level: i
         reader.close()
         compressor.close()
 
+    _finish_diff(out_fd, stats, level, dests, chunks)
+
+
+def _fill_referencing_diff(old_fd: int, new_fd: int, out_fd: int, stats: DiffStats,
+                           level: int, threads: int, progress) -> None:
+    """A version 1 diff, in two passes: the first finds the changed blocks and builds
+    the similarity index over OLD (every block: references may be changed blocks,
+    see fusesnap.formats.update_diff), the second compresses the changed blocks of
+    NEW chunk by chunk against the OLD blocks the index finds, reading them back."""
+    bs = stats.block_size
+    cb = stats.chunk_blocks
+    new_size = stats.new_size
+    window = max(WINDOW_BYTES // bs, 1) * bs
+    old_blocks = stats.old_size // bs
+    dests = array("Q")
+    index = similarity.SimilarityIndex()
+    reader = _WindowReader(old_fd, new_fd, new_size, window)
+    pending: collections.deque = collections.deque()
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="fusesnap-index") as pool:
+        try:
+            scanned = 0
+            for old, new in reader:
+                if old != new:
+                    matches, oview = new.startswith, memoryview(old)
+                    base = scanned // bs
+                    dests.extend([base + o // bs for o in range(0, len(new), bs)
+                                  if not matches(oview[o:o + bs], o)])
+                pending.append((scanned // bs, pool.submit(similarity.features, old, bs)))
+                while len(pending) > threads or (pending and pending[0][1].done()):
+                    base, future = pending.popleft()
+                    feats, blocks = future.result()
+                    index.add(feats, blocks + base)
+                scanned += len(new)
+                if progress is not None:
+                    progress(scanned // 2, new_size, len(dests))   # the first of two passes
+            while pending:
+                base, future = pending.popleft()
+                feats, blocks = future.result()
+                index.add(feats, blocks + base)
+        finally:
+            reader.close()
+    # OLD's tail beyond NEW's size may be referenced too
+    for at in range(new_size, old_blocks * bs, window):
+        data = _read_at(old_fd, min(window, old_blocks * bs - at), at)
+        feats, blocks = similarity.features(data, bs)
+        index.add(feats, blocks + at // bs)
+    index.freeze()
+    limit = REFERENCE_FACTOR * cb
+
+    read_old = old_reader(old_fd, bs)
+
+    def references(data: bytes) -> tuple[list[tuple[int, int]], bytes]:
+        runs = similarity.runs_of(similarity.choose_references(index, data, bs, limit,
+                                                               old_blocks=old_blocks))
+        return runs, read_old(runs)
+
+    chunks = _ChunkWriter(out_fd)
+    compressor = _Compressor(stats.compression, level, threads, cb * bs, bs, chunks.write,
+                             references)
+    try:
+        for first in range(0, len(dests), cb):
+            chunk_dests = dests[first:first + cb]
+            new_parts, old_parts = [], []
+            for dest, count in similarity.runs_of(chunk_dests):
+                new_parts.append(_read_at(new_fd, count * bs, dest * bs))
+                old_parts.append(_read_at(old_fd, count * bs, dest * bs))
+            compressor.submit(b"".join(new_parts), b"".join(old_parts))
+            if progress is not None:
+                progress(new_size // 2 + (new_size // 2) * (first + cb) // max(1, len(dests)),
+                         new_size, len(dests))
+        compressor.finish()
+    finally:
+        compressor.close()
+    _finish_diff(out_fd, stats, level, dests, chunks)
+
+
+class _ChunkWriter:
+    """Writes compressed chunks one after the other from CHUNKS_OFFSET, and keeps
+    what the directory and the identification trailer need of them."""
+
+    def __init__(self, out_fd: int):
+        self.out_fd = out_fd
+        self.pos = CHUNKS_OFFSET         # where the next chunk goes
+        self.chunk_src = array("Q")
+        self.chunk_hashes = bytearray()
+        self.old_block_hashes = bytearray()
+        self.reference_hashes = bytearray()   # version 1 only
+        os.lseek(out_fd, CHUNKS_OFFSET, os.SEEK_SET)
+
+    def write(self, data, new_hash: bytes, old_hashes: bytes, reference_hash: bytes = b"") -> None:
+        self.chunk_src.append(self.pos)
+        _write_all(self.out_fd, data)
+        self.pos += len(data)
+        self.chunk_hashes.extend(new_hash)
+        self.old_block_hashes.extend(old_hashes)
+        self.reference_hashes.extend(reference_hash)
+
+
+FORMAT_NAMES = {VERSION: "dm-update version 0",
+                VERSION_REFERENCING: "fusesnap version 1 (chunks reference OLD)"}
+
+
+def old_reader(fd: int, block_size: int) -> Callable[[list[tuple[int, int]]], bytes]:
+    """`read_old` of `DiffFile.decompress_chunk` over an open image of OLD."""
+    def read_old(runs: list[tuple[int, int]]) -> bytes:
+        return b"".join(_read_at(fd, count * block_size, first * block_size)
+                        for first, count in runs)
+    return read_old
+
+
+def _read_at(fd: int, n: int, offset: int) -> bytes:
+    data = os.pread(fd, n, offset)
+    if len(data) != n:
+        raise UserError("an image shrank while reading it (short read)")
+    return data
+
+
+def _finish_diff(out_fd: int, stats: DiffStats, level: int, dests: array,
+                 chunks: _ChunkWriter) -> None:
+    """After the chunks: the directory, the identification trailer, then the superblock."""
+    pos, chunk_src = chunks.pos, chunks.chunk_src
+    identification = Identification(stats.old_size, stats.new_size, len(dests),
+                                    bytes(chunks.chunk_hashes),
+                                    reference_hashes=bytes(chunks.reference_hashes))
+    old_block_hashes = chunks.old_block_hashes
+    bs = stats.block_size
+    cb = stats.chunk_blocks
+    new_size = stats.new_size
     n_entries = len(dests)
     chunk_first = array("Q", range(0, n_entries, cb))
     chunk_first.append(n_entries)
@@ -445,12 +590,11 @@ def _fill_diff(old_fd: int, new_fd: int, out_fd: int, stats: DiffStats, level: i
     dir_size = os.lseek(out_fd, 0, os.SEEK_CUR) - dir_offset
     # The identification trailer goes after the directory, where the kernel loader
     # never looks (fusesnap.formats.update_diff explains the choice).
-    identification = Identification(stats.old_size, new_size, n_entries, bytes(chunk_hashes))
     trailer = identification.pack_trailer_head() + old_block_hashes
     _write_all(out_fd, trailer)
     sb = Superblock(block_bits=bs.bit_length() - 1, chunk_blocks=cb,
                     compression=stats.compression, dir_offset=dir_offset,
-                    dir_compressed_size=dir_size, dir_n=dir_n)
+                    dir_compressed_size=dir_size, dir_n=dir_n, version=stats.version)
     os.pwrite(out_fd, sb.pack(), 0)
     stats.directory_bytes = dir_size
     stats.identification_bytes = len(trailer)
@@ -472,6 +616,11 @@ def add_diff_arguments(parser: argparse.ArgumentParser) -> None:
                         "(not larger than OLD; a multiple of the block size)")
     parser.add_argument("-o", "--output", metavar="DIFF", required=True,
                         help="the diff to write (atomically: a temp file next to it is renamed)")
+    parser.add_argument("--format", choices=tuple(FORMATS), default="v0", dest="diff_format",
+                        help="v0: the dm-update kernel target's format (default; what "
+                        "system.img reads); v1: fusesnap's, whose chunks are compressed "
+                        "against similar data of OLD (smaller; system.img serves it "
+                        "with --no-bg-update but does not merge it yet)")
     parser.add_argument("-a", "--algorithm", choices=COMPRESSIONS, default="zstd",
                         help="chunk and directory compression (default: zstd)")
     parser.add_argument("--block-size", type=_block_size, default=DEFAULT_BLOCK_SIZE,
@@ -515,7 +664,8 @@ def run_diff(args) -> int:
         with bar:
             stats = build_diff(args.old, args.new, args.output, compression=args.algorithm,
                                block_size=args.block_size, chunk_blocks=args.chunk_blocks,
-                               level=args.level, threads=args.threads, progress=progress)
+                               level=args.level, threads=args.threads, progress=progress,
+                               diff_format=args.diff_format)
     except Terminated:
         raise UserError("terminated", 128 + signal.SIGTERM) from None
     finally:
@@ -532,6 +682,9 @@ def add_diff_info_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("diff", metavar="DIFF", help="the diff to describe")
     parser.add_argument("--verify", action="store_true",
                         help="decompress every chunk and check every rule of the format")
+    parser.add_argument("--old", metavar="OLD", type=arguments.path,
+                        help="the image the diff applies to: --verify of a v1 diff reads the "
+                        "blocks its chunks reference from it")
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")
 
 
@@ -605,19 +758,29 @@ def run_diff_info(args) -> int:
     with diff:
         info = diff_info(diff)
         if args.verify:
+            read_old = None
+            if args.old is not None:
+                old_fd, _ = _open_image(args.old, "OLD")
+                read_old = old_reader(old_fd, diff.block_size)
+            elif diff.version == VERSION_REFERENCING:
+                raise UserError(f"{args.diff} is a v1 diff: --verify needs --old OLD, the image "
+                                "its chunks reference")
             try:
-                diff.verify()
+                diff.verify(read_old)
             except DiffFormatError as e:
                 raise UserError(str(e), EXIT_FAILED) from None
             except OSError as e:
                 raise UserError(f"cannot read {args.diff}: {e.strerror}", EXIT_FAILED) from None
+            finally:
+                if read_old is not None:
+                    os.close(old_fd)
             info["verified"] = True
     if args.json:
         print(json.dumps(info, indent=2))
         return EXIT_OK
     mib = 2 ** 20
     print(f"diff:          {info['path']}")
-    print(f"format:        dm-update version {info['version']}, {info['compression']}")
+    print(f"format:        {FORMAT_NAMES[info['version']]}, {info['compression']}")
     print(f"block size:    {info['block_size']} bytes (block_bits {info['block_bits']})")
     print(f"chunk size:    {info['chunk_blocks']} blocks "
           f"({info['chunk_blocks'] * info['block_size'] // 1024} KiB)")

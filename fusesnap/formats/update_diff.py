@@ -49,6 +49,36 @@ rewritten in place), not against someone who can rewrite the diff, hashes includ
 zstd's CPU time instead of 1.05x (every block changed), and the source check of a
 1 GiB image with a quarter changed 3 to 6 times as long (page-cached device).
 
+Version 1 (fusesnap's own; written by ``fusesnap diff --format v1``, read here given
+OLD; `system.img` serves it with --no-bg-update, reading references from the device,
+and does not merge it yet; DEVELOPERS.md "Diff format version 1" has
+the measurements that chose it). A v1 chunk is compressed against data of OLD that
+resembles it. It keeps v0's superblock (``version`` 1; ``compression`` must be
+"zstd"), directory (same entries, same rules: sorted dests, one contiguous run of
+entries per chunk, sentinel) and layout; what changes is what sits at a chunk's
+``src`` (little-endian)::
+
+    u32 n_runs                        references: runs of OLD's blocks, in this order
+    n_runs * (u64 first, u32 count)   first block and block count of each run
+    zstd frame                        the chunk's new blocks, compressed with the
+                                      concatenated contents of those OLD blocks as a
+                                      raw-content dictionary (no dictionary ID); with
+                                      n_runs 0, a plain frame as in v0
+
+A chunk's length is still the next chunk's src minus its src, header included.
+Runs are non-empty, ascend without overlapping, lie within OLD (first + count <=
+old_size / block size) and hold at most REFERENCE_FACTOR * chunk_blocks blocks in
+all. References are OLD's contents wherever they are: blocks the update leaves
+unchanged and blocks it changes (after an in-place upgrade the old version of a file
+mostly sits where the new one is written).
+
+A v1 diff must carry its identification trailer, in version 2: the version 1 layout
+with ``version`` 2, whose hashes are n_chunks chunk hashes, then n_chunks reference
+hashes (XXH3-128 of each chunk's dictionary, of empty input for a chunk with no
+references), then the old block hashes. The header checksum covers the header and
+both sets of chunk-sized hashes. The reference hash tells a device whose referenced
+blocks are not OLD's from a damaged chunk.
+
 This module is pure format code: packing, unpacking, validation and reading of
 chunks. It never decides policy (what to do with a bad diff) and never touches trio.
 Every violation raises :class:`DiffFormatError` with a one-line message naming the rule.
@@ -72,7 +102,10 @@ import xxhash
 import zstandard
 
 MAGIC = b"update\0\0"
-VERSION = 0
+VERSION = 0                       # the dm-update format
+VERSION_REFERENCING = 1           # fusesnap's: chunks may reference OLD (docstring)
+VERSIONS = (VERSION, VERSION_REFERENCING)
+REFERENCE_FACTOR = 2              # a v1 chunk references at most 2 * chunk_blocks blocks
 SUPERBLOCK_SIZE = 64
 ENTRY_SIZE = 16
 CHUNKS_OFFSET = SUPERBLOCK_SIZE   # where `fusesnap diff` puts the first chunk
@@ -90,10 +123,13 @@ _CONTENTSIZE_UNKNOWN = zstandard.CONTENTSIZE_UNKNOWN
 _PIECE = 4096   # input piece size when a zstd frame does not state its content size
 
 IDENT_MAGIC = b"fsnapid\0"
-IDENT_VERSION = 1
+IDENT_VERSION = 1                 # the trailer of a version 0 diff
+IDENT_VERSION_REFERENCING = 2     # of a version 1 diff: reference hashes added
 BLOCK_HASH_SIZE = 8
 CHUNK_HASH_SIZE = 16
 _IDENT = struct.Struct("<8sIIQQQQII8x32s")
+_REF_COUNT = struct.Struct("<I")
+_REF_RUN = struct.Struct("<QI")
 IDENT_HEADER_SIZE = _IDENT.size
 
 assert _SB.size == SUPERBLOCK_SIZE and _ENTRY.size == ENTRY_SIZE and IDENT_HEADER_SIZE == 96
@@ -149,6 +185,12 @@ class Identification:
     n_blocks: int
     chunk_hashes: bytes
     block_hashes_offset: int = 0
+    # version 1 diffs: per chunk, the hash of the OLD data it references (its dictionary)
+    reference_hashes: bytes = b""
+
+    @property
+    def version(self) -> int:
+        return IDENT_VERSION_REFERENCING if self.reference_hashes else IDENT_VERSION
 
     @property
     def n_chunks(self) -> int:
@@ -157,21 +199,26 @@ class Identification:
     def chunk_hash(self, chunk_index: int) -> bytes:
         return self.chunk_hashes[chunk_index * CHUNK_HASH_SIZE:(chunk_index + 1) * CHUNK_HASH_SIZE]
 
+    def reference_hash(self, chunk_index: int) -> bytes:
+        return self.reference_hashes[chunk_index * CHUNK_HASH_SIZE:(chunk_index + 1) * CHUNK_HASH_SIZE]
+
     def _header(self, checksum: bytes) -> bytes:
-        return _IDENT.pack(IDENT_MAGIC, IDENT_VERSION, IDENT_HEADER_SIZE, self.old_size,
+        return _IDENT.pack(IDENT_MAGIC, self.version, IDENT_HEADER_SIZE, self.old_size,
                            self.new_size, self.n_blocks, self.n_chunks, BLOCK_HASH_SIZE,
                            CHUNK_HASH_SIZE, checksum)
 
     def pack_trailer_head(self) -> bytes:
         """The trailer without its old block hashes (which follow it)."""
-        checksum = hashlib.sha256(self._header(bytes(32)) + self.chunk_hashes).digest()
-        return self._header(checksum) + self.chunk_hashes
+        hashes = self.chunk_hashes + self.reference_hashes
+        checksum = hashlib.sha256(self._header(bytes(32)) + hashes).digest()
+        return self._header(checksum) + hashes
 
     @classmethod
-    def read_trailer(cls, fd: int, at: int, file_size: int, n_blocks: int,
-                     n_chunks: int) -> Identification | None:
+    def read_trailer(cls, fd: int, at: int, file_size: int, n_blocks: int, n_chunks: int,
+                     diff_version: int = VERSION) -> Identification | None:
         """The trailer at byte `at` of the diff; None if there is none (the diff was
-        made by another tool). DiffFormatError if one starts there but is damaged."""
+        made by another tool). DiffFormatError if one starts there but is damaged, or
+        is not the version that goes with `diff_version`."""
         head = os.pread(fd, IDENT_HEADER_SIZE, at)
         if not head or not IDENT_MAGIC.startswith(head[:len(IDENT_MAGIC)]):
             return None   # no trailer: nothing, or bytes that are not ours
@@ -184,21 +231,25 @@ class Identification:
                                 f"{IDENT_HEADER_SIZE} header bytes", file_size, at + IDENT_HEADER_SIZE)
         (_, version, header_size, old_size, new_size, t_blocks, t_chunks, block_hash_size,
          chunk_hash_size, _) = _IDENT.unpack(head)
+        expected = IDENT_VERSION_REFERENCING if diff_version == VERSION_REFERENCING else IDENT_VERSION
         if (version, header_size, block_hash_size, chunk_hash_size) != (
-                IDENT_VERSION, IDENT_HEADER_SIZE, BLOCK_HASH_SIZE, CHUNK_HASH_SIZE):
+                expected, IDENT_HEADER_SIZE, BLOCK_HASH_SIZE, CHUNK_HASH_SIZE):
             raise fail(f"unknown version {version} (header {header_size} bytes, hashes "
-                       f"{block_hash_size}/{chunk_hash_size}), expected {IDENT_VERSION}")
+                       f"{block_hash_size}/{chunk_hash_size}), expected {expected} for a "
+                       f"version {diff_version} diff")
+        n_hashed = n_chunks * (2 if version == IDENT_VERSION_REFERENCING else 1)
         if (t_blocks, t_chunks) != (n_blocks, n_chunks):
             raise fail(f"describes {t_blocks} blocks in {t_chunks} chunks, the directory "
                        f"has {n_blocks} in {n_chunks}")
         hashes_at = at + IDENT_HEADER_SIZE
-        end = hashes_at + n_chunks * CHUNK_HASH_SIZE + n_blocks * BLOCK_HASH_SIZE
+        end = hashes_at + n_hashed * CHUNK_HASH_SIZE + n_blocks * BLOCK_HASH_SIZE
         if end > file_size:
             raise TruncatedDiff(f"identification trailer at {at}: truncated, the file ends at "
                                 f"{file_size}, the trailer at {end}", file_size, end)
-        chunk_hashes = os.pread(fd, n_chunks * CHUNK_HASH_SIZE, hashes_at)
-        ident = cls(old_size, new_size, n_blocks, chunk_hashes,
-                    hashes_at + len(chunk_hashes))
+        hashes = os.pread(fd, n_hashed * CHUNK_HASH_SIZE, hashes_at)
+        split = n_chunks * CHUNK_HASH_SIZE
+        ident = cls(old_size, new_size, n_blocks, hashes[:split], hashes_at + len(hashes),
+                    hashes[split:])
         if ident.pack_trailer_head()[:IDENT_HEADER_SIZE] != head:
             raise fail("checksum mismatch")
         return ident
@@ -255,8 +306,12 @@ class Superblock:
         """The kernel loader's header checks, plus zero pads."""
         if self.magic != MAGIC:
             raise DiffFormatError(f"magic: must be {MAGIC!r}, got {self.magic!r}")
-        if self.version != VERSION:
-            raise DiffFormatError(f"version: must be {VERSION}, got {self.version}")
+        if self.version not in VERSIONS:
+            raise DiffFormatError(f"version: must be {VERSION} (or {VERSION_REFERENCING}, "
+                                  f"fusesnap's), got {self.version}")
+        if self.version == VERSION_REFERENCING and self.compression != "zstd":
+            raise DiffFormatError(f"compression: version {self.version} needs zstd, got "
+                                  f"{self.compression!r}")
         if not MIN_BLOCK_BITS <= self.block_bits <= MAX_BLOCK_BITS:
             raise DiffFormatError(f"block_bits: must be in [{MIN_BLOCK_BITS}, {MAX_BLOCK_BITS}], "
                                   f"got {self.block_bits}")
@@ -309,6 +364,36 @@ def pack_directory(dests: Sequence[int], srcs: Sequence[int], offsets: Sequence[
     if sys.byteorder == "big":
         words.byteswap()
     return words.tobytes()
+
+
+def pack_references(runs: Sequence[tuple[int, int]]) -> bytes:
+    """A version 1 chunk's header: the runs (first OLD block, count) it references."""
+    return _REF_COUNT.pack(len(runs)) + b"".join(_REF_RUN.pack(first, count)
+                                                  for first, count in runs)
+
+
+def unpack_references(raw: bytes, old_blocks: int, limit: int,
+                      fail) -> tuple[list[tuple[int, int]], int]:
+    """(runs, offset of the zstd frame) of a version 1 chunk; the runs must lie in
+    OLD (`old_blocks` long), ascend without overlapping and hold at most `limit`
+    blocks. `fail(detail)` builds the exception to raise."""
+    if len(raw) < _REF_COUNT.size:
+        raise fail("too short for its reference count")
+    (n_runs,) = _REF_COUNT.unpack_from(raw)
+    at = _REF_COUNT.size + n_runs * _REF_RUN.size
+    if at > len(raw):
+        raise fail(f"{n_runs} reference runs do not fit its {len(raw)} bytes")
+    runs = [_REF_RUN.unpack_from(raw, _REF_COUNT.size + i * _REF_RUN.size) for i in range(n_runs)]
+    end = total = 0
+    for first, count in runs:
+        if count == 0 or first < end or first + count > old_blocks:
+            raise fail(f"reference run ({first}, {count}) must be non-empty, ascending and "
+                       f"within OLD's {old_blocks} blocks")
+        end = first + count
+        total += count
+    if total > limit:
+        raise fail(f"references {total} blocks, more than the {limit} allowed")
+    return runs, at
 
 
 def _zstd_decompress(dctx: zstandard.ZstdDecompressor, raw: bytes, limit: int,
@@ -541,7 +626,10 @@ class DiffFile:
             for c in range(n_chunks):
                 self._check_chunk_size(c, self.chunk_extent(c)[1])
         ident = self.identification = Identification.read_trailer(
-            fd, max(dir_end, sentinel_src), file_size, real, n_chunks)
+            fd, max(dir_end, sentinel_src), file_size, real, n_chunks, sb.version)
+        if ident is None and sb.version == VERSION_REFERENCING:
+            raise DiffFormatError(f"version {sb.version} needs its identification trailer "
+                                  f"after the directory, found none")
         if ident is not None and real and (dests[-1] + 1) * sb.block_size > ident.new_size:
             raise DiffFormatError(f"identification trailer: NEW's size {ident.new_size} does "
                                   f"not hold dest block {dests[-1]}")
@@ -657,17 +745,45 @@ class DiffFile:
             dctx = self._tls.dctx = zstandard.ZstdDecompressor()
         return dctx
 
-    def decompress_chunk(self, chunk_index: int, raw: bytes) -> bytes:
-        """The decompressed chunk, checked against its entries; raises ChunkError. Thread-safe."""
+    @property
+    def version(self) -> int:
+        return self.superblock.version
+
+    def references(self, chunk_index: int, raw: bytes) -> tuple[list[tuple[int, int]], int]:
+        """(runs of OLD blocks a version 1 chunk references, offset of its zstd frame in
+        `raw`); ([], 0) for version 0."""
+        if self.version == VERSION:
+            return [], 0
+        fail = lambda d: ChunkError(chunk_index, d)  # noqa: E731
+        return unpack_references(raw, self.identification.old_size >> self.block_bits,
+                                 REFERENCE_FACTOR * self.chunk_blocks, fail)
+
+    def decompress_chunk(self, chunk_index: int, raw: bytes, read_old=None) -> bytes:
+        """The decompressed chunk, checked against its entries; raises ChunkError.
+        A version 1 chunk that references OLD needs `read_old(runs)`: the contents of
+        those runs of OLD's blocks, concatenated (checked against the chunk's reference
+        hash). Thread-safe."""
         _, length = self.chunk_extent(chunk_index)
         if len(raw) != length:
             raise ChunkError(chunk_index, f"got {len(raw)} compressed bytes, expected {length}")
         limit = self.chunk_blocks << self.block_bits
+        fail = lambda d: ChunkError(chunk_index, d)  # noqa: E731
+        runs, frame_at = self.references(chunk_index, raw)
+        if runs:
+            if read_old is None:
+                raise ChunkError(chunk_index, "references OLD's blocks: needs the old image")
+            reference = read_old(runs)
+            if hash_chunk(reference) != self.identification.reference_hash(chunk_index):
+                raise ChunkError(chunk_index, f"the OLD blocks it references (from block "
+                                              f"{runs[0][0]}) do not hold OLD's contents")
+            dctx = zstandard.ZstdDecompressor(dict_data=zstandard.ZstdCompressionDict(
+                reference, dict_type=zstandard.DICT_TYPE_RAWCONTENT))
+        else:
+            dctx = self._decompressor()
         if self.compression == "none":
             data = raw
         else:
-            data = _zstd_decompress(self._decompressor(), raw, limit,
-                                    lambda d: ChunkError(chunk_index, d))
+            data = _zstd_decompress(dctx, raw[frame_at:] if frame_at else raw, limit, fail)
         self._check_chunk_size(chunk_index, len(data))
         if (self.identification is not None
                 and hash_chunk(data) != self.identification.chunk_hash(chunk_index)):
@@ -708,10 +824,11 @@ class DiffFile:
                                       f"({device_size} bytes, {device_size // self.block_size} "
                                       f"blocks of {self.block_size})")
 
-    def verify(self) -> None:
-        """Decompress every chunk and check every rule (open already checked the rest)."""
+    def verify(self, read_old=None) -> None:
+        """Decompress every chunk and check every rule (open already checked the rest);
+        `read_old` as for `decompress_chunk`."""
         for c in range(self.n_chunks):
-            self.decompress_chunk(c, self.read_chunk_raw(c))
+            self.decompress_chunk(c, self.read_chunk_raw(c), read_old)
 
     def close(self) -> None:
         if self._fd >= 0:

@@ -25,6 +25,11 @@ whenever it is written, and until a chunk is merged its blocks are read from the
 diff, never from the device), so once every block is old or new, merging from any
 chunk is safe, and leading chunks that are wholly new are skipped.
 
+A version 1 diff (chunks compressed against OLD's blocks, fusesnap.formats.update_diff)
+is served with --no-bg-update only: its chunks' references are read from the device
+(`old_blocks_on`), which holds OLD's contents as long as nothing merges. Merging it
+needs the scratch copy described in DEVELOPERS.md, not built yet.
+
 Crash safety: the merge writes a chunk's blocks only after the whole chunk
 decompressed and passed its checks (its hash in the identification trailer, the
 zstd content checksum, the frame's size), and every read of the diff checks the
@@ -56,8 +61,8 @@ from ..control import read_status, require_image, send_command
 from ..devices import BlockDevice
 from ..diffing import open_diff
 from ..errors import EXIT_FAILED, EXIT_USAGE, UserError
-from ..formats.update_diff import (BLOCK_HASH_SIZE, DiffFile, DiffFormatError, hash_block,
-                                   hash_chunk)
+from ..formats.update_diff import (BLOCK_HASH_SIZE, VERSION, DiffFile, DiffFormatError,
+                                   hash_block, hash_chunk)
 from ..rangemap import RangeMap
 from .base import Image
 
@@ -76,8 +81,11 @@ class ChunkCache:
     """LRU of decompressed chunks. Concurrent reads of one chunk share one
     decompression, which runs in a worker thread."""
 
-    def __init__(self, diff: DiffFile, capacity_bytes: int, limiter: trio.CapacityLimiter):
+    def __init__(self, diff: DiffFile, capacity_bytes: int, limiter: trio.CapacityLimiter,
+                 read_old=None):
+        """`read_old`: where a version 1 chunk's references are read (`old_blocks_on`)."""
         self.diff = diff
+        self.read_old = read_old
         chunk_bytes = diff.chunk_blocks * diff.block_size
         self.capacity = max(16, capacity_bytes // max(1, chunk_bytes))  # in chunks, at least 16
         self.limiter = limiter
@@ -86,7 +94,8 @@ class ChunkCache:
         self.merged: set[int] = set()
 
     def _load(self, chunk_index: int) -> bytes:
-        return self.diff.decompress_chunk(chunk_index, self.diff.read_chunk_raw(chunk_index))
+        return self.diff.decompress_chunk(chunk_index, self.diff.read_chunk_raw(chunk_index),
+                                          self.read_old)
 
     def forget(self, chunk_index: int) -> None:
         """The chunk is merged: its blocks are read from the device now."""
@@ -115,6 +124,21 @@ class ChunkCache:
         if len(self._chunks) > self.capacity:
             self._chunks.popitem(last=False)
         return data
+
+
+def old_blocks_on(device: BlockDevice, block_size: int):
+    """`read_old` for `DiffFile.decompress_chunk`: a version 1 chunk's references read
+    from the device. Right only while the device holds OLD's contents there, which
+    holds while nothing merges (a v1 diff is served with --no-bg-update only); the
+    chunk's reference hash catches any other case. Blocking."""
+    def read_old(runs: list[tuple[int, int]]) -> bytes:
+        data = bytearray(sum(count for _, count in runs) * block_size)
+        view, at = memoryview(data), 0
+        for first, count in runs:
+            device.pread_into(view[at:at + count * block_size], first * block_size)
+            at += count * block_size
+        return bytes(data)
+    return read_old
 
 
 def device_identity(device: BlockDevice) -> str:
@@ -220,7 +244,8 @@ def check_source(diff: DiffFile, device: BlockDevice) -> int:
         if _holds_new_chunk(diff, chunk_index, runs, data):
             leading_new += leading_new == chunk_index
             continue
-        new_data = diff.decompress_chunk(chunk_index, diff.read_chunk_raw(chunk_index))
+        new_data = diff.decompress_chunk(chunk_index, diff.read_chunk_raw(chunk_index),
+                                         old_blocks_on(device, bs))
         block_index = 0
         for dest, n_blocks, first_offset in runs:
             for i in range(n_blocks):
@@ -280,7 +305,8 @@ class UpdateImage(Image):
         self.merged_blocks = self._blocks_before(self.merged_chunks)
         self.merge_rate = merge_rate  # bytes of changed blocks per second; 0 = unlimited
         self.limiter = trio.CapacityLimiter(2)
-        self.cache = ChunkCache(diff, cache_bytes, self.limiter)
+        self.cache = ChunkCache(diff, cache_bytes, self.limiter,
+                                old_blocks_on(device, diff.block_size))
         self.error: str | None = None
         self.last_read = -1.0  # trio clock of the latest read: the merge yields to reads
         self.unpaused = trio.Event()
@@ -623,8 +649,9 @@ def resume_point(diff: DiffFile, device: BlockDevice, progress: MergeProgress, *
 
 def _chunk_is_on_device(diff: DiffFile, device: BlockDevice, chunk_index: int) -> bool:
     """Does the device hold this chunk's new blocks?"""
-    data = diff.decompress_chunk(chunk_index, diff.read_chunk_raw(chunk_index))
     bs = diff.block_size
+    data = diff.decompress_chunk(chunk_index, diff.read_chunk_raw(chunk_index),
+                                 old_blocks_on(device, bs))
     return all(device.pread(n_blocks * bs, dest * bs)
                == data[first_offset * bs:(first_offset + n_blocks) * bs]
                for dest, n_blocks, first_offset in diff.chunk_runs(chunk_index))
@@ -637,6 +664,11 @@ def images_from_args(args: argparse.Namespace) -> list[Image]:
         raise UserError("--system DEV and --diff DIFF go together")
     # Absolute: the server leaves the current directory.
     diff = open_diff(os.path.abspath(args.diff), bad_diff_status=EXIT_USAGE)
+    if diff.version != VERSION and not args.no_bg_update:
+        diff.close()
+        raise UserError(f"{args.diff} is a version {diff.version} diff: system.img merges "
+                        "version 0 only so far (serve it with --no-bg-update, or make it "
+                        "with `fusesnap diff --format v0`)")
     device = None
     try:
         device = BlockDevice(args.system, read_only=args.no_bg_update)

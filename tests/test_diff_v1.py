@@ -1,0 +1,172 @@
+"""Diff format version 1: chunks compressed against similar blocks of OLD. `--format v0`
+keeps writing the dm-update format byte for byte; v1 reads back as NEW given OLD, is
+smaller when NEW's data moved, and is refused where it cannot be read yet."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+
+import pytest
+import zstandard
+
+from fusesnap.diffing import build_diff, old_reader
+from fusesnap.formats.update_diff import (VERSION, VERSION_REFERENCING, ChunkError, DiffFile,
+                                          DiffFormatError)
+from harness import fusesnap
+from test_update_format import compressible, make_pair, write
+
+BS = 4096
+
+
+def test_format_v0_is_byte_for_byte_what_it_was(tmp_path):
+    """Digests of diffs made before v1 existed (libzstd 1.5.7, whose output they pin)."""
+    if zstandard.ZSTD_VERSION != (1, 5, 7):
+        pytest.skip(f"digests pinned with libzstd 1.5.7, this is {zstandard.ZSTD_VERSION}")
+    rng = random.Random(12)
+    old, new = make_pair(rng, 300, sorted(rng.sample(range(300), 140)))
+    o, n, d = write(tmp_path / "o", old), write(tmp_path / "n", new), tmp_path / "x.diff"
+    expected = [({}, "a66169c2844abf68159ad7f061df532c589804b0b1c9d42d9bae012650cd8e58"),
+                ({"compression": "none", "chunk_blocks": 7},
+                 "6703aad055cd266d4951508fde66a16dc20974188d459653543684a8882cbef1"),
+                ({"level": 19, "block_size": 1024},
+                 "86561c8136dd353ec6cf7c0ee979063d8e7a30f2da80be87f29723c2dbcb734f")]
+    for options, digest in expected:
+        build_diff(o, n, d, threads=2, diff_format="v0", **options)
+        assert hashlib.sha256(d.read_bytes()).hexdigest() == digest, options
+
+
+def upgraded_in_place(rng: random.Random, n_blocks: int = 512) -> tuple[bytes, bytes]:
+    """OLD holds 'files'; NEW has each of a few files replaced by a new version of
+    another (a shifted copy with small edits) written over it, as an in-place upgrade
+    reuses freed blocks: the similar old data sits in blocks NEW changes."""
+    old = bytearray(compressible(rng, n_blocks * BS))
+    for start in range(0, len(old), 64 * BS):   # files of unrelated random-ish data
+        old[start:start + 32 * BS] = rng.randbytes(32 * BS)
+    new = bytearray(old)
+    for file in range(0, n_blocks // 64):
+        src = ((file + 1) % (n_blocks // 64)) * 64 * BS
+        version2 = bytearray(old[src:src + 32 * BS])[100:] + rng.randbytes(100)
+        for _ in range(20):
+            at = rng.randrange(len(version2) - 8)
+            version2[at:at + 8] = rng.randbytes(8)
+        new[file * 64 * BS:file * 64 * BS + 32 * BS] = version2
+    return bytes(old), bytes(new)
+
+
+def read_back(diff_path, old_path, new: bytes) -> None:
+    with DiffFile.open(diff_path) as d, open(old_path, "rb") as old_file:
+        read_old = old_reader(old_file.fileno(), d.block_size)
+        for c in range(d.n_chunks):
+            data = d.decompress_chunk(c, d.read_chunk_raw(c), read_old)
+            for dest, n, offset in d.chunk_runs(c):
+                assert data[offset * BS:(offset + n) * BS] == new[dest * BS:(dest + n) * BS]
+
+
+def test_v1_reads_back_as_new_and_is_smaller_when_data_moved(tmp_path):
+    old, new = upgraded_in_place(random.Random(3))
+    o, n = write(tmp_path / "old", old), write(tmp_path / "new", new)
+    v0 = build_diff(o, n, tmp_path / "v0.diff", threads=2, diff_format="v0")
+    v1 = build_diff(o, n, tmp_path / "v1.diff", threads=2, diff_format="v1")
+    assert v1.changed_blocks == v0.changed_blocks
+    assert v1.diff_size < 0.3 * v0.diff_size, (v1.diff_size, v0.diff_size)
+    read_back(tmp_path / "v1.diff", o, new)
+    with DiffFile.open(tmp_path / "v1.diff") as d:
+        assert d.version == VERSION_REFERENCING
+        assert d.identification.old_size == len(old)
+        assert any(d.references(c, d.read_chunk_raw(c))[0] for c in range(d.n_chunks))
+
+
+def test_v1_roundtrips_random_pairs_with_odd_geometry(tmp_path):
+    rng = random.Random(5)
+    for n_blocks, chunk_blocks, shrink in ((40, 3, 0), (100, 7, 9), (64, 128, 1)):
+        old, new = make_pair(rng, n_blocks, sorted(rng.sample(range(n_blocks - shrink), n_blocks // 3)),
+                             new_blocks=n_blocks - shrink)
+        o, n = write(tmp_path / "old", old), write(tmp_path / "new", new)
+        build_diff(o, n, tmp_path / "v1.diff", threads=2, chunk_blocks=chunk_blocks,
+                   diff_format="v1")
+        read_back(tmp_path / "v1.diff", o, new)
+
+
+def test_a_chunk_is_read_only_with_the_old_data_it_references(tmp_path):
+    old, new = upgraded_in_place(random.Random(4))
+    o, n = write(tmp_path / "old", old), write(tmp_path / "new", new)
+    build_diff(o, n, tmp_path / "v1.diff", threads=2, diff_format="v1")
+    with DiffFile.open(tmp_path / "v1.diff") as d:
+        c = next(c for c in range(d.n_chunks) if d.references(c, d.read_chunk_raw(c))[0])
+        raw = d.read_chunk_raw(c)
+        with pytest.raises(ChunkError, match="needs the old image"):
+            d.decompress_chunk(c, raw)
+        (first, count), *_ = d.references(c, raw)[0]
+        damaged = bytearray(old)
+        damaged[first * BS] ^= 1
+        write(tmp_path / "damaged", bytes(damaged))
+        with open(tmp_path / "damaged", "rb") as f, \
+                pytest.raises(ChunkError, match="do not hold OLD's contents"):
+            d.decompress_chunk(c, raw, old_reader(f.fileno(), BS))
+
+
+def test_v1_without_its_identification_is_a_bad_diff(tmp_path):
+    old, new = make_pair(random.Random(6), 32, [1, 2, 30])
+    o, n = write(tmp_path / "old", old), write(tmp_path / "new", new)
+    build_diff(o, n, tmp_path / "v1.diff", threads=2, diff_format="v1")
+    with DiffFile.open(tmp_path / "v1.diff") as d:
+        end = d.superblock.dir_offset + d.superblock.dir_compressed_size
+    raw = (tmp_path / "v1.diff").read_bytes()
+    write(tmp_path / "bare.diff", raw[:end])
+    with pytest.raises(DiffFormatError, match="needs its identification trailer"):
+        DiffFile.open(tmp_path / "bare.diff")
+
+
+def test_the_command_line_makes_describes_and_verifies_v1(tmp_path):
+    """From the directory holding the images, with relative paths, as users call it."""
+    old, new = upgraded_in_place(random.Random(7), 128)
+    write(tmp_path / "old.img", old)
+    write(tmp_path / "new.img", new)
+    fusesnap("diff", "--format", "v1", "old.img", "new.img", "-o", "u.diff", cwd=tmp_path)
+    info = fusesnap("diff-info", "u.diff", cwd=tmp_path).stdout
+    assert "fusesnap version 1" in info
+    refused = fusesnap("diff-info", "--verify", "u.diff", cwd=tmp_path, check=False)
+    assert refused.returncode == 2 and "needs --old OLD" in refused.stderr
+    assert "verify:        ok" in fusesnap("diff-info", "--verify", "--old", "old.img", "u.diff",
+                                            cwd=tmp_path).stdout
+    fusesnap("diff", "old.img", "new.img", "-o", "v0.diff", cwd=tmp_path)
+    with DiffFile.open(tmp_path / "v0.diff") as d:
+        assert d.version == VERSION   # v0 stays the default until system.img reads v1
+
+
+def test_v1_needs_zstd(tmp_path):
+    old, new = make_pair(random.Random(8), 8, [1])
+    o, n = write(tmp_path / "old", old), write(tmp_path / "new", new)
+    result = fusesnap("diff", "--format", "v1", "-a", "none", o, n, "-o", tmp_path / "x",
+                      check=False)
+    assert result.returncode == 2 and "zstd only" in result.stderr
+    assert not os.path.exists(tmp_path / "x")
+
+
+@pytest.mark.mount
+def test_system_img_serves_a_v1_diff_without_merging_and_refuses_to_merge_it(tmp_path, mount, loop):
+    old, new = upgraded_in_place(random.Random(9), 1024)
+    device = write(tmp_path / "device.img", old)
+    write(tmp_path / "new.img", new)
+    build_diff(device, tmp_path / "new.img", tmp_path / "v1.diff", threads=2, diff_format="v1")
+    state = ("--state-dir", tmp_path / "state")
+
+    (tmp_path / "mnt").mkdir()
+    result = fusesnap("mount", tmp_path / "mnt", *state, "--system", device, "--diff",
+                      tmp_path / "v1.diff", check=False)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"fusesnap: {tmp_path / 'v1.diff'} is a version 1 diff: system.img merges version 0 "
+        "only so far (serve it with --no-bg-update, or make it with `fusesnap diff --format v0`)"]
+
+    m = mount(*state, "--system", device, "--diff", tmp_path / "v1.diff", "--no-bg-update")
+    blocks = len(new) // BS
+    with open(loop(m / "system.img", read_only=True), "rb", buffering=0) as dev:
+        for block in random.Random(10).sample(range(blocks), 200):   # cold chunks, one by one
+            dev.seek(block * BS)
+            assert dev.read(BS) == new[block * BS:(block + 1) * BS], block
+        dev.seek(0)
+        assert dev.read(len(new)) == new
+    assert open(device, "rb").read() == old   # nothing merged
