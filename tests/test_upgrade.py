@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import mmap
 import os
@@ -23,7 +24,7 @@ from fusesnap.diffing import open_diff
 from fusesnap.images.linear import LinearImage
 from fusesnap.images.update import MergeProgress, UpdateImage
 from fusesnap.devices import BlockDevice
-from harness import (FUSESNAP, copy_of, fusesnap as run_fusesnap, make_update_pair, run,
+from harness import (FUSESNAP, Mount, copy_of, fusesnap as run_fusesnap, make_update_pair, run,
                      sha256_of, sparse_file)
 
 pytestmark = pytest.mark.mount
@@ -319,10 +320,16 @@ def test_state_of_an_unknown_version_is_refused(tmp_path, mount, device):
     assert m.pid == newer_pid and server_status(m)["version"].startswith("9.9.9")
 
 
-def test_a_mount_with_an_image_that_cannot_be_handed_over_is_refused(mount, device):
-    """bow.img has no hand-over of its own yet: the upgrade is refused before a
-    successor starts, and the server serves on."""
-    m = mount("--bow", device)
+def test_a_mount_with_an_image_that_cannot_be_handed_over_is_refused(tmp_path, stack, device):
+    """An image type without a hand-over (here: a build whose bow.img has none) makes
+    the upgrade refused before a successor starts, and the server serves on."""
+    program = variant_build(tmp_path / "variant",
+                            ("images/bow.py", "    handover_versions = (1,)\n", ""))
+    (tmp_path / "mnt").mkdir()
+    run([program, "mount", tmp_path / "mnt", "--bow", device, "--bow-map", tmp_path / "bow.map",
+         "--log", tmp_path / "mnt.log"], cwd=tmp_path)  # not here: ./fusesnap would come first
+    stack.callback(run, [*FUSESNAP, "umount", tmp_path / "mnt"])
+    m = Mount(tmp_path / "mnt", tmp_path / "mnt.log")
     server = m.pid
 
     result = upgrade(m, check=False)
@@ -330,6 +337,49 @@ def test_a_mount_with_an_image_that_cannot_be_handed_over_is_refused(mount, devi
     assert result.returncode == 1
     assert "bow.img cannot be handed over to a new server yet" in result.stderr
     assert m.pid == server and "bow.img" in m.status()
+
+
+def test_snapshot_handles_entries_and_takes_across_upgrades(tmp_path, mount, device):
+    """Snapshot files come and go at runtime: their inodes, a handle open on
+    snapshot.img (snapshot 1, even once snapshot.img means snapshot 2) and the
+    snapshot table carry over, with a take between two upgrades."""
+    with open(device, "r+b") as dev:
+        dev.write(random.Random(1).randbytes(4 << 20))
+    m = mount("--snapshot", device, "--store", tmp_path / "dev.store", "--chunk-size", "65536")
+    snapshot_cli(m, "take")
+    at_first_take = sha256_of(m / "snapshot.img")
+    def inodes():
+        return {name: (m / name).stat().st_ino for name in os.listdir(m.mountpoint)}
+    before = inodes()
+    handle = os.open(m / "snapshot.img", os.O_RDONLY)
+    try:
+        with open(m / "origin.img", "r+b") as origin:
+            origin.write(b"after the first take" * 1000)
+        upgrade(m)
+        assert inodes() == before
+        snapshot_cli(m, "take")
+        at_second_take = sha256_of(m / "snapshot.img")
+        before = inodes()  # snapshot.img is a new file now: a new inode
+        with open(m / "origin.img", "r+b") as origin:
+            origin.seek(1 << 20)
+            origin.write(b"after the second take" * 1000)
+        upgrade(m)
+        read_through_handle = hashlib.sha256()
+        for offset in range(0, 64 << 20, 4 << 20):
+            read_through_handle.update(os.pread(handle, 4 << 20, offset))
+        assert read_through_handle.hexdigest() == at_first_take
+    finally:
+        os.close(handle)
+    assert inodes() == before
+    assert sha256_of(m / "snapshot-1.img") == at_first_take
+    assert sha256_of(m / "snapshot-2.img") == sha256_of(m / "snapshot.img") == at_second_take
+    listed = snapshot_cli(m, "list").stdout.split()
+    assert "snapshot-1.img" in listed and "snapshot-2.img" in listed
+    assert m.status()["origin.img"]["newest"] == 2 and server_status(m)["upgrades"] == 2
+
+
+def snapshot_cli(m, *args):
+    return run([*FUSESNAP, "snapshot", args[0], str(m.mountpoint), *map(str, args[1:])])
 
 
 def test_image_state_checks_type_and_version(device):

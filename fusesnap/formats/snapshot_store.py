@@ -220,6 +220,24 @@ def _read_region(pread, sb: Superblock, region: int) -> Table | None:
     return Table(region, header, records)
 
 
+def read_records(pread, sb: Superblock, region: int, epoch: int, start: int, end: int) -> list[Record]:
+    """Records [start, end) of `region`, which must be of `epoch` (StoreFormatError
+    otherwise): what another process appended after its table was read."""
+    header = TableHeader.unpack(pread(HEADER_SIZE, sb.region_offset(region)))
+    if header is None or header.epoch != epoch:
+        raise StoreFormatError(f"table region {region} is not of epoch {epoch} any more")
+    data = pread((end - start) * RECORD_SIZE, sb.region_offset(region) + HEADER_SIZE + start * RECORD_SIZE)
+    records = []
+    for pos in range(0, len(data) - RECORD_SIZE + 1, RECORD_SIZE):
+        body = data[pos:pos + 28]
+        if struct.unpack_from("<I", data, pos + 28)[0] != zlib.crc32(body, epoch & 0xFFFFFFFF):
+            break
+        records.append(Record(*_RECORD.unpack(body)))
+    if len(records) != end - start:
+        raise StoreFormatError(f"table region {region} holds {start + len(records)} intact records, not {end}")
+    return records
+
+
 def read_table(pread, sb: Superblock) -> Table | None:
     """The active table region (None if neither region is intact: a store whose
     creation did not finish)."""
