@@ -24,6 +24,7 @@ from fusesnap.diffing import open_diff
 from fusesnap.images.linear import LinearImage
 from fusesnap.images.update import MergeProgress, UpdateImage
 from fusesnap.devices import BlockDevice
+from bow_helpers import discard, opened_image
 from harness import (FUSESNAP, Mount, copy_of, fusesnap as run_fusesnap, make_update_pair, run,
                      sha256_of, sparse_file)
 
@@ -233,9 +234,21 @@ def test_block_device_opened_exclusively_is_handed_over(tmp_path, mount, loop):
     assert m.status()["linear.img"]["device"] == block_device
 
 
+def random_file(path: Path, size: int, data_size: int, seed: int) -> Path:
+    """A file of `size` bytes, the first `data_size` of them random."""
+    sparse_file(path, size)
+    with open(path, "r+b") as f:
+        f.write(random.Random(seed).randbytes(data_size))
+    return path
+
+
 def test_fio_with_verify_through_loop_devices_while_upgrading_20_times(tmp_path, mount, loop):
-    """linear.img under fio with verify, and system.img while merging under fio reads
-    and reads compared with NEW, both through loop devices; 20 upgrades meanwhile."""
+    """Every image type at once, through loop devices, while 20 upgrades run: fio with
+    verify on linear.img, bow.img (in checkpoint state: every first write is backed
+    up) and origin.img (a snapshot held: every first write copies to the store);
+    system.img while merging under fio reads and reads compared with NEW, and
+    snapshot.img under reads compared with what it held at the take. Afterwards the
+    bow device restores to the checkpoint, and the snapshot is still what it was."""
     (tmp_path / "pair").mkdir()
     old, new, _ = make_update_pair(tmp_path / "pair")
     diff = tmp_path / "diff.img"
@@ -248,14 +261,27 @@ def test_fio_with_verify_through_loop_devices_while_upgrading_20_times(tmp_path,
     # Slow enough that the merge goes on through most of the upgrades (each one also
     # cuts short the merge's rate-limiting sleep, so it goes faster than this).
     merge_rate = changed_bytes / 60 / 1e6
+    bow_device = random_file(tmp_path / "bow.raw", 128 << 20, 64 << 20, seed=2)
+    origin_device = random_file(tmp_path / "origin.raw", 64 << 20, 64 << 20, seed=3)
     m = mount("--linear", linear_device, "--system", system_device, "--diff", diff,
-              "--merge-rate", f"{merge_rate:.3f}")
+              "--merge-rate", f"{merge_rate:.3f}", "--bow", bow_device, "--bow-map", tmp_path / "bow.map",
+              "--snapshot", origin_device, "--store", tmp_path / "origin.store")
+    with opened_image(m) as bow_image:
+        discard(bow_image, 64 << 20, 64 << 20)  # room for backups
+    run_fusesnap("bow", "checkpoint", m.mountpoint)
+    bow_checkpoint = sha256_of(m / "bow.img", 64 << 20)
+    run_fusesnap("snapshot", "take", m.mountpoint)
+    snapshot_at_take = copy_of(m / "snapshot.img", tmp_path / "snapshot-at-take.raw")
     linear_loop = loop(m / "linear.img")
     system_loop = loop(m / "system.img", read_only=True)
+    bow_loop = loop(m / "bow.img")
+    origin_loop = loop(m / "origin.img")
+    snapshot_loop = loop(m / "snapshot.img", read_only=True)
 
     pauses, merged = [], []
     with FioLoop(linear_loop) as fio, FioLoop(system_loop, read_only=True) as fio_reads, \
-            VerifyingReader(system_loop, new) as reader:
+            VerifyingReader(system_loop, new) as reader, FioLoop(bow_loop) as fio_bow, \
+            FioLoop(origin_loop) as fio_origin, VerifyingReader(snapshot_loop, snapshot_at_take) as snapshot_reader:
         for _ in range(20):
             upgrade(m)
             pauses.append(server_status(m)["last_pause_ms"])
@@ -263,9 +289,8 @@ def test_fio_with_verify_through_loop_devices_while_upgrading_20_times(tmp_path,
             if system["state"] == "merging":
                 merged.append(system["merged"])
             time.sleep(0.2)
-    fio.check()
-    fio_reads.check()
-    reader.check()
+    for load in (fio, fio_reads, reader, fio_bow, fio_origin, snapshot_reader):
+        load.check()
     print(f"longest pause of 20 upgrades under fio: {max(pauses):.1f} ms "
           f"(median {sorted(pauses)[10]:.1f} ms)")
     assert len(merged) >= 10 and merged == sorted(merged) and merged[-1] > merged[0], \
@@ -278,6 +303,15 @@ def test_fio_with_verify_through_loop_devices_while_upgrading_20_times(tmp_path,
         time.sleep(0.2)
     assert sha256_of(system_loop) == sha256_of(new)
     assert sha256_of(system_device) == sha256_of(new)
+    status = m.status()
+    assert status["bow.img"]["state"] == "checkpoint" and status["bow.img"]["backed_up"] > 0
+    assert status["snapshot-1.img"]["state"] == "active"
+    assert sha256_of(m / "snapshot.img") == sha256_of(snapshot_at_take)
+    with opened_image(m) as bow_image:
+        os.fsync(bow_image)  # the device as a crash now would leave it
+    restored = copy_of(bow_device, tmp_path / "bow-restored.raw")
+    run_fusesnap("bow", "restore", restored)
+    assert sha256_of(restored, 64 << 20) == bow_checkpoint
 
 
 # -- other builds ---------------------------------------------------------------------
