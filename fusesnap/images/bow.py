@@ -885,8 +885,7 @@ class BowImage(Image):
         image. The rest is what the journal does not hold. In the pause no request
         is in flight, so no copy is (`idle`), and the map equals the journal's."""
         self.journal.write_out()
-        cbw = self.cbw
-        idle = not (cbw.round_running or cbw.durable or cbw.written or cbw.held)
+        idle = self.cbw.idle
         return {**super().handover_state(), "device": self.device.path, "map": self.journal.path,
                 "journal_inode": self.journal.inode, "journal_records": self.journal.records,
                 "state": self.state, "sector0_block": self.sector0_block,

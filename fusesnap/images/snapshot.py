@@ -572,8 +572,7 @@ class OriginImage(Image):
         the records after those it read when it opened the image. The rest is what
         the table does not say. In the pause no request is in flight, so no copy is
         (`idle`), and the table says everything the state holds."""
-        cbw = self.cbw
-        idle = not (cbw.round_running or cbw.durable or cbw.written or cbw.held)
+        idle = self.cbw.idle
         return {**super().handover_state(), "device": self.device.path, "store": self.store.path,
                 "epoch": self.epoch, "region": self.region, "append_at": self.append_at,
                 "slot_end": self.slot_end, "free_slots": _runs(self.free_slots),
