@@ -308,6 +308,13 @@ class CopyBeforeWrite:
             if waiter is not None:
                 waiter.finish(error)
 
+    @property
+    def idle(self) -> bool:
+        """No chunk held, no copy waiting for a round, no round running: every copy
+        made so far is recorded (true once every writer is done, as in a live
+        upgrade's pause)."""
+        return not (self.round_running or self.durable or self.written or self.held)
+
     def status(self) -> dict:
         return {"rounds": self.rounds, "barriers": self.barriers,
                 "copies_recorded": self.copies_recorded}

@@ -84,6 +84,9 @@ class BlockDevice:
         self.is_block_device = stat.S_ISBLK(st.st_mode)
         # O_EXCL on a block device: refuse one that is mounted or otherwise claimed.
         exclusive = os.O_EXCL if self.is_block_device and not read_only else 0
+        #: True if the descriptor came from a live upgrade: the previous server may
+        #: still be serving, so opening must not write (see `fusesnap.upgrade`)
+        self.inherited = path in inherited_fds
         try:
             self.fd = _open_or_inherit(path, (os.O_RDONLY if read_only else os.O_RDWR | exclusive)
                               | os.O_CLOEXEC)

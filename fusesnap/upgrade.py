@@ -133,14 +133,26 @@ def rights(fds: list[int]) -> list:
 
 # -- what is handed over --------------------------------------------------------------
 
+ADAPTER_VERSIONS = (2, 1)  # adapter_state writes the first; restore_adapter takes each
+
+
 def adapter_state(operations) -> dict:
-    """The FUSE adapter's inode table and open handles (fs.FuseOperations attributes)."""
-    def described(entry):
-        return entry.name if isinstance(entry, Image) else entry
+    """The FUSE adapter's inode table, by file name (one image may show under several
+    names, and inodes are allocated as files come and go), its allocation counter, and
+    the open handles, each by the name of the image it opened (`Image.name`)."""
+    files, status = {}, {}
+    for name, inode in operations.by_name.items():
+        entry = operations.by_inode[inode]
+        if isinstance(entry, Image):
+            files[name.decode()] = inode
+        else:
+            status[str(inode)] = entry
     return {
-        "version": 1,
+        "version": ADAPTER_VERSIONS[0],
         "mount_time_ns": operations.mount_time_ns,
-        "inodes": {str(inode): described(entry) for inode, entry in operations.by_inode.items()},
+        "files": files,
+        "status_files": status,
+        "next_inode": operations.next_inode,
         "open_files": {str(fh): ({"image": opened.name} if isinstance(opened, Image)
                                  else {"status": opened.decode("latin-1")})
                        for fh, opened in operations.open_files.items()},
@@ -148,30 +160,44 @@ def adapter_state(operations) -> dict:
     }
 
 
-def restore_adapter(operations, state: dict) -> None:
-    """Give the kernel's inode numbers and file handles the meaning they had."""
-    if state.get("version") != 1:
+def _adapter_state_from_version_1(state: dict) -> dict:
+    """Version 1 listed every inode by name, an image file by its image's name."""
+    from .fs import STATUS_FILES
+    inodes = {int(inode): name for inode, name in state["inodes"].items()}
+    return {**state, "files": {name: inode for inode, name in inodes.items() if name not in STATUS_FILES},
+            "status_files": {str(inode): name for inode, name in inodes.items() if name in STATUS_FILES},
+            "next_inode": max(inodes, default=pyfuse3.ROOT_INODE) + 1}
+
+
+def restore_adapter(operations, state: dict, files: list[tuple[str, Image]]) -> None:
+    """Give the kernel's inode numbers and file handles the meaning they had. `files`
+    are the (name, image) pairs this server serves, with the images' states restored."""
+    if state.get("version") not in ADAPTER_VERSIONS:
         raise ValueError(f"adapter hand-over state version {state.get('version')!r} is unknown "
-                         "to this build (it restores 1)")
-    entries = {(entry.name if isinstance(entry, Image) else entry): entry
-               for entry in operations.by_inode.values()}
-    images = {name: entry for name, entry in entries.items() if isinstance(entry, Image)}
-    by_inode = {}
-    for inode, name in state["inodes"].items():
-        if name not in entries:
+                         f"to this build (it restores {', '.join(map(str, ADAPTER_VERSIONS))})")
+    if state["version"] == 1:
+        state = _adapter_state_from_version_1(state)
+    served = dict(files)
+    images = {image.name: image for _, image in files}
+    inode_of = {}
+    for name, inode in state["files"].items():
+        if name not in served:
             raise ValueError(f"the kernel knows {name}, which this build does not serve")
-        by_inode[int(inode)] = entries.pop(name)
-    for entry in entries.values():  # served only by this build: new inode numbers
-        by_inode[max(by_inode) + 1] = entry
+        inode_of[(name, id(served[name]))] = inode
     open_files = {}
     for fh, opened in state["open_files"].items():
         if "image" in opened:
+            if opened["image"] not in images:
+                raise ValueError(f"a file handle is open on {opened['image']}, which this build "
+                                 "does not serve (close it, then upgrade)")
             open_files[int(fh)] = images[opened["image"]]
         else:
             open_files[int(fh)] = opened["status"].encode("latin-1")
-    operations.by_inode = by_inode
-    operations.by_name = {(e.name if isinstance(e, Image) else e).encode(): inode
-                          for inode, e in by_inode.items()}
+    operations.by_inode = {int(inode): name for inode, name in state["status_files"].items()}
+    operations.by_name = {name.encode(): inode for inode, name in operations.by_inode.items()}
+    operations.inode_of = inode_of
+    operations.next_inode = state["next_inode"]
+    operations.set_files(files)  # no image entries yet: nothing to invalidate; new names get new inodes
     operations.open_files = open_files
     operations.next_fh = state["next_fh"]
     operations.mount_time_ns = state["mount_time_ns"]
@@ -526,9 +552,10 @@ class Takeover:
             (fuse_fd,) = fds
             self.stopped_at = handover["stopped_at"]
             state = handover["state"]
+            restore_images(images, state.get("images"))  # first: snapshots may have come or gone
             if state.get("adapter") is not None:
-                restore_adapter(operations, state["adapter"])
-            restore_images(images, state.get("images"))
+                restore_adapter(operations, state["adapter"],
+                                [file for image in images for file in image.files()])
             pyfuse3.init(operations, f"/dev/fd/{fuse_fd}", options)
             pyfuse3.replay_init(base64.b64decode(handover["init"]))
         try:  # serve at the old server's priority again (only root may raise it)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import mmap
 import os
@@ -23,7 +24,8 @@ from fusesnap.diffing import open_diff
 from fusesnap.images.linear import LinearImage
 from fusesnap.images.update import MergeProgress, UpdateImage
 from fusesnap.devices import BlockDevice
-from harness import (FUSESNAP, copy_of, fusesnap as run_fusesnap, make_update_pair, run,
+from bow_helpers import discard, opened_image
+from harness import (FUSESNAP, Mount, copy_of, fusesnap as run_fusesnap, make_update_pair, run,
                      sha256_of, sparse_file)
 
 pytestmark = pytest.mark.mount
@@ -232,9 +234,21 @@ def test_block_device_opened_exclusively_is_handed_over(tmp_path, mount, loop):
     assert m.status()["linear.img"]["device"] == block_device
 
 
+def random_file(path: Path, size: int, data_size: int, seed: int) -> Path:
+    """A file of `size` bytes, the first `data_size` of them random."""
+    sparse_file(path, size)
+    with open(path, "r+b") as f:
+        f.write(random.Random(seed).randbytes(data_size))
+    return path
+
+
 def test_fio_with_verify_through_loop_devices_while_upgrading_20_times(tmp_path, mount, loop):
-    """linear.img under fio with verify, and system.img while merging under fio reads
-    and reads compared with NEW, both through loop devices; 20 upgrades meanwhile."""
+    """Every image type at once, through loop devices, while 20 upgrades run: fio with
+    verify on linear.img, bow.img (in checkpoint state: every first write is backed
+    up) and origin.img (a snapshot held: every first write copies to the store);
+    system.img while merging under fio reads and reads compared with NEW, and
+    snapshot.img under reads compared with what it held at the take. Afterwards the
+    bow device restores to the checkpoint, and the snapshot is still what it was."""
     (tmp_path / "pair").mkdir()
     old, new, _ = make_update_pair(tmp_path / "pair")
     diff = tmp_path / "diff.img"
@@ -247,14 +261,27 @@ def test_fio_with_verify_through_loop_devices_while_upgrading_20_times(tmp_path,
     # Slow enough that the merge goes on through most of the upgrades (each one also
     # cuts short the merge's rate-limiting sleep, so it goes faster than this).
     merge_rate = changed_bytes / 60 / 1e6
+    bow_device = random_file(tmp_path / "bow.raw", 128 << 20, 64 << 20, seed=2)
+    origin_device = random_file(tmp_path / "origin.raw", 64 << 20, 64 << 20, seed=3)
     m = mount("--linear", linear_device, "--system", system_device, "--diff", diff,
-              "--merge-rate", f"{merge_rate:.3f}")
+              "--merge-rate", f"{merge_rate:.3f}", "--bow", bow_device, "--bow-map", tmp_path / "bow.map",
+              "--snapshot", origin_device, "--store", tmp_path / "origin.store")
+    with opened_image(m) as bow_image:
+        discard(bow_image, 64 << 20, 64 << 20)  # room for backups
+    run_fusesnap("bow", "checkpoint", m.mountpoint)
+    bow_checkpoint = sha256_of(m / "bow.img", 64 << 20)
+    run_fusesnap("snapshot", "take", m.mountpoint)
+    snapshot_at_take = copy_of(m / "snapshot.img", tmp_path / "snapshot-at-take.raw")
     linear_loop = loop(m / "linear.img")
     system_loop = loop(m / "system.img", read_only=True)
+    bow_loop = loop(m / "bow.img")
+    origin_loop = loop(m / "origin.img")
+    snapshot_loop = loop(m / "snapshot.img", read_only=True)
 
     pauses, merged = [], []
     with FioLoop(linear_loop) as fio, FioLoop(system_loop, read_only=True) as fio_reads, \
-            VerifyingReader(system_loop, new) as reader:
+            VerifyingReader(system_loop, new) as reader, FioLoop(bow_loop) as fio_bow, \
+            FioLoop(origin_loop) as fio_origin, VerifyingReader(snapshot_loop, snapshot_at_take) as snapshot_reader:
         for _ in range(20):
             upgrade(m)
             pauses.append(server_status(m)["last_pause_ms"])
@@ -262,9 +289,8 @@ def test_fio_with_verify_through_loop_devices_while_upgrading_20_times(tmp_path,
             if system["state"] == "merging":
                 merged.append(system["merged"])
             time.sleep(0.2)
-    fio.check()
-    fio_reads.check()
-    reader.check()
+    for load in (fio, fio_reads, reader, fio_bow, fio_origin, snapshot_reader):
+        load.check()
     print(f"longest pause of 20 upgrades under fio: {max(pauses):.1f} ms "
           f"(median {sorted(pauses)[10]:.1f} ms)")
     assert len(merged) >= 10 and merged == sorted(merged) and merged[-1] > merged[0], \
@@ -277,6 +303,15 @@ def test_fio_with_verify_through_loop_devices_while_upgrading_20_times(tmp_path,
         time.sleep(0.2)
     assert sha256_of(system_loop) == sha256_of(new)
     assert sha256_of(system_device) == sha256_of(new)
+    status = m.status()
+    assert status["bow.img"]["state"] == "checkpoint" and status["bow.img"]["backed_up"] > 0
+    assert status["snapshot-1.img"]["state"] == "active"
+    assert sha256_of(m / "snapshot.img") == sha256_of(snapshot_at_take)
+    with opened_image(m) as bow_image:
+        os.fsync(bow_image)  # the device as a crash now would leave it
+    restored = copy_of(bow_device, tmp_path / "bow-restored.raw")
+    run_fusesnap("bow", "restore", restored)
+    assert sha256_of(restored, 64 << 20) == bow_checkpoint
 
 
 # -- other builds ---------------------------------------------------------------------
@@ -319,10 +354,16 @@ def test_state_of_an_unknown_version_is_refused(tmp_path, mount, device):
     assert m.pid == newer_pid and server_status(m)["version"].startswith("9.9.9")
 
 
-def test_a_mount_with_an_image_that_cannot_be_handed_over_is_refused(mount, device):
-    """bow.img has no hand-over of its own yet: the upgrade is refused before a
-    successor starts, and the server serves on."""
-    m = mount("--bow", device)
+def test_a_mount_with_an_image_that_cannot_be_handed_over_is_refused(tmp_path, stack, device):
+    """An image type without a hand-over (here: a build whose bow.img has none) makes
+    the upgrade refused before a successor starts, and the server serves on."""
+    program = variant_build(tmp_path / "variant",
+                            ("images/bow.py", "    handover_versions = (1,)\n", ""))
+    (tmp_path / "mnt").mkdir()
+    run([program, "mount", tmp_path / "mnt", "--bow", device, "--bow-map", tmp_path / "bow.map",
+         "--log", tmp_path / "mnt.log"], cwd=tmp_path)  # not here: ./fusesnap would come first
+    stack.callback(run, [*FUSESNAP, "umount", tmp_path / "mnt"])
+    m = Mount(tmp_path / "mnt", tmp_path / "mnt.log")
     server = m.pid
 
     result = upgrade(m, check=False)
@@ -330,6 +371,49 @@ def test_a_mount_with_an_image_that_cannot_be_handed_over_is_refused(mount, devi
     assert result.returncode == 1
     assert "bow.img cannot be handed over to a new server yet" in result.stderr
     assert m.pid == server and "bow.img" in m.status()
+
+
+def test_snapshot_handles_entries_and_takes_across_upgrades(tmp_path, mount, device):
+    """Snapshot files come and go at runtime: their inodes, a handle open on
+    snapshot.img (snapshot 1, even once snapshot.img means snapshot 2) and the
+    snapshot table carry over, with a take between two upgrades."""
+    with open(device, "r+b") as dev:
+        dev.write(random.Random(1).randbytes(4 << 20))
+    m = mount("--snapshot", device, "--store", tmp_path / "dev.store", "--chunk-size", "65536")
+    snapshot_cli(m, "take")
+    at_first_take = sha256_of(m / "snapshot.img")
+    def inodes():
+        return {name: (m / name).stat().st_ino for name in os.listdir(m.mountpoint)}
+    before = inodes()
+    handle = os.open(m / "snapshot.img", os.O_RDONLY)
+    try:
+        with open(m / "origin.img", "r+b") as origin:
+            origin.write(b"after the first take" * 1000)
+        upgrade(m)
+        assert inodes() == before
+        snapshot_cli(m, "take")
+        at_second_take = sha256_of(m / "snapshot.img")
+        before = inodes()  # snapshot.img is a new file now: a new inode
+        with open(m / "origin.img", "r+b") as origin:
+            origin.seek(1 << 20)
+            origin.write(b"after the second take" * 1000)
+        upgrade(m)
+        read_through_handle = hashlib.sha256()
+        for offset in range(0, 64 << 20, 4 << 20):
+            read_through_handle.update(os.pread(handle, 4 << 20, offset))
+        assert read_through_handle.hexdigest() == at_first_take
+    finally:
+        os.close(handle)
+    assert inodes() == before
+    assert sha256_of(m / "snapshot-1.img") == at_first_take
+    assert sha256_of(m / "snapshot-2.img") == sha256_of(m / "snapshot.img") == at_second_take
+    listed = snapshot_cli(m, "list").stdout.split()
+    assert "snapshot-1.img" in listed and "snapshot-2.img" in listed
+    assert m.status()["origin.img"]["newest"] == 2 and server_status(m)["upgrades"] == 2
+
+
+def snapshot_cli(m, *args):
+    return run([*FUSESNAP, "snapshot", args[0], str(m.mountpoint), *map(str, args[1:])])
 
 
 def test_image_state_checks_type_and_version(device):

@@ -203,21 +203,42 @@ def _read_region(pread, sb: Superblock, region: int) -> Table | None:
     base_end = HEADER_SIZE + header.base_count * RECORD_SIZE
     if zlib.crc32(data[HEADER_SIZE:base_end]) != header.base_crc:
         return None  # a compaction that did not reach the disk in full
-    seed = header.epoch & 0xFFFFFFFF
     records = []
     for pos in range(HEADER_SIZE, len(data) - RECORD_SIZE + 1, RECORD_SIZE):
-        body = data[pos:pos + 28]
-        if struct.unpack_from("<I", data, pos + 28)[0] != zlib.crc32(body, seed):
-            if pos < base_end:
-                return None
-            break
-        record = Record(*_RECORD.unpack(body))
-        if record.type not in RECORD_NAMES:
+        record = _record_at(data, pos, header.epoch)
+        if record is None:
             if pos < base_end:
                 return None
             break
         records.append(record)
     return Table(region, header, records)
+
+
+def _record_at(data: bytes, pos: int, epoch: int) -> Record | None:
+    """The intact record of `epoch` at `pos`, or None (torn, stale or garbage)."""
+    body = data[pos:pos + 28]
+    if struct.unpack_from("<I", data, pos + 28)[0] != zlib.crc32(body, epoch & 0xFFFFFFFF):
+        return None
+    record = Record(*_RECORD.unpack(body))
+    return record if record.type in RECORD_NAMES else None
+
+
+def read_records(pread, sb: Superblock, region: int, epoch: int, start: int, end: int) -> list[Record]:
+    """Records [start, end) of `region`, which must be of `epoch` (StoreFormatError
+    otherwise): what another process appended after its table was read."""
+    header = TableHeader.unpack(pread(HEADER_SIZE, sb.region_offset(region)))
+    if header is None or header.epoch != epoch:
+        raise StoreFormatError(f"table region {region} is not of epoch {epoch} any more")
+    data = pread((end - start) * RECORD_SIZE, sb.region_offset(region) + HEADER_SIZE + start * RECORD_SIZE)
+    records = []
+    for pos in range(0, len(data) - RECORD_SIZE + 1, RECORD_SIZE):
+        record = _record_at(data, pos, epoch)
+        if record is None:
+            break
+        records.append(record)
+    if len(records) != end - start:
+        raise StoreFormatError(f"table region {region} holds {start + len(records)} intact records, not {end}")
+    return records
 
 
 def read_table(pread, sb: Superblock) -> Table | None:

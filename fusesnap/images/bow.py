@@ -131,19 +131,23 @@ class MapJournal:
         self.identity = identity
         self.fd = -1
         self.buffer = bytearray()
-        self.records = 0
+        self.records = 0          # records in the file (this process's count)
+        self.header_end = 0       # where the records start
+        self.inode = 0            # of the file `load` read (a rewrite replaces it)
 
     @staticmethod
     def pack(record_type: int, value: int, a: int, b: int) -> bytes:
         body = MapJournal.RECORD.pack(record_type, value, a, b)
         return body + struct.pack("<I", zlib.crc32(body))
 
-    def load(self) -> list[tuple[int, int, int, int]] | None:
-        """The records of an existing journal (None if there is none); UserError if
-        it belongs to another device or its header is unreadable."""
+    def load(self, upto: int | None = None) -> list[tuple[int, int, int, int]] | None:
+        """The records of an existing journal (None if there is none), the first
+        `upto` if given; UserError if it belongs to another device or its header is
+        unreadable."""
         try:
             with open(self.path, "rb") as f:
                 data = f.read()
+                self.inode = os.fstat(f.fileno()).st_ino
         except FileNotFoundError:
             return None
         except OSError as exc:
@@ -161,8 +165,15 @@ class MapJournal:
             raise UserError(f"{self.path} belongs to another device or block size "
                             f"({identity.get('device')}, {identity.get('block_size')}-byte blocks): "
                             "give --bow-map, or delete it if it is stale")
+        self.header_end = 16 + length
+        if upto is not None:
+            data = data[:self.header_end + upto * self.RECORD_SIZE]
+        records = self._parse(data, self.header_end)
+        self.records = len(records)
+        return records
+
+    def _parse(self, data: bytes, pos: int) -> list[tuple[int, int, int, int]]:
         records = []
-        pos = 16 + length
         while pos + self.RECORD_SIZE <= len(data):
             body = data[pos:pos + self.RECORD.size]
             (crc,) = struct.unpack_from("<I", data, pos + self.RECORD.size)
@@ -170,6 +181,27 @@ class MapJournal:
                 break  # a torn tail
             records.append(self.RECORD.unpack(body))
             pos += self.RECORD_SIZE
+        return records
+
+    def append_to_loaded(self) -> None:
+        """Append to the journal as `load` read it, without rewriting it: a live
+        upgrade's successor, while the previous server still appends to it."""
+        self.fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CLOEXEC)  # read: records_after_load
+        if os.fstat(self.fd).st_ino != self.inode:
+            raise OSError(errno.ESTALE, f"{self.path} was replaced while being read")
+
+    def records_after_load(self, upto: int) -> list[tuple[int, int, int, int]]:
+        """Records `self.records` up to `upto` of the file `load` read, which another
+        process appended meanwhile (ValueError if it has fewer)."""
+        if upto < self.records:
+            raise ValueError(f"{self.path}: {upto} records handed over, {self.records} already read")
+        start = self.header_end + self.records * self.RECORD_SIZE
+        data = os.pread(self.fd, (upto - self.records) * self.RECORD_SIZE, start)
+        records = self._parse(data, 0)
+        if len(records) != upto - self.records:
+            raise ValueError(f"{self.path} holds {self.records + len(records)} intact records, "
+                             f"not the {upto} handed over")
+        self.records = upto
         return records
 
     def rewrite(self, records: list[bytes]) -> None:
@@ -191,6 +223,7 @@ class MapJournal:
         if self.fd >= 0:
             os.close(self.fd)
         self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+        self.inode = os.fstat(self.fd).st_ino
         self.records = len(records)
 
     def add(self, record_type: int, value: int, a: int, b: int) -> None:
@@ -244,6 +277,7 @@ class BowImage(Image):
     control_verbs = ("bow",)
     needs_discards = True
     concurrent_requests = 32  # first writes share fsyncs only while others are in flight
+    handover_versions = (1,)
 
     def __init__(self, device: BlockDevice, journal: MapJournal, *, block_size: int = DEFAULT_BLOCK_SIZE,
                  low_space: int = DEFAULT_LOW_SPACE, on_low_space: str = "warn",
@@ -268,26 +302,25 @@ class BowImage(Image):
         self.cbw = CopyBeforeWrite(self, group_commit=group_commit)
         self.low_space_event = trio.Event()
         self.error: str | None = None
+        # Opened with a previous server's descriptor (live upgrade): it may still be
+        # serving, so opening writes nothing; `restore_handover_state` brings the map
+        # up to its state, or, with none, `start` finishes the recovery (failover).
+        self.recovery_deferred = device.inherited
         self._load()
+        if self.recovery_deferred:
+            self.journal.append_to_loaded()
+        else:
+            self._compact_journal()
 
     # -- startup: journal + device log -> map ---------------------------------------
 
-    def _load(self) -> None:
-        records = self.journal.load()
+    def _load(self, upto: int | None = None) -> None:
+        records = self.journal.load(upto)
         device_log = bow_log.read_header(self.device)  # BowLogError: refused by the caller
         if device_log is not None and device_log.magic == bow_log.PARTIAL_RESTORE_MAGIC:
             raise UserError(f"{self.device.path}: a restore was interrupted; finish it with "
                             f"`fusesnap bow restore {self.device.path}`", EXIT_FAILED)
-        logpos = (0, 0)
-        if records:
-            for record_type, value, a, b in records:
-                if record_type == MapJournal.ASSIGN:
-                    self.blocks.assign(a, b, None if value == IN_USE else value)
-                elif record_type == MapJournal.STATE:
-                    self.state = {code: name for name, code in STATE_CODES.items()}[value]
-                    self.sector0_block, self.block0_backup = a, b
-                elif record_type == MapJournal.LOGPOS:
-                    logpos = (a, b)
+        logpos = self._replay(records or [])
         if device_log is not None:
             if records is None:
                 raise UserError(f"{self.device.path} is checkpointed (a backup-on-write log is in "
@@ -307,11 +340,33 @@ class BowImage(Image):
                 self.block0_backup = first_block.entries[0].dest // self.sectors_per_block
             self.blocks.assign(0, 1, LOG)
             self.blocks.assign(self.sector0_block, self.sector0_block + 1, SECTOR0)
-        elif self.state == CHECKPOINT:
-            self._committed_before_the_journal_heard()
+        elif self.state == CHECKPOINT and not self.recovery_deferred:
+            self._committed_before_the_journal_heard()  # writes: see _finish_recovery
         if self.state == COMMITTED:
             self.state = TRIM  # a re-mount after a commit starts in trim state
+
+    def _replay(self, records) -> tuple[int, int]:
+        """Apply journal records to the map; the last log position they name."""
+        logpos = (0, 0)
+        for record_type, value, a, b in records:
+            if record_type == MapJournal.ASSIGN:
+                self.blocks.assign(a, b, None if value == IN_USE else value)
+            elif record_type == MapJournal.STATE:
+                self.state = {code: name for name, code in STATE_CODES.items()}[value]
+                self.sector0_block, self.block0_backup = a, b
+            elif record_type == MapJournal.LOGPOS:
+                logpos = (a, b)
+        return logpos
+
+    def _finish_recovery(self) -> None:
+        """What opening defers when the descriptor was inherited and no state came
+        after it (a failover: the previous server is gone)."""
+        if self.state == CHECKPOINT and self.log is None:
+            self._committed_before_the_journal_heard()
+            if self.state == COMMITTED:
+                self.state = TRIM
         self._compact_journal()
+        self.recovery_deferred = False
 
     def _committed_before_the_journal_heard(self) -> None:
         """The map says checkpoint, the device has no log. A commit that the journal
@@ -784,6 +839,8 @@ class BowImage(Image):
         return self.blocks.length_of(FREE) * self.block_size
 
     async def start(self, nursery: trio.Nursery) -> None:
+        if self.recovery_deferred:
+            self._finish_recovery()
         if self.on_low_space == "commit":
             nursery.start_soon(self._commit_when_low)
 
@@ -815,6 +872,55 @@ class BowImage(Image):
                 "low_space_threshold": self.low_space, "block_size": self.block_size,
                 "device": self.device.path, "map": self.journal.path, "error": self.error,
                 **self.cbw.status()}
+
+    # -- live upgrade ------------------------------------------------------------------
+
+    def handover_fds(self) -> dict[str, int]:
+        return {self.device.path: self.device.fd}
+
+    def handover_state(self) -> dict:
+        """The map is handed over through its journal: its records are written out
+        (page cache, shared with the successor) and the state names how many there
+        are; the successor reads the ones after what it read when it opened the
+        image. The rest is what the journal does not hold. In the pause no request
+        is in flight, so no copy is (`idle`), and the map equals the journal's."""
+        self.journal.write_out()
+        idle = self.cbw.idle
+        return {**super().handover_state(), "device": self.device.path, "map": self.journal.path,
+                "journal_inode": self.journal.inode, "journal_records": self.journal.records,
+                "state": self.state, "sector0_block": self.sector0_block,
+                "block0_backup": self.block0_backup, "free_cursor": self.free_cursor,
+                "log_copy_pending": self.log_copy_pending, "punch_supported": self.punch_supported,
+                "error": self.error, "idle": idle, "figures": self._map_figures() if idle else None}
+
+    def _map_figures(self) -> list[int]:
+        """A cheap fingerprint of the map, compared after a hand-over."""
+        return [len(self.blocks), *(self.blocks.length_of(kind) for kind in (FREE, CHANGED, ZEROED, BACKUP))]
+
+    def restore_handover_state(self, state: dict) -> None:
+        self.check_handover_state(state)
+        if (state["device"], state["map"]) != (self.device.path, self.journal.path):
+            raise ValueError(f"{self.name}: handed over for {state['device']} with map {state['map']}, "
+                             f"but opened {self.device.path} with {self.journal.path}")
+        if state["journal_inode"] == self.journal.inode:
+            self._replay(self.journal.records_after_load(state["journal_records"]))
+        else:  # the old server compacted its journal after we read it: read it again
+            if os.stat(self.journal.path).st_ino != state["journal_inode"]:
+                raise ValueError(f"{self.journal.path} is not the journal handed over (compacted since?)")
+            self.journal.close()
+            self.blocks, self.log, self.state = RangeMap(), None, TRIM
+            self._load(state["journal_records"])
+            self.journal.append_to_loaded()
+        self.state = state["state"]
+        self.sector0_block, self.block0_backup = state["sector0_block"], state["block0_backup"]
+        # The log block in block 0 is what the old server last wrote (page cache).
+        self.log = bow_log.read_header(self.device) if self.state == CHECKPOINT else None
+        self.free_cursor, self.log_copy_pending = state["free_cursor"], state["log_copy_pending"]
+        self.punch_supported, self.error = state["punch_supported"], state["error"]
+        if state["idle"] and self._map_figures() != state["figures"]:
+            raise ValueError(f"{self.name}: the map read from {self.journal.path} ({self._map_figures()}) "
+                             f"is not the old server's ({state['figures']})")
+        self.recovery_deferred = False  # the state is the old server's: nothing to recover
 
     async def close(self) -> None:
         try:

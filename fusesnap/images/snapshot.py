@@ -155,6 +155,7 @@ class OriginImage(Image):
     target = "origin"
     status_line_keys = ("size", "device", "warning")
     control_verbs = ("snapshot",)
+    handover_versions = (1,)
 
     def __init__(self, device: BlockDevice, store: Store, name: str = "origin.img"):
         super().__init__(name, device.size, read_only=False)
@@ -185,18 +186,27 @@ class OriginImage(Image):
         self.slot_end = max(used) + 1 if used else 0
         self.free_slots.update(set(range(self.slot_end)) - used)
         self.state.freed.clear()
-        if self.state.recover(self.boot_id):
-            log.warning("%s: the machine went down while the store was in use: every snapshot "
-                        "is lost, and incremental backups need a full one first", store.path)
-        # Everything read is durable once the compacted table is: no DIRTY in force.
-        self.state.dirty_boot = None
+        # Opened with a previous server's descriptors (live upgrade): it may still be
+        # serving, so opening writes nothing; `restore_handover_state` brings the
+        # state up to its own, or, with none, `start` recovers (failover).
+        self.recovery_deferred = store.file.inherited
+        if not self.recovery_deferred:
+            self._recover()
         for number, held in self.state.held.items():
             self.snapshots[number] = SnapshotImage(self, number)
             if held.corrupted:
                 log.warning("snapshot %d is corrupted: %s", number, fmt.REASONS.get(held.corrupted))
+
+    def _recover(self) -> None:
+        if self.state.recover(self.boot_id):
+            log.warning("%s: the machine went down while the store was in use: every snapshot "
+                        "is lost, and incremental backups need a full one first", self.store.path)
+        # Everything read is durable once the compacted table is: no DIRTY in force.
+        self.state.dirty_boot = None
         self._compact()  # a fresh region: no torn tail, room to append
-        store.file.fsync()
+        self.store.file.fsync()
         self._reclaim()
+        self.recovery_deferred = False
 
     # -- the table ------------------------------------------------------------------
 
@@ -454,6 +464,10 @@ class OriginImage(Image):
         """The store cannot be made durable: every snapshot is lost (said in .status)."""
         self.store_failed = f"store fsync failed: {exc.strerror}"
         log.error("%s: %s; every snapshot is marked corrupted", self.store.path, self.store_failed)
+        self._corrupt_all_unrecorded()
+
+    def _corrupt_all_unrecorded(self) -> None:
+        """In memory only: the store cannot record it."""
         for held in self.state.held.values():
             if not held.corrupted:
                 self.state.apply(fmt.Record(fmt.CORRUPT, held.number, count=fmt.STORE_ERROR))
@@ -543,6 +557,80 @@ class OriginImage(Image):
             await self._sync_store()
         log.info("released snapshot %d", number)
 
+    # -- live upgrade ----------------------------------------------------------------------
+
+    async def start(self, nursery: trio.Nursery) -> None:
+        if self.recovery_deferred:
+            self._recover()
+
+    def handover_fds(self) -> dict[str, int]:
+        return {self.device.path: self.device.fd, self.store.path: self.store.file.fd}
+
+    def handover_state(self) -> dict:
+        """The table is handed over through the store file (page cache, shared with
+        the successor): the state says where it stands, and the successor applies
+        the records after those it read when it opened the image. The rest is what
+        the table does not say. In the pause no request is in flight, so no copy is
+        (`idle`), and the table says everything the state holds."""
+        idle = self.cbw.idle
+        return {**super().handover_state(), "device": self.device.path, "store": self.store.path,
+                "epoch": self.epoch, "region": self.region, "append_at": self.append_at,
+                "slot_end": self.slot_end, "free_slots": _runs(self.free_slots),
+                "pending_free": self.pending_free, "dirty": self.dirty,
+                "store_failed": self.store_failed, "records_appended": self.records_appended,
+                "copy_in_kernel": self.copy_in_kernel, "idle": idle,
+                "figures": self._state_figures() if idle else None}
+
+    def _state_figures(self) -> list:
+        """A cheap fingerprint of the state, compared after a hand-over."""
+        held = self.state.held
+        return [self.state.generation, self.state.next_snapshot, sorted(held),
+                [held[n].corrupted for n in sorted(held)], sum(len(h.map) for h in held.values()),
+                len(self.state.refs), len(self.state.changed)]
+
+    def restore_handover_state(self, state: dict) -> None:
+        self.check_handover_state(state)
+        if (state["device"], state["store"]) != (self.device.path, self.store.path):
+            raise ValueError(f"{self.name}: handed over for {state['device']} with store {state['store']}, "
+                             f"but opened {self.device.path} with {self.store.path}")
+        try:
+            if (state["epoch"], state["region"]) == (self.epoch, self.region):
+                records = fmt.read_records(self.store.file.pread, self.store.sb, self.region,
+                                           self.epoch, self.append_at, state["append_at"])
+                for record in records:
+                    self.state.apply(record)
+            else:  # the old server compacted its table after we read it: read it again
+                self.state = fmt.StoreState(*self._region_header(state["region"], state["epoch"]))
+                for record in fmt.read_records(self.store.file.pread, self.store.sb, state["region"],
+                                               state["epoch"], 0, state["append_at"]):
+                    self.state.apply(record)
+        except fmt.StoreFormatError as exc:
+            raise ValueError(f"{self.store.path}: {exc}") from None
+        self.state.freed.clear()  # the old server's pending_free says which are not reusable yet
+        self.epoch, self.region, self.append_at = state["epoch"], state["region"], state["append_at"]
+        self.slot_end = state["slot_end"]
+        self.free_slots = SortedList(slot for first, end in state["free_slots"] for slot in range(first, end))
+        self.pending_free = list(state["pending_free"])
+        self.dirty, self.records_appended = state["dirty"], state["records_appended"]
+        self.copy_in_kernel = state["copy_in_kernel"]
+        self.store_failed = state["store_failed"]
+        if self.store_failed:
+            self._corrupt_all_unrecorded()
+        for number in [n for n in self.snapshots if n not in self.state.held]:
+            self.snapshots.pop(number).released = True
+        for number in self.state.held:
+            self.snapshots.setdefault(number, SnapshotImage(self, number))
+        if state["idle"] and self._state_figures() != state["figures"]:
+            raise ValueError(f"{self.name}: the table read from {self.store.path} "
+                             f"({self._state_figures()}) is not the old server's ({state['figures']})")
+        self.recovery_deferred = False  # the state is the old server's: nothing to recover
+
+    def _region_header(self, region: int, epoch: int) -> tuple[str, int]:
+        header = fmt.TableHeader.unpack(self.store.file.pread(fmt.HEADER_SIZE, self.store.sb.region_offset(region)))
+        if header is None or header.epoch != epoch:
+            raise fmt.StoreFormatError(f"table region {region} is not of epoch {epoch} any more")
+        return header.generation, header.next_snapshot
+
     # -- status, files, teardown ----------------------------------------------------------
 
     def files(self) -> list[tuple[str, Image]]:
@@ -605,6 +693,17 @@ class SnapshotImage(Image):
                 "chunks_stored": len(held.map) if held else 0, "store_bytes": self.origin.store_bytes,
                 "limit": self.origin.store.limit, "state": "active" if held and not held.corrupted else "corrupted",
                 "reason": reason}
+
+
+def _runs(slots) -> list[tuple[int, int]]:
+    """Sorted slots as [first, end) runs (a short list where there are many)."""
+    runs: list[list[int]] = []
+    for slot in slots:
+        if runs and runs[-1][1] == slot:
+            runs[-1][1] += 1
+        else:
+            runs.append([slot, slot + 1])
+    return [tuple(run) for run in runs]
 
 
 # -- mount options ------------------------------------------------------------------------
