@@ -300,7 +300,8 @@ def test_fio_verify_on_origin_while_every_snapshot_is_checked(snap_mount):
         pwrite(m / "origin.img", rng.randbytes(2 * MiB), rng.randrange(14) * MiB)
     fio = subprocess.Popen(["fio", "--name=verify", f"--filename={m / 'origin.img'}", "--rw=randwrite",
                             "--bs=64k", "--size=32M", "--direct=1", "--ioengine=psync",
-                            "--verify=crc32c", "--verify_fatal=1", "--do_verify=1", "--output-format=terse"],
+                            "--verify=crc32c", "--verify_fatal=1", "--do_verify=1", "--verify_state_save=0",
+                            "--output-format=terse"],
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     rounds = 0
     while fio.poll() is None or rounds == 0:

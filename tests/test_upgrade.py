@@ -114,7 +114,7 @@ class FioLoop(BackgroundLoad):
             random_rw, sequential_rw = "randread", "read"
         else:
             random_rw, sequential_rw = "randwrite", "write"
-            common += ["--verify=crc32c", "--verify_fatal=1", "--do_verify=1"]
+            common += ["--verify=crc32c", "--verify_fatal=1", "--do_verify=1", "--verify_state_save=0"]
         return ["fio", f"--filename={self.device}", "--output-format=json",
                 "--name=rand4k", f"--rw={random_rw}", "--bs=4k", "--offset=0", *common,
                 "--name=seq1m", f"--rw={sequential_rw}", "--bs=1M", f"--offset={FIO_REGION}",
