@@ -177,6 +177,17 @@ def restore_adapter(operations, state: dict) -> None:
     operations.mount_time_ns = state["mount_time_ns"]
 
 
+def device_descriptors(images: list[Image]) -> tuple[dict[str, int], list[int]]:
+    """The images' descriptors a successor inherits: {path: index} (from 1: PREPARE's
+    descriptors start with the log) and the descriptors in that order."""
+    devices, fds = {}, []
+    for image in images:
+        for path, fd in image.handover_fds().items():
+            fds.append(fd)
+            devices[path] = len(fds)
+    return devices, fds
+
+
 # -- the serving side (old server and successor alike) ---------------------------------
 
 class HandOver:
@@ -189,6 +200,9 @@ class HandOver:
         self.takeover = takeover
         self.launch = takeover.launch if takeover else launched
         self.upgrades = takeover.upgrades if takeover else 0
+        # crash failovers (fusesnap/supervisor.py) so far, and why the last one happened
+        self.failovers = takeover.failovers if takeover else 0
+        self.last_failover = takeover.last_failover if takeover else None
         self.last_pause: float | None = None
         self.owns_images = takeover is None  # False: closing them is not ours to do
         self.handed_over = False
@@ -203,7 +217,8 @@ class HandOver:
 
     def status(self) -> dict:
         return {"version": __version__, "pid": os.getpid(), "upgrades": self.upgrades,
-                "last_pause_ms": None if self.last_pause is None else round(self.last_pause * 1e3, 2)}
+                "last_pause_ms": None if self.last_pause is None else round(self.last_pause * 1e3, 2),
+                "failovers": self.failovers, "last_failover": self.last_failover}
 
     def open_session(self, operations, mountpoint: str, options: set[str]) -> None:
         self.operations = operations
@@ -224,7 +239,12 @@ class HandOver:
 
     async def serve(self, max_tasks: int) -> None:
         """pyfuse3.main until the session ends or the mount is handed over."""
-        if self.takeover is not None:
+        if self.takeover is not None and self.takeover.failover_reason:
+            self.last_pause = time.monotonic() - self.takeover.stopped_at
+            log.warning("took over %s after a crash (%s); failover %d, serving %.1f ms "
+                        "after it", self.server.mountpoint, self.takeover.failover_reason,
+                        self.failovers, self.last_pause * 1e3)
+        elif self.takeover is not None:
             self.last_pause = time.monotonic() - self.takeover.stopped_at
             log.info("took over %s from pid %d (fusesnap %s) after a pause of %.1f ms; "
                      "upgrade %d", self.server.mountpoint, self.takeover.old_pid,
@@ -320,7 +340,10 @@ class HandOver:
             return {"ok": False, "old_version": __version__, "old_pid": os.getpid(),
                     "reason": f"{', '.join(unable)} cannot be handed over to a new server yet: "
                               "unmount and mount again to run the new code"}
-        successor = Successor(program, environment, self.server.mountpoint)
+        link_environment, link_fds = (self.server.link.pass_on() if self.server.link
+                                      else ({}, ()))  # the successor serves under our supervisor
+        successor = Successor(program, {**environment, **link_environment},
+                              self.server.mountpoint, link_fds)
         old = {"old_version": __version__, "old_pid": os.getpid()}
         stopped_at = None
         log.info("upgrade: starting %s", " ".join(program))
@@ -330,16 +353,13 @@ class HandOver:
             # they check on opening (system.img's source check reads every changed block)
             # sees devices no background task is writing. Requests are still served.
             await self._stop_background()
-            fds = [sys.stderr.fileno()]
-            devices = {}
-            for image in self.server.images:
-                for path, fd in image.handover_fds().items():
-                    devices[path] = len(fds)
-                    fds.append(fd)
+            devices, device_fds = device_descriptors(self.server.images)
+            fds = [sys.stderr.fileno(), *device_fds]
             prepared = await successor.exchange(
                 encode("prepare", argv=self.launch.argv, cwd=self.launch.cwd, devices=devices,
                        niceness=os.getpriority(os.PRIO_PROCESS, 0),
-                       old_version=__version__, old_pid=os.getpid(), upgrades=self.upgrades),
+                       old_version=__version__, old_pid=os.getpid(), upgrades=self.upgrades,
+                       failovers=self.failovers, last_failover=self.last_failover),
                 fds, "prepared", prepare_timeout)
             # The images' states as they are now, while requests are still served: the
             # successor catches up outside the pause (a merge's chunks since its last
@@ -384,8 +404,10 @@ class Successor:
     """The old server's handle on the successor process: its socket, its output
     (copied into our log; the last line is its reason if it dies), its exit."""
 
-    def __init__(self, program: list[str], environment: dict[str, str], mountpoint: str):
+    def __init__(self, program: list[str], environment: dict[str, str], mountpoint: str,
+                 pass_fds: tuple[int, ...] = ()):
         self.program = program
+        self.pass_fds = pass_fds  # besides the hand-over socket (the supervisor's link)
         self.environment = environment
         self.mountpoint = mountpoint
         self.process: trio.Process | None = None
@@ -402,7 +424,7 @@ class Successor:
         try:
             self.process = await trio.lowlevel.open_process(
                 [*self.program, "takeover", self.mountpoint, "--fd", str(theirs.fileno())],
-                env=self.environment, pass_fds=(theirs.fileno(),),
+                env=self.environment, pass_fds=(theirs.fileno(), *self.pass_fds),
                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT, start_new_session=True)
         except OSError as exc:
@@ -488,7 +510,12 @@ class Takeover:
         self.launch = Launch(prepare["argv"], prepare["cwd"])
         self.devices = prepare["devices"]
         self.old_version, self.old_pid = prepare["old_version"], prepare["old_pid"]
-        self.upgrades = prepare["upgrades"] + 1
+        # A supervisor's PREPARE after a crash says why (and counts it); an upgrade's
+        # passes the count on.
+        self.failover_reason = prepare.get("failover_reason")
+        self.failovers = prepare.get("failovers", 0)
+        self.last_failover = self.failover_reason or prepare.get("last_failover")
+        self.upgrades = prepare["upgrades"] + (0 if self.failover_reason else 1)
         self.niceness = prepare["niceness"]
         self.stopped_at = 0.0
 
