@@ -62,7 +62,7 @@ log = logging.getLogger(__name__)
 
 LINK_VARIABLE = "FUSESNAP_SUPERVISOR"   # "<fd>:<supervisor pid>" in every server's environment
 CRASH_WINDOW = 60.0                      # seconds: --max-failovers counts crashes within it
-DEFAULT_MAX_FAILOVERS = 3
+DEFAULT_MAX_FAILOVERS = 2                # the third crash within a minute aborts
 FAILOVER_PREPARE_TIMEOUT = 10.0          # seconds for a successor to open the images
 FUSE_NOTIFY_RESEND = 7                   # Linux 6.9: re-queue requests read and not answered
 CONNECTIONS = "/sys/fs/fuse/connections"

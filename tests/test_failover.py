@@ -1,0 +1,158 @@
+"""Crash failover: when the server dies, the supervisor started by `fusesnap mount`
+starts a successor on the same FUSE connection, the kernel resends what the dead
+server held, and loop devices on the mount see no error. A server that keeps dying
+ends in an aborted mount with the reason logged; without a supervisor (killed, or
+--no-failover) a crash aborts the mount as it always did."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import random
+import signal
+import time
+
+import pytest
+
+from fusesnap.diffing import open_diff
+from harness import (copy_of, fusesnap as run_fusesnap, make_update_pair, run, sha256_of,
+                     sparse_file, wait_for_exit)
+from test_upgrade import FioLoop, VerifyingReader, server_status
+
+pytestmark = pytest.mark.mount
+
+
+def wait_for_successor(m, dead_pid: int, timeout: float = 10) -> int:
+    """The pid serving after `dead_pid` crashed (reading .status.json waits for it)."""
+    deadline = time.monotonic() + timeout
+    while (pid := server_status(m)["pid"]) == dead_pid:
+        assert time.monotonic() < deadline, "no successor took over"
+        time.sleep(0.05)
+    return pid
+
+
+def process_exists(pid: int) -> bool:
+    return not wait_for_exit(pid, 0.2)
+
+
+def test_open_handles_and_cached_inodes_survive_a_crash(tmp_path, mount, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # relative paths, as users type them
+    sparse_file(tmp_path / "dev.raw", 16 << 20)
+    m = mount("--linear", "dev.raw")
+    image = m / "linear.img"
+    inode = image.stat().st_ino
+    handle = os.open(image, os.O_RDWR)
+    try:
+        os.pwrite(handle, b"before" * 100, 4096)
+        dead = m.crash_server()
+        successor = wait_for_successor(m, dead)
+        assert os.pread(handle, 600, 4096) == b"before" * 100
+        os.pwrite(handle, b"after" * 100, 1 << 20)
+    finally:
+        os.close(handle)
+    assert image.stat().st_ino == inode
+    status = server_status(m)
+    assert status["pid"] == successor and status["failovers"] == 1
+    assert status["last_failover"] == f"server pid {dead} died"
+    assert status["supervisor_pid"] == m.supervisor_pid
+    log = m.log.read_text()
+    assert f"failover 1 of {m.mountpoint}: server pid {dead} died" in log
+    assert "served again" in log
+
+
+def test_fio_with_verify_through_loop_devices_while_the_server_is_killed_20_times(
+        tmp_path, mount, loop):
+    """linear.img under fio with verify, and system.img while merging under fio reads
+    and reads compared with NEW, all through loop devices; SIGKILL of the server 20
+    times at random moments: no I/O error, no verify failure, the merge ends at NEW."""
+    (tmp_path / "pair").mkdir()
+    old, new, _ = make_update_pair(tmp_path / "pair")
+    diff = tmp_path / "diff.img"
+    run_fusesnap("diff", old, new, "-o", diff, "--quiet", "--chunk-blocks", "8")
+    with contextlib.closing(open_diff(str(diff), bad_diff_status=2)) as diff_file:
+        changed_bytes = diff_file.total_blocks * diff_file.block_size
+    system_device = copy_of(old, tmp_path / "system.raw")
+    linear_device = sparse_file(tmp_path / "linear.raw", 64 << 20)
+    merge_rate = changed_bytes / 60 / 1e6
+    m = mount("--linear", linear_device, "--system", system_device, "--diff", diff,
+              "--merge-rate", f"{merge_rate:.3f}", "--max-failovers", "100")
+    linear_loop = loop(m / "linear.img")
+    system_loop = loop(m / "system.img", read_only=True)
+
+    rng = random.Random(11)
+    recoveries = []
+    with FioLoop(linear_loop) as fio, FioLoop(system_loop, read_only=True) as fio_reads, \
+            VerifyingReader(system_loop, new) as reader:
+        time.sleep(1)
+        for _ in range(20):
+            time.sleep(rng.uniform(0.1, 1.0))
+            dead = m.crash_server()
+            wait_for_successor(m, dead)
+            recoveries.append(server_status(m)["last_pause_ms"])
+    fio.check()
+    fio_reads.check()
+    reader.check()
+    print(f"crash to serving again, 20 crashes under fio: longest {max(recoveries):.0f} ms, "
+          f"median {sorted(recoveries)[10]:.0f} ms")
+    assert server_status(m)["failovers"] == 20
+
+    deadline = time.monotonic() + 120
+    while m.status()["system.img"]["state"] != "done":
+        assert time.monotonic() < deadline, m.status()
+        time.sleep(0.2)
+    assert sha256_of(system_loop) == sha256_of(new)
+    assert sha256_of(system_device) == sha256_of(new)
+
+
+def test_a_server_that_keeps_dying_ends_in_an_aborted_mount_not_a_hang(tmp_path, mount, loop):
+    m = mount("--linear", sparse_file(tmp_path / "dev.raw", 16 << 20), "--max-failovers", "2")
+    device = loop(m / "linear.img")
+    for _ in range(2):
+        wait_for_successor(m, m.crash_server())
+    os.kill(server_status(m)["pid"], signal.SIGKILL)  # the third within a minute
+
+    started = time.monotonic()
+    with pytest.raises(OSError) as failed:
+        with open(device, "rb", buffering=0) as reader:
+            os.posix_fadvise(reader.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+            reader.read(4096)
+    assert failed.value.errno == errno.EIO
+    assert time.monotonic() - started < 10
+    with pytest.raises(OSError) as gone:
+        (m / "linear.img").stat()
+    assert gone.value.errno in (errno.ENOTCONN, errno.ECONNABORTED)
+    assert wait_for_exit(m.supervisor_pid, 10)
+    log = m.log.read_text()
+    assert "3 crashes within 60 s (--max-failovers 2)" in log
+    assert "aborting its FUSE connection" in log
+
+
+def test_without_its_supervisor_the_server_serves_on_and_a_crash_aborts(tmp_path, mount):
+    m = mount("--linear", sparse_file(tmp_path / "dev.raw", 16 << 20))
+    os.kill(m.supervisor_pid, signal.SIGKILL)
+    wait_for_exit(m.supervisor_pid, 10)
+    with open(m / "linear.img", "r+b") as image:
+        image.write(b"still served")
+    deadline = time.monotonic() + 5
+    while "is gone: a crash of this server will abort the mount" not in m.log.read_text():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert server_status(m)["supervisor_pid"] is None
+
+    os.kill(m.pid, signal.SIGKILL)
+    wait_for_exit(m.pid, 10)
+    with pytest.raises(OSError) as gone:
+        (m / "linear.img").read_bytes()
+    assert gone.value.errno in (errno.ENOTCONN, errno.ECONNABORTED)
+
+
+def test_no_failover_runs_no_supervisor_and_umount_ends_both_otherwise(tmp_path, mount):
+    plain = mount("--linear", sparse_file(tmp_path / "a.raw", 16 << 20), "--no-failover")
+    assert plain.supervisor_pid is None and server_status(plain)["failovers"] == 0
+    supervised = mount("--linear", sparse_file(tmp_path / "b.raw", 16 << 20))
+    assert process_exists(supervised.supervisor_pid)
+
+    run_fusesnap("umount", supervised.mountpoint)
+
+    assert not process_exists(supervised.pid) and not process_exists(supervised.supervisor_pid)
