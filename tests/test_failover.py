@@ -39,6 +39,22 @@ def process_exists(pid: int) -> bool:
     return not wait_for_exit(pid, 0.2)
 
 
+def assert_aborted(m, device: str) -> None:
+    """The mount was aborted: a reader of the loop device gets EIO within seconds,
+    the image reports the lost connection, the supervisor has exited."""
+    started = time.monotonic()
+    with pytest.raises(OSError) as failed:
+        with open(device, "rb", buffering=0) as reader:
+            os.posix_fadvise(reader.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+            reader.read(4096)
+    assert failed.value.errno == errno.EIO
+    assert time.monotonic() - started < 15
+    with pytest.raises(OSError) as gone:
+        os.listdir(m.mountpoint)
+    assert gone.value.errno in (errno.ENOTCONN, errno.ECONNABORTED)
+    assert wait_for_exit(m.supervisor_pid, 10)
+
+
 def test_open_handles_and_cached_inodes_survive_a_crash(tmp_path, mount, monkeypatch):
     monkeypatch.chdir(tmp_path)  # relative paths, as users type them
     sparse_file(tmp_path / "dev.raw", 16 << 20)
@@ -115,20 +131,29 @@ def test_a_server_that_keeps_dying_ends_in_an_aborted_mount_not_a_hang(tmp_path,
         wait_for_successor(m, m.crash_server())
     os.kill(server_status(m)["pid"], signal.SIGKILL)  # the third within a minute
 
-    started = time.monotonic()
-    with pytest.raises(OSError) as failed:
-        with open(device, "rb", buffering=0) as reader:
-            os.posix_fadvise(reader.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
-            reader.read(4096)
-    assert failed.value.errno == errno.EIO
-    assert time.monotonic() - started < 10
-    with pytest.raises(OSError) as gone:
-        (m / "linear.img").stat()
-    assert gone.value.errno in (errno.ENOTCONN, errno.ECONNABORTED)
+    assert_aborted(m, device)
     assert wait_for_exit(m.supervisor_pid, 10)
     log = m.log.read_text()
     assert "3 crashes within 60 s (--max-failovers 2)" in log
     assert "aborting its FUSE connection" in log
+
+
+def test_a_successor_that_cannot_start_ends_in_an_aborted_mount(tmp_path, mount, loop,
+                                                                monkeypatch):
+    """The device is gone (renamed) when the server dies: every successor fails to
+    open it, and after the limit the mount is aborted with the reason logged."""
+    monkeypatch.chdir(tmp_path)
+    sparse_file(tmp_path / "dev.img", 16 << 20)
+    m = mount("--bow", "dev.img", "--bow-map", "dev.map")
+    device = loop(m / "bow.img")
+    (tmp_path / "dev.img").rename(tmp_path / "moved.img")
+
+    m.crash_server()
+
+    assert_aborted(m, device)
+    log = m.log.read_text()
+    assert log.count("the successor failed") == 2
+    assert "3 crashes within 60 s (--max-failovers 2)" in log
 
 
 def test_without_its_supervisor_the_server_serves_on_and_a_crash_aborts(tmp_path, mount):
