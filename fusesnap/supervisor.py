@@ -157,18 +157,17 @@ class Supervisor:
         self.failovers = 0
         self.children: list = []       # processes to reap (the first server, successors)
         self.link: socket.socket | None = None
+        self.standby: tuple[Successor, socket.socket] | None = None  # and its link
         self.ended = False
 
-    def _new_link(self) -> tuple[dict[str, str], int]:
+    def _new_link(self) -> tuple[socket.socket, dict[str, str], int]:
+        """A link for a server to come: our end, its environment, its descriptor."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        if self.link is not None:
-            self.link.close()
-        self.link = ours
         environment = {**os.environ, LINK_VARIABLE: f"{theirs.fileno()}:{os.getpid()}"}
-        return environment, theirs.detach()
+        return ours, environment, theirs.detach()
 
     async def run(self) -> int:
-        environment, theirs = self._new_link()
+        self.link, environment, theirs = self._new_link()
         first = subprocess.Popen([*self.program, *self.argv], env=environment, cwd=self.cwd,
                                  pass_fds=(theirs, self.ready_fd), stdin=subprocess.DEVNULL)
         os.close(theirs)
@@ -177,6 +176,11 @@ class Supervisor:
         async with trio.open_nursery() as nursery:
             self.nursery = nursery
             while True:
+                if self.hello is not None and self.standby is None:
+                    try:
+                        self.standby = await self._start_standby()
+                    except SuccessorFailed as exc:  # a failover starts one when it needs it
+                        log.warning("no standby successor: %s", exc)
                 if await self._listen():
                     continue
                 crashed_at = time.monotonic()
@@ -185,11 +189,29 @@ class Supervisor:
                     break  # unmounted, or the first server failed before serving
                 if not await self._fail_over(crashed_at):
                     break
+            if self.standby is not None:
+                await self.standby[0].kill("not needed")
             nursery.cancel_scope.cancel()
         self._reap()
         if self.hello is None:
             return first.wait()
         return 0 if self.ended else EXIT_FAILED
+
+    async def _start_standby(self) -> tuple[Successor, socket.socket]:
+        """A successor started in advance: it waits for PREPARE with its imports done
+        (most of a successor's start), so a failover only opens the images."""
+        ours, environment, theirs = self._new_link()
+        successor = Successor(self.program, environment, self.mountpoint, pass_fds=(theirs,),
+                              niceness=0)
+        try:
+            await successor.start(self.nursery)
+        except SuccessorFailed:
+            ours.close()
+            raise
+        finally:
+            os.close(theirs)
+        self.children.append(successor.process)
+        return successor, ours
 
     async def _listen(self) -> bool:
         """One message from the servers; False when none holds the link any more."""
@@ -245,13 +267,10 @@ class Supervisor:
             return True
 
     async def _start_successor(self, crashed_at: float, reason: str) -> None:
-        environment, theirs = self._new_link()
-        successor = Successor(self.program, environment, self.mountpoint, pass_fds=(theirs,))
-        try:
-            await successor.start(self.nursery)
-        finally:
-            os.close(theirs)
-        self.children.append(successor.process)
+        """Hand the connection to the standby (or a successor started now), as an
+        upgrade would, with no state: it serves what its open recovered."""
+        successor, link = self.standby or await self._start_standby()
+        self.standby = None
         hello = self.hello
         try:
             await successor.exchange(
@@ -267,7 +286,10 @@ class Supervisor:
                                      [self.fuse_fd], "ready", HANDOVER_TIMEOUT)
             await successor.send(encode("commit"))
         except SuccessorFailed as exc:
+            link.close()
             raise SuccessorFailed(await successor.kill(str(exc))) from None
+        self.link.close()
+        self.link = link
         self.nursery.start_soon(successor.detach)
 
     def _abort(self, reason: str) -> None:

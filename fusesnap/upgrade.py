@@ -405,9 +405,10 @@ class Successor:
     (copied into our log; the last line is its reason if it dies), its exit."""
 
     def __init__(self, program: list[str], environment: dict[str, str], mountpoint: str,
-                 pass_fds: tuple[int, ...] = ()):
+                 pass_fds: tuple[int, ...] = (), niceness: int = PREPARE_NICENESS):
         self.program = program
         self.pass_fds = pass_fds  # besides the hand-over socket (the supervisor's link)
+        self.niceness = niceness  # while it prepares (0: no server is serving meanwhile)
         self.environment = environment
         self.mountpoint = mountpoint
         self.process: trio.Process | None = None
@@ -435,7 +436,7 @@ class Successor:
         self.socket = trio.socket.from_stdlib_socket(ours)
         with contextlib.suppress(OSError):  # it may be gone already: we learn that soon
             os.setpriority(os.PRIO_PROCESS, self.process.pid,
-                           min(19, os.getpriority(os.PRIO_PROCESS, 0) + PREPARE_NICENESS))
+                           min(19, os.getpriority(os.PRIO_PROCESS, 0) + self.niceness))
         nursery.start_soon(self._copy_output)
 
     async def _copy_output(self) -> None:
