@@ -36,10 +36,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_update import make_images  # noqa: E402
-from bench_upgrade import fio_latencies  # noqa: E402
+from bench_upgrade import fio_latencies, latency_columns, paired_fio_runs  # noqa: E402
 from common import (FUSESNAP, REPO, BenchError, attached, format_table,  # noqa: E402
-                    fusesnap_mounted, header_lines, page_cached_file, require_root, run,
-                    scratch_dir, terminate_as_interrupt, warm)
+                    fusesnap_mounted, page_cached_file, run, run_benchmark, scratch_dir, warm)
 
 RECOVERY_LIMIT_MS = 1000
 COST_LIMIT = 0.03
@@ -86,7 +85,6 @@ def test_images(work: Path, args) -> Path:
 
 
 def part_latency(work: Path, args, changed_blocks: int) -> list[list[str]]:
-    runs = {False: [], True: []}
     merge_rate = changed_blocks * 4096 / (2 * args.repeat * args.runtime * 1.5) / 1e6
     with fusesnap_mounted(work / "mnt", "--linear", work / "linear.raw", "--system",
                           work / "system.raw", "--diff", work / "diff.img",
@@ -95,12 +93,8 @@ def part_latency(work: Path, args, changed_blocks: int) -> list[list[str]]:
             attached(mount / "system.img", read_only=True) as system_loop:
         jobs = [("randwrite-linear", linear_loop, "randwrite"),
                 ("randread-system", system_loop, "randread")]
-        for pair in range(args.repeat):
-            for with_crashes in ((False, True) if pair % 2 == 0 else (True, False)):
-                thread = crashes_during(mount, args.crashes, args.runtime) if with_crashes else None
-                runs[with_crashes].append(fio_latencies(jobs, args.runtime))
-                if thread:
-                    thread.join()
+        runs = paired_fio_runs(jobs, args.repeat, args.runtime,
+                               lambda: crashes_during(mount, args.crashes, args.runtime))
         failovers = server_status(mount)["failovers"]
     if failovers != args.crashes * args.repeat:
         raise BenchError(f"{failovers} failovers for {args.crashes * args.repeat} crashes")
@@ -108,11 +102,7 @@ def part_latency(work: Path, args, changed_blocks: int) -> list[list[str]]:
     for name, _, _ in jobs:
         without = [figures[name] for figures in runs[False]]
         during = [figures[name] for figures in runs[True]]
-        rows.append([name,
-                     " / ".join(f"{f['p99']:.2f}" for f in without),
-                     " / ".join(f"{f['p99']:.2f}" for f in during),
-                     " / ".join(f"{f['max']:.1f}" for f in without),
-                     " / ".join(f"{f['max']:.0f}" for f in during),
+        rows.append([name, *latency_columns(without, during),
                      str(sum(f["error"] != 0 for f in without + during))])
     return rows
 
@@ -136,7 +126,7 @@ def part_recovery(work: Path) -> list[float]:
     return times
 
 
-def part_cost(work: Path, args) -> list[list[str]]:
+def part_cost(work: Path, args) -> tuple[list[list[str]], list[float]]:
     """Two mounts of linear.img over two page-cached files, one with the supervisor, one
     --no-failover; fio on each in turn, the order alternating."""
     ratios = {"randread": [], "randwrite": []}
@@ -152,29 +142,18 @@ def part_cost(work: Path, args) -> list[list[str]]:
                 iops = {name: fio_latencies([(rw, device, rw)], args.runtime)[rw]["iops"]
                         for name, device in (order if pair % 2 == 0 else order[::-1])}
                 ratios[rw].append(iops["with"] / iops["without"])
-    return [[rw, " / ".join(f"{r:.3f}" for r in values), f"{statistics.median(values):.3f}",
+    rows = [[rw, " / ".join(f"{r:.3f}" for r in values), f"{statistics.median(values):.3f}",
              f">= {1 - COST_LIMIT:.2f}"] for rw, values in ratios.items()]
+    return rows, [statistics.median(values) for values in ratios.values()]
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--crashes", type=int, default=5, help="crashes during each fio run")
-    parser.add_argument("--runtime", type=float, default=10, help="seconds per fio run")
-    parser.add_argument("--repeat", type=int, default=2, help="pairs of fio runs")
-    parser.add_argument("--tmpdir", default=None)
-    args = parser.parse_args()
-    require_root()
-    terminate_as_interrupt()
-    print("\n".join(header_lines()), flush=True)
-    try:
-        with scratch_dir("fusesnap-bench-failover-", args.tmpdir) as work:
-            changed_blocks = test_images(work, args)
-            latency_rows = part_latency(work, args, changed_blocks)
-            recovery = part_recovery(work)
-            cost_rows = part_cost(work, args)
-    except KeyboardInterrupt:
-        print(f"{sys.argv[0]}: interrupted; cleaned up", file=sys.stderr)
-        return 130
+def bench(args) -> bool:
+    """True if every figure is within its limit."""
+    with scratch_dir("fusesnap-bench-failover-", args.tmpdir) as work:
+        changed_blocks = test_images(work, args)
+        latency_rows = part_latency(work, args, changed_blocks)
+        recovery = part_recovery(work)
+        cost_rows, cost_medians = part_cost(work, args)
     print()
     print(format_table(["fio job (4 KiB, qd 16)", "p99 ms without", "p99 ms with crashes",
                         "max ms without", "max ms with", "errors"], latency_rows))
@@ -185,7 +164,17 @@ def main() -> int:
     print()
     print(format_table(["fio 4 KiB qd 16 on linear.img", "IOPS supervised / not, per pair",
                         "median", "limit"], cost_rows))
-    return 0
+    return (all(row[-1] == "0" for row in latency_rows) and max(recovery) < RECOVERY_LIMIT_MS
+            and min(cost_medians) >= 1 - COST_LIMIT)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--crashes", type=int, default=5, help="crashes during each fio run")
+    parser.add_argument("--runtime", type=float, default=10, help="seconds per fio run")
+    parser.add_argument("--repeat", type=int, default=2, help="pairs of fio runs")
+    parser.add_argument("--tmpdir", default=None)
+    return run_benchmark(lambda: bench(parser.parse_args()))
 
 
 if __name__ == "__main__":

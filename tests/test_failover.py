@@ -6,22 +6,20 @@ ends in an aborted mount with the reason logged; without a supervisor (killed, o
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 import random
 import signal
-import threading
 import time
 
 import pytest
 
 from bow_helpers import (assert_restored_to, checkpoint_frozen, churn, file_hashes,
                          make_filled_ext4)
-from fusesnap.diffing import open_diff
-from harness import (copy_of, fusesnap as run_fusesnap, loop_device, make_update_pair,
-                     mounted_dir, run, sha256_of, sparse_file, wait_for_exit)
-from test_upgrade import FioLoop, VerifyingReader, server_status
+from harness import (fusesnap as run_fusesnap, loop_device, mounted_dir, run, sha256_of,
+                     sparse_file, wait_for_exit)
+from test_upgrade import (BackgroundLoad, FioLoop, VerifyingReader, assert_merge_ends_at, server_status,
+                          slowly_merging_system)
 
 pytestmark = pytest.mark.mount
 
@@ -85,17 +83,9 @@ def test_fio_with_verify_through_loop_devices_while_the_server_is_killed_20_time
     """linear.img under fio with verify, and system.img while merging under fio reads
     and reads compared with NEW, all through loop devices; SIGKILL of the server 20
     times at random moments: no I/O error, no verify failure, the merge ends at NEW."""
-    (tmp_path / "pair").mkdir()
-    old, new, _ = make_update_pair(tmp_path / "pair")
-    diff = tmp_path / "diff.img"
-    run_fusesnap("diff", old, new, "-o", diff, "--quiet", "--chunk-blocks", "8")
-    with contextlib.closing(open_diff(str(diff), bad_diff_status=2)) as diff_file:
-        changed_bytes = diff_file.total_blocks * diff_file.block_size
-    system_device = copy_of(old, tmp_path / "system.raw")
+    system_args, system_device, new = slowly_merging_system(tmp_path)
     linear_device = sparse_file(tmp_path / "linear.raw", 64 << 20)
-    merge_rate = changed_bytes / 60 / 1e6
-    m = mount("--linear", linear_device, "--system", system_device, "--diff", diff,
-              "--merge-rate", f"{merge_rate:.3f}", "--max-failovers", "100")
+    m = mount("--linear", linear_device, *system_args, "--max-failovers", "100")
     linear_loop = loop(m / "linear.img")
     system_loop = loop(m / "system.img", read_only=True)
 
@@ -115,13 +105,7 @@ def test_fio_with_verify_through_loop_devices_while_the_server_is_killed_20_time
     print(f"crash to serving again, 20 crashes under fio: longest {max(recoveries):.0f} ms, "
           f"median {sorted(recoveries)[10]:.0f} ms")
     assert server_status(m)["failovers"] == 20
-
-    deadline = time.monotonic() + 120
-    while m.status()["system.img"]["state"] != "done":
-        assert time.monotonic() < deadline, m.status()
-        time.sleep(0.2)
-    assert sha256_of(system_loop) == sha256_of(new)
-    assert sha256_of(system_device) == sha256_of(new)
+    assert_merge_ends_at(m, new, system_loop, system_device)
 
 
 def test_a_server_that_keeps_dying_ends_in_an_aborted_mount_not_a_hang(tmp_path, mount, loop):
@@ -186,29 +170,20 @@ def test_no_failover_runs_no_supervisor_and_umount_ends_both_otherwise(tmp_path,
     assert not process_exists(supervised.pid) and not process_exists(supervised.supervisor_pid)
 
 
-class Crasher:
+class Crasher(BackgroundLoad):
     """SIGKILLs the mount's server at random moments from a thread, each time waiting
     until a successor serves, until stopped."""
 
     def __init__(self, m, seed: int):
+        super().__init__()
         self.m = m
         self.rng = random.Random(seed)
         self.crashes = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
 
     def _loop(self) -> None:
         while not self._stop.wait(self.rng.uniform(0.2, 1.0)):
             wait_for_successor(self.m, self.m.crash_server())
             self.crashes += 1
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc_info):
-        self._stop.set()
-        self._thread.join()
 
 
 def test_ext4_on_bow_img_through_crashes_restores_to_its_checkpoint(mount, tmp_path, monkeypatch):
