@@ -52,6 +52,7 @@ import subprocess
 import sys
 import time
 
+import pyfuse3
 import trio
 
 from . import __version__
@@ -113,7 +114,6 @@ class Link:
     async def report(self, server, devices: dict[str, int], device_fds: list[int]) -> None:
         """Send HELLO once the connection's INIT is known, then wait: if the supervisor
         goes, say so (a crash of this server now aborts the mount)."""
-        import pyfuse3
         while pyfuse3.saved_init_request() is None:  # the first request; at once after a take-over
             await trio.sleep(0.005)
         hello = {"type": "hello", "pid": os.getpid(), "version": __version__,
@@ -121,10 +121,14 @@ class Link:
                  "devices": devices, "cwd": server.handover.launch.cwd,
                  "argv": server.handover.launch.argv,
                  "init": base64.b64encode(pyfuse3.saved_init_request()).decode()}
-        self.socket.sendmsg([json.dumps(hello).encode()],
-                           rights([pyfuse3.connection_fd(), *device_fds]))
-        await trio.lowlevel.wait_readable(self.socket)
-        if not self.socket.recv(MAX_MESSAGE, socket.MSG_DONTWAIT | socket.MSG_PEEK):
+        try:
+            self.socket.sendmsg([json.dumps(hello).encode()],
+                               rights([pyfuse3.connection_fd(), *device_fds]))
+            await trio.lowlevel.wait_readable(self.socket)
+            gone = not self.socket.recv(MAX_MESSAGE, socket.MSG_DONTWAIT | socket.MSG_PEEK)
+        except OSError:  # ECONNREFUSED, EPIPE: gone before we said hello
+            gone = True
+        if gone:
             log.warning("the supervisor (pid %d) is gone: a crash of this server will abort "
                         "the mount", self.supervisor_pid)
             self.supervisor_pid = None
