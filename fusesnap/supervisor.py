@@ -297,17 +297,21 @@ class Supervisor:
         self.nursery.start_soon(successor.detach)
 
     def _abort(self, reason: str) -> None:
+        """End the connection: requests fail (ENOTCONN; EIO through loop devices)."""
         log.error("failover of %s impossible, aborting its FUSE connection: %s",
                   self.mountpoint, reason)
-        for child in self.children:
+        for child in self.children:  # a successor we started may hold the connection
             if child.poll() is None:
                 child.send_signal(signal.SIGKILL)
         try:
             with open(f"{CONNECTIONS}/{self.connection}/abort", "w") as abort:
                 abort.write("1")
         except OSError as exc:
-            log.error("cannot abort FUSE connection %s: %s", self.connection, exc)
-        os.close(self.fuse_fd)  # the last descriptor: the connection ends in any case
+            # No fusectl mounted: every server is gone, so closing our descriptor, the
+            # last one, aborts the connection as well.
+            log.info("%s/%s/abort: %s; closing the last descriptor instead", CONNECTIONS,
+                     self.connection, exc.strerror)
+        os.close(self.fuse_fd)
 
 
 def run_supervisor(argv: list[str], mountpoint: str, ready_fd: int, max_failovers: int) -> int:
