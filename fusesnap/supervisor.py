@@ -30,7 +30,7 @@ answered, so the loop devices see a pause, not an error.
 When failover is impossible (more than --max-failovers crashes within
 CRASH_WINDOW seconds, a successor that cannot start, a kernel without
 FUSE_NOTIFY_RESEND) the supervisor aborts the connection (/sys/fs/fuse/connections/N/
-abort), logs why and exits: the behaviour without failover, never a hang. If the
+abort, or closing the last descriptor), logs why and exits: the behaviour without failover, never a hang. If the
 supervisor itself dies, the server serves on and a later crash aborts the
 connection as without failover (the server logs that it lost its supervisor).
 
