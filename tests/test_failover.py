@@ -16,7 +16,7 @@ import pytest
 
 from bow_helpers import (assert_restored_to, checkpoint_frozen, churn, file_hashes,
                          make_filled_ext4)
-from harness import (fusesnap as run_fusesnap, loop_device, mounted_dir, run, sha256_of,
+from harness import (FUSESNAP, fusesnap as run_fusesnap, loop_device, mounted_dir, run, sha256_of,
                      sparse_file, wait_for_exit)
 from test_upgrade import (BackgroundLoad, FioLoop, VerifyingReader, assert_merge_ends_at, server_status,
                           slowly_merging_system)
@@ -231,3 +231,18 @@ def test_fio_verify_on_origin_img_through_crashes_keeps_the_snapshots(mount, loo
     assert crasher.crashes >= 4 and server_status(m)["failovers"] == crasher.crashes
     for name, digest in taken.items():
         assert sha256_of(m / name) == digest, f"{name} changed"
+
+
+def test_a_server_started_by_an_upgrade_is_supervised_too(tmp_path, mount):
+    m = mount("--linear", sparse_file(tmp_path / "dev.raw", 16 << 20))
+    run([*FUSESNAP, "upgrade", str(m.mountpoint)])
+    with open(m / "linear.img", "r+b") as image:
+        image.write(b"written after the upgrade")
+    assert server_status(m)["supervisor_pid"] == m.supervisor_pid
+
+    wait_for_successor(m, m.crash_server())
+
+    status = server_status(m)
+    assert (status["upgrades"], status["failovers"]) == (1, 1)
+    with open(m / "linear.img", "rb") as image:
+        assert image.read(25) == b"written after the upgrade"
