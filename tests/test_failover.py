@@ -182,8 +182,19 @@ class Crasher(BackgroundLoad):
 
     def _loop(self) -> None:
         while not self._stop.wait(self.rng.uniform(0.2, 1.0)):
-            wait_for_successor(self.m, self.m.crash_server())
+            try:
+                wait_for_successor(self.m, self.m.crash_server())
+            except AssertionError as exc:
+                self.failures.append(str(exc))
+                return
             self.crashes += 1
+
+    def done(self, crashes: int) -> bool:
+        """`crashes` taken over (or a failure, which `check` reports)."""
+        return self.crashes >= crashes or bool(self.failures)
+
+    def check(self) -> None:
+        assert not self.failures, self.failures
 
 
 def test_ext4_on_bow_img_through_crashes_restores_to_its_checkpoint(mount, tmp_path, monkeypatch):
@@ -198,14 +209,16 @@ def test_ext4_on_bow_img_through_crashes_restores_to_its_checkpoint(mount, tmp_p
         with mounted_dir(device, tmp_path / "fs") as root:
             hashes = file_hashes(root)
             checkpoint_frozen(root, m.mountpoint, tmp_path / "checkpoint.img")
+            rng = random.Random(4)
             with Crasher(m, seed=3) as crasher:
-                churn(root, random.Random(4), 800)
+                while not crasher.done(5):
+                    churn(root, rng, 100)
                 os.sync()
             acknowledged = file_hashes(root)
         run(["e2fsck", "-fn", device])
         with mounted_dir(device, tmp_path / "fs2") as root:
             assert file_hashes(root) == acknowledged
-    assert crasher.crashes >= 3, "the workload outlasted a few crashes"
+    crasher.check()
     assert server_status(m)["failovers"] == crasher.crashes
     run_fusesnap("umount", m.mountpoint)
     run_fusesnap("bow", "restore", "dev.img", "--bow-map", "dev.map")
@@ -226,9 +239,11 @@ def test_fio_verify_on_origin_img_through_crashes_keeps_the_snapshots(mount, loo
         taken[f"snapshot-{number}.img"] = sha256_of(m / "origin.img")
     origin_loop = loop(m / "origin.img")
     with FioLoop(origin_loop) as fio, Crasher(m, seed=5) as crasher:
-        time.sleep(8)
+        while not crasher.done(5):
+            time.sleep(0.1)
     fio.check()
-    assert crasher.crashes >= 4 and server_status(m)["failovers"] == crasher.crashes
+    crasher.check()
+    assert server_status(m)["failovers"] == crasher.crashes
     for name, digest in taken.items():
         assert sha256_of(m / name) == digest, f"{name} changed"
 
