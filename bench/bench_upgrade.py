@@ -73,6 +73,26 @@ def fio_latencies(jobs: list[tuple[str, str, str]], runtime: float) -> dict[str,
     return figures
 
 
+def latency_columns(without: list[dict], during: list[dict]) -> list[str]:
+    """p99 and max latency of fio runs (fio_latencies figures of one job), without and
+    during the event a benchmark measures."""
+    return [" / ".join(f"{f[key]:.{digits}f}" for f in runs)
+            for key, digits in (("p99", 2), ("max", 1)) for runs in (without, during)]
+
+
+def paired_fio_runs(jobs, repeat: int, runtime: float, event) -> dict[bool, list[dict]]:
+    """fio_latencies of `jobs` without (False) and with (True) `event()` (a started
+    thread) during the run, `repeat` pairs, the order alternating."""
+    runs = {False: [], True: []}
+    for pair in range(repeat):
+        for with_event in ((False, True) if pair % 2 == 0 else (True, False)):
+            thread = event() if with_event else None
+            runs[with_event].append(fio_latencies(jobs, runtime))
+            if thread:
+                thread.join()
+    return runs
+
+
 def upgrades_during(mount, count: int, runtime: float, pauses: list) -> threading.Thread:
     """A thread doing `count` upgrades spread over `runtime` seconds."""
     def work():
@@ -95,7 +115,6 @@ def part_test_images(work: Path, args) -> tuple[list[list[str]], list[float]]:
     for path in (system, work / "diff.img"):
         warm(path)
     pauses: list[float] = []
-    runs = {False: [], True: []}
     # Slow enough that the merge goes on through all the fio runs.
     merge_rate = changed_blocks * 4096 / (2 * args.repeat * args.runtime * 1.5) / 1e6
     with fusesnap_mounted(work / "mnt", "--linear", linear, "--system", system,
@@ -104,24 +123,15 @@ def part_test_images(work: Path, args) -> tuple[list[list[str]], list[float]]:
             attached(mount / "system.img", read_only=True) as system_loop:
         jobs = [("randwrite-linear", linear_loop, "randwrite"),
                 ("randread-system", system_loop, "randread")]
-        for pair in range(args.repeat):
-            for with_upgrades in ((False, True) if pair % 2 == 0 else (True, False)):
-                thread = (upgrades_during(mount, args.upgrades, args.runtime, pauses)
-                          if with_upgrades else None)
-                runs[with_upgrades].append(fio_latencies(jobs, args.runtime))
-                if thread:
-                    thread.join()
+        runs = paired_fio_runs(jobs, args.repeat, args.runtime,
+                               lambda: upgrades_during(mount, args.upgrades, args.runtime, pauses))
         merge_state = json.loads((mount / ".status.json").read_text())["images"]["system.img"]
     rows = []
     for name, _, _ in jobs:
         without = [figures[name] for figures in runs[False]]
         during = [figures[name] for figures in runs[True]]
         errors = sum(f["error"] != 0 for f in without + during)
-        rows.append([name,
-                     " / ".join(f"{f['p99']:.2f}" for f in without),
-                     " / ".join(f"{f['p99']:.2f}" for f in during),
-                     " / ".join(f"{f['max']:.1f}" for f in without),
-                     " / ".join(f"{f['max']:.1f}" for f in during),
+        rows.append([name, *latency_columns(without, during),
                      " / ".join(f"{d['iops'] / w['iops']:.2f}" for w, d in zip(without, during)),
                      str(errors)])
     print(f"merge at the end: {merge_state['state']}, {merge_state['merged']} of "

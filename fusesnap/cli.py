@@ -25,7 +25,7 @@ import subprocess
 import sys
 import time
 
-from . import __version__, arguments, diffing, mount, upgrade
+from . import __version__, arguments, diffing, mount, supervisor, upgrade
 from .devices import loop_devices_backed_under, processes_using
 from .errors import EXIT_FAILED, EXIT_USAGE, UserError
 from .control import XATTR_PID, mounted_at, read_status, send_command
@@ -61,6 +61,12 @@ def cmd_mount(args) -> int:
         mount.spawn_server(without_option(args.argv, "--log"), log_path)
         return 0
 
+    if (args.ready_fd is not None and not args.no_failover
+            and supervisor.LINK_VARIABLE not in os.environ):
+        # Started by `fusesnap mount` (not --foreground typed by a user): this process
+        # supervises, the server is its child (fusesnap/supervisor.py).
+        mount.setup_logging(args.debug, args.log, mount.ReadyChannel(None))
+        return supervisor.run_supervisor(args.argv, mountpoint, args.ready_fd, args.max_failovers)
     channel = mount.ReadyChannel(args.ready_fd)
     mount.setup_logging(args.debug, args.log, channel)
     try:
@@ -176,14 +182,16 @@ def cmd_umount(args) -> int:
         print(f"{mountpoint}: server was not running ({exc.strerror}); mount removed")
         return 0
     refuse_while_processes_use(mountpoint)
+    supervisor_pid = json.loads(read_status(mountpoint, True)).get("server", {}).get("supervisor_pid")
     send_command(mountpoint, "flush")
     result = subprocess.run(["umount", mountpoint], capture_output=True, text=True)
     if result.returncode != 0:
         refuse_while_processes_use(mountpoint)  # one started using it meanwhile
         raise UserError(f"umount {mountpoint} failed: {result.stderr.strip()}", EXIT_FAILED)
-    if not wait_for_exit(pid, timeout=120):
-        raise UserError(f"server {pid} did not exit after unmount; see {default_log_path(mountpoint)}",
-                        EXIT_FAILED)
+    for process in filter(None, (pid, supervisor_pid)):  # the supervisor ends after its server
+        if not wait_for_exit(process, timeout=120):
+            raise UserError(f"server {process} did not exit after unmount; see "
+                            f"{default_log_path(mountpoint)}", EXIT_FAILED)
     return 0
 
 
@@ -262,6 +270,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="log file (reopened when logrotate moves it)")
     p.add_argument("--workers", type=arguments.positive_int, default=1, metavar="N",
                    help="concurrent request handlers, >= 1 (default 1: fastest for page-cached I/O)")
+    p.add_argument("--no-failover", action="store_true",
+                   help="no supervisor: a crash of the server aborts the mount (its loop devices "
+                   "fail their I/O) instead of a new server taking over")
+    p.add_argument("--max-failovers", type=arguments.positive_int,
+                   default=supervisor.DEFAULT_MAX_FAILOVERS, metavar="N",
+                   help=f"crashes within {supervisor.CRASH_WINDOW:g} s taken over before the "
+                   f"mount is aborted (default {supervisor.DEFAULT_MAX_FAILOVERS})")
     p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     p.set_defaults(run=cmd_mount)
 

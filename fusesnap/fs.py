@@ -2,13 +2,22 @@
 
 It owns the inode table (the root directory, one file per image, `.status` and
 `.status.json`), builds attributes, and maps errors. The set of image files may
-change while mounted (snapshots come and go): `set_files` gives each new (name,
-image) pair a fresh inode (never reused), and asks the kernel to drop its cached
-entries of names that went or now mean another image. The invalidation is queued
-(pyfuse3.invalidate_entry_async), never done inside the request handler that
-caused it, which would deadlock on the kernel's lock of the directory. Open handles
-keep the image they opened. For I/O it finds the image of a
-file handle and calls `read/write/discard/flush` on it; nothing else happens here.
+change while mounted (snapshots come and go): `set_files` drops the gone names and
+asks the kernel to drop its cached entries of names that went or now mean another
+image. The invalidation is queued (pyfuse3.invalidate_entry_async), never done
+inside the request handler that caused it, which would deadlock on the kernel's lock
+of the directory. For I/O it finds the image of a file handle and calls
+`read/write/discard/flush` on it; nothing else happens here.
+
+Numbers a fresh server reproduces (crash failover, fusesnap/supervisor.py): a
+successor started after a crash knows nothing of the dead server's tables, but the
+kernel keeps the inode numbers and file handles it was given. So an image file's
+inode is a function of what the file is (`inode_for`: its name and the name of the
+image it means; a snapshot's image name carries its never-reused number), and the
+handle of an open image file is that inode. An open handle keeps the image it
+opened as long as the mount has it under any name (snapshot.img opened before a new
+take keeps the older snapshot); a dropped image's handle answers EIO. Status files
+are rendered at open; a successor renders them again at the next read.
 
 Error boundary: every handler that can fail funnels exceptions through
 `_to_fuse_error` (the rest only raise FUSEError themselves), so only `FUSEError`
@@ -22,6 +31,7 @@ uses (`user.fusesnap.pid` to read, `user.fusesnap.command` to act).
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import logging
 import os
@@ -38,7 +48,18 @@ from .images.base import Image
 log = logging.getLogger(__name__)
 
 STATUS_FILES = (".status", ".status.json")
-_FIRST_FILE_INODE = pyfuse3.ROOT_INODE + 1
+_FIRST_FILE_INODE = pyfuse3.ROOT_INODE + 1   # the status files' inodes follow the root
+# Image inodes (and handles) have this bit set: status-file handles stay below it.
+IMAGE_INODE_BIT = 1 << 48
+STATUS_HANDLE_STEP = 4  # a status file's handle: a counter times this, plus its inode (2 or 3)
+
+
+def inode_for(name: str, image: Image) -> int:
+    """The inode of file `name` meaning `image`: the same in every server of a mount
+    (64 bits of a hash: numbering by order of appearance would differ in a successor
+    and send a cached inode's I/O to another image)."""
+    digest = hashlib.blake2b(f"{name}\0{image.name}".encode(), digest_size=8).digest()
+    return IMAGE_INODE_BIT | int.from_bytes(digest, "little") % IMAGE_INODE_BIT
 
 
 def _to_fuse_error(exc: Exception, what: str) -> pyfuse3.FUSEError:
@@ -98,15 +119,14 @@ class FuseOperations(pyfuse3.Operations):
         # inode -> Image, or the name of a status file
         self.by_inode: dict[int, Image | str] = {}
         self.by_name: dict[bytes, int] = {}
-        self.inode_of: dict[tuple[str, int], int] = {}  # (name, id(image)) -> inode
-        self.next_inode = _FIRST_FILE_INODE + len(files) + len(STATUS_FILES)
-        for inode, (name, image) in enumerate(files, start=_FIRST_FILE_INODE):
-            self.inode_of[(name, id(image))] = inode
-        for inode, name in enumerate(STATUS_FILES, start=_FIRST_FILE_INODE + len(files)):
+        for inode, name in enumerate(STATUS_FILES, start=_FIRST_FILE_INODE):
             self.by_inode[inode] = name
             self.by_name[name.encode()] = inode
+        # handle of an open image file (its inode, under any name the image has) -> Image
+        self.image_handles: dict[int, Image] = {}
         self.set_files(files)
-        # file handle -> Image, or the bytes of a status file rendered at open
+        # file handle -> the bytes of a status file rendered at open (or, handed over by
+        # an older server in a live upgrade, the Image of a handle numbered its way)
         self.open_files: dict[int, Image | bytes] = {}
         self.next_fh = 1
 
@@ -119,15 +139,13 @@ class FuseOperations(pyfuse3.Operations):
             del self.by_name[name]
         images: list[Image] = []
         for name, image in files:
-            inode = self.inode_of.get((name, id(image)))
-            if inode is None:
-                inode = self.inode_of[(name, id(image))] = self.next_inode
-                self.next_inode += 1
+            inode = inode_for(name, image)
             self.by_inode[inode] = image
             self.by_name[name.encode()] = inode
             if image not in images:
                 images.append(image)
-        self.inode_of = {key: inode for key, inode in self.inode_of.items() if inode in self.by_inode}
+        self.image_handles = {inode_for(name, image): image
+                              for name, _ in files for image in images}
         self.status.set_images(images)
         for name, inode in old_names.items():
             if self.by_name.get(name) != inode:
@@ -224,18 +242,34 @@ class FuseOperations(pyfuse3.Operations):
                     raise pyfuse3.FUSEError(errno.EACCES)
                 # Rendered now, so a reader sees one consistent and current snapshot.
                 opened = self.status.render(entry)
-            fh = self.next_fh
-            self.next_fh += 1
-            self.open_files[fh] = opened
+            if isinstance(opened, Image) and inode & IMAGE_INODE_BIT:
+                fh = inode  # self-describing: a successor after a crash finds the image
+            else:  # a status file, or an inode numbered by an older build (live upgrade)
+                fh = self.next_fh * STATUS_HANDLE_STEP + inode % STATUS_HANDLE_STEP
+                self.next_fh += 1
+                self.open_files[fh] = opened
             # direct_io: no page cache in the FUSE layer. Status files are never
             # stale, and image data is cached once (by the loop device), not twice.
             return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False)
         except Exception as exc:
             raise _to_fuse_error(exc, "open") from None
 
+    def _opened(self, fh: int) -> Image | bytes:
+        """What handle `fh` reads: see the module docstring."""
+        opened = self.open_files.get(fh)
+        if opened is not None:
+            return opened
+        if fh & IMAGE_INODE_BIT:
+            image = self.image_handles.get(fh)
+            if image is None:
+                raise OSError(errno.EIO, "the image of this handle was dropped")
+            return image
+        # A status file opened before a crash: render it again.
+        return self.status.render(self.by_inode[fh % STATUS_HANDLE_STEP])
+
     async def read(self, fh, off, size):
         try:
-            opened = self.open_files[fh]
+            opened = self._opened(fh)
             if isinstance(opened, bytes):
                 return opened[off:off + size]
             return await opened.read(off, size)
@@ -245,7 +279,7 @@ class FuseOperations(pyfuse3.Operations):
     def _image_open_for_writing(self, fh) -> Image:
         """The image behind a handle the kernel lets write (it checked the open mode;
         `open` refused write access to read-only images and status files)."""
-        opened = self.open_files[fh]
+        opened = self._opened(fh)
         if isinstance(opened, bytes):
             raise pyfuse3.FUSEError(errno.EBADF)
         return opened
@@ -272,7 +306,7 @@ class FuseOperations(pyfuse3.Operations):
 
     async def fsync(self, fh, datasync):
         try:
-            opened = self.open_files[fh]
+            opened = self._opened(fh)
             if isinstance(opened, Image):
                 await opened.flush()
         except Exception as exc:

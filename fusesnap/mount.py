@@ -35,7 +35,8 @@ import trio
 from .errors import EXIT_FAILED, UserError
 from .fs import FuseOperations
 from .images.base import Image
-from .upgrade import HandOver
+from .supervisor import Link
+from .upgrade import HandOver, device_descriptors
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +128,7 @@ class MountServer:
         self.workers = max(workers, *(image.concurrent_requests for image in images))
         self.debug = debug
         self.handover = HandOver(self)  # live upgrade: fusesnap/upgrade.py
+        self.link = Link.from_environment()  # crash failover: fusesnap/supervisor.py
         self.operations: FuseOperations | None = None
 
     def files(self) -> list[tuple[str, Image]]:
@@ -158,7 +160,7 @@ class MountServer:
     async def serve(self, on_ready) -> None:
         operations = self.operations = FuseOperations(self.files(), self.control,
                                                       {"discards": discards_supported()})
-        operations.status.server_status = self.handover.status
+        operations.status.server_status = self.server_status
         options = set(pyfuse3.default_options)
         options |= {"fsname=fusesnap", "subtype=fusesnap"}
         if self.debug:
@@ -175,12 +177,20 @@ class MountServer:
             stack.callback(nursery.cancel_scope.cancel)
             nursery.start_soon(self._stop_on_signal)
             await self.handover.start(nursery)  # the images' background tasks, and upgrades
+            if self.link is not None:
+                nursery.start_soon(self.link.report, self, *device_descriptors(self.images))
             on_ready()
             log.info("serving on %s (%s)", self.mountpoint, discards_report())
             for line in operations.status.as_text().splitlines():
                 log.info("serving %s", line)
             await self.handover.serve(max_tasks=self.workers)
+            if self.link is not None and not self.handover.handed_over:
+                self.link.exiting()  # the session ended: nothing for the supervisor to take over
             log.info("handed over" if self.handover.handed_over else "FUSE session ended")
+
+    def server_status(self) -> dict:
+        return {**self.handover.status(),
+                "supervisor_pid": self.link.supervisor_pid if self.link else None}
 
     async def _stop_on_signal(self) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:

@@ -133,26 +133,17 @@ def rights(fds: list[int]) -> list:
 
 # -- what is handed over --------------------------------------------------------------
 
-ADAPTER_VERSIONS = (2, 1)  # adapter_state writes the first; restore_adapter takes each
+ADAPTER_VERSION = 3  # of adapter_state; earlier builds numbered inodes by order of appearance
 
 
 def adapter_state(operations) -> dict:
-    """The FUSE adapter's inode table, by file name (one image may show under several
-    names, and inodes are allocated as files come and go), its allocation counter, and
-    the open handles, each by the name of the image it opened (`Image.name`)."""
-    files, status = {}, {}
-    for name, inode in operations.by_name.items():
-        entry = operations.by_inode[inode]
-        if isinstance(entry, Image):
-            files[name.decode()] = inode
-        else:
-            status[str(inode)] = entry
+    """What the adapter holds that a successor cannot derive: the handles of open
+    status files (their numbers and the text rendered at open), the handle counter and
+    the mount time. Image files' inodes and handles need nothing: they are a function
+    of the files (`fs.inode_for`), the same in every server of the mount."""
     return {
-        "version": ADAPTER_VERSIONS[0],
+        "version": ADAPTER_VERSION,
         "mount_time_ns": operations.mount_time_ns,
-        "files": files,
-        "status_files": status,
-        "next_inode": operations.next_inode,
         "open_files": {str(fh): ({"image": opened.name} if isinstance(opened, Image)
                                  else {"status": opened.decode("latin-1")})
                        for fh, opened in operations.open_files.items()},
@@ -160,30 +151,15 @@ def adapter_state(operations) -> dict:
     }
 
 
-def _adapter_state_from_version_1(state: dict) -> dict:
-    """Version 1 listed every inode by name, an image file by its image's name."""
-    from .fs import STATUS_FILES
-    inodes = {int(inode): name for inode, name in state["inodes"].items()}
-    return {**state, "files": {name: inode for inode, name in inodes.items() if name not in STATUS_FILES},
-            "status_files": {str(inode): name for inode, name in inodes.items() if name in STATUS_FILES},
-            "next_inode": max(inodes, default=pyfuse3.ROOT_INODE) + 1}
-
-
 def restore_adapter(operations, state: dict, files: list[tuple[str, Image]]) -> None:
-    """Give the kernel's inode numbers and file handles the meaning they had. `files`
-    are the (name, image) pairs this server serves, with the images' states restored."""
-    if state.get("version") not in ADAPTER_VERSIONS:
+    """Take over the old server's handles. `files` are the (name, image) pairs this
+    server serves, with the images' states restored (snapshots taken or released since
+    it opened them)."""
+    if state.get("version") != ADAPTER_VERSION:
         raise ValueError(f"adapter hand-over state version {state.get('version')!r} is unknown "
-                         f"to this build (it restores {', '.join(map(str, ADAPTER_VERSIONS))})")
-    if state["version"] == 1:
-        state = _adapter_state_from_version_1(state)
-    served = dict(files)
+                         f"to this build (it restores {ADAPTER_VERSION}; a server that numbered "
+                         "its inodes otherwise cannot be upgraded in place: unmount and mount again)")
     images = {image.name: image for _, image in files}
-    inode_of = {}
-    for name, inode in state["files"].items():
-        if name not in served:
-            raise ValueError(f"the kernel knows {name}, which this build does not serve")
-        inode_of[(name, id(served[name]))] = inode
     open_files = {}
     for fh, opened in state["open_files"].items():
         if "image" in opened:
@@ -193,14 +169,27 @@ def restore_adapter(operations, state: dict, files: list[tuple[str, Image]]) -> 
             open_files[int(fh)] = images[opened["image"]]
         else:
             open_files[int(fh)] = opened["status"].encode("latin-1")
-    operations.by_inode = {int(inode): name for inode, name in state["status_files"].items()}
-    operations.by_name = {name.encode(): inode for inode, name in operations.by_inode.items()}
-    operations.inode_of = inode_of
-    operations.next_inode = state["next_inode"]
-    operations.set_files(files)  # no image entries yet: nothing to invalidate; new names get new inodes
+    # The image entries go, then come back for `files`: with none left, set_files has
+    # nothing to invalidate (the session is not initialised yet).
+    operations.by_inode = {inode: entry for inode, entry in operations.by_inode.items()
+                           if not isinstance(entry, Image)}
+    operations.by_name = {name: inode for name, inode in operations.by_name.items()
+                          if inode in operations.by_inode}
+    operations.set_files(files)
     operations.open_files = open_files
     operations.next_fh = state["next_fh"]
     operations.mount_time_ns = state["mount_time_ns"]
+
+
+def device_descriptors(images: list[Image]) -> tuple[dict[str, int], list[int]]:
+    """The images' descriptors a successor inherits: {path: index} (from 1: PREPARE's
+    descriptors start with the log) and the descriptors in that order."""
+    devices, fds = {}, []
+    for image in images:
+        for path, fd in image.handover_fds().items():
+            fds.append(fd)
+            devices[path] = len(fds)
+    return devices, fds
 
 
 # -- the serving side (old server and successor alike) ---------------------------------
@@ -215,6 +204,9 @@ class HandOver:
         self.takeover = takeover
         self.launch = takeover.launch if takeover else launched
         self.upgrades = takeover.upgrades if takeover else 0
+        # crash failovers (fusesnap/supervisor.py) so far, and why the last one happened
+        self.failovers = takeover.failovers if takeover else 0
+        self.last_failover = takeover.last_failover if takeover else None
         self.last_pause: float | None = None
         self.owns_images = takeover is None  # False: closing them is not ours to do
         self.handed_over = False
@@ -229,7 +221,8 @@ class HandOver:
 
     def status(self) -> dict:
         return {"version": __version__, "pid": os.getpid(), "upgrades": self.upgrades,
-                "last_pause_ms": None if self.last_pause is None else round(self.last_pause * 1e3, 2)}
+                "last_pause_ms": None if self.last_pause is None else round(self.last_pause * 1e3, 2),
+                "failovers": self.failovers, "last_failover": self.last_failover}
 
     def open_session(self, operations, mountpoint: str, options: set[str]) -> None:
         self.operations = operations
@@ -250,7 +243,12 @@ class HandOver:
 
     async def serve(self, max_tasks: int) -> None:
         """pyfuse3.main until the session ends or the mount is handed over."""
-        if self.takeover is not None:
+        if self.takeover is not None and self.takeover.failover_reason:
+            self.last_pause = time.monotonic() - self.takeover.stopped_at
+            log.warning("took over %s after a crash (%s); failover %d, serving %.1f ms "
+                        "after it", self.server.mountpoint, self.takeover.failover_reason,
+                        self.failovers, self.last_pause * 1e3)
+        elif self.takeover is not None:
             self.last_pause = time.monotonic() - self.takeover.stopped_at
             log.info("took over %s from pid %d (fusesnap %s) after a pause of %.1f ms; "
                      "upgrade %d", self.server.mountpoint, self.takeover.old_pid,
@@ -346,7 +344,10 @@ class HandOver:
             return {"ok": False, "old_version": __version__, "old_pid": os.getpid(),
                     "reason": f"{', '.join(unable)} cannot be handed over to a new server yet: "
                               "unmount and mount again to run the new code"}
-        successor = Successor(program, environment, self.server.mountpoint)
+        link_environment, link_fds = (self.server.link.pass_on() if self.server.link
+                                      else ({}, ()))  # the successor serves under our supervisor
+        successor = Successor(program, {**environment, **link_environment},
+                              self.server.mountpoint, link_fds)
         old = {"old_version": __version__, "old_pid": os.getpid()}
         stopped_at = None
         log.info("upgrade: starting %s", " ".join(program))
@@ -356,16 +357,13 @@ class HandOver:
             # they check on opening (system.img's source check reads every changed block)
             # sees devices no background task is writing. Requests are still served.
             await self._stop_background()
-            fds = [sys.stderr.fileno()]
-            devices = {}
-            for image in self.server.images:
-                for path, fd in image.handover_fds().items():
-                    devices[path] = len(fds)
-                    fds.append(fd)
+            devices, device_fds = device_descriptors(self.server.images)
+            fds = [sys.stderr.fileno(), *device_fds]
             prepared = await successor.exchange(
                 encode("prepare", argv=self.launch.argv, cwd=self.launch.cwd, devices=devices,
                        niceness=os.getpriority(os.PRIO_PROCESS, 0),
-                       old_version=__version__, old_pid=os.getpid(), upgrades=self.upgrades),
+                       old_version=__version__, old_pid=os.getpid(), upgrades=self.upgrades,
+                       failovers=self.failovers, last_failover=self.last_failover),
                 fds, "prepared", prepare_timeout)
             # The images' states as they are now, while requests are still served: the
             # successor catches up outside the pause (a merge's chunks since its last
@@ -410,8 +408,11 @@ class Successor:
     """The old server's handle on the successor process: its socket, its output
     (copied into our log; the last line is its reason if it dies), its exit."""
 
-    def __init__(self, program: list[str], environment: dict[str, str], mountpoint: str):
+    def __init__(self, program: list[str], environment: dict[str, str], mountpoint: str,
+                 pass_fds: tuple[int, ...] = (), niceness: int = PREPARE_NICENESS):
         self.program = program
+        self.pass_fds = pass_fds  # besides the hand-over socket (the supervisor's link)
+        self.niceness = niceness  # while it prepares (0: no server is serving meanwhile)
         self.environment = environment
         self.mountpoint = mountpoint
         self.process: trio.Process | None = None
@@ -428,7 +429,7 @@ class Successor:
         try:
             self.process = await trio.lowlevel.open_process(
                 [*self.program, "takeover", self.mountpoint, "--fd", str(theirs.fileno())],
-                env=self.environment, pass_fds=(theirs.fileno(),),
+                env=self.environment, pass_fds=(theirs.fileno(), *self.pass_fds),
                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT, start_new_session=True)
         except OSError as exc:
@@ -439,7 +440,7 @@ class Successor:
         self.socket = trio.socket.from_stdlib_socket(ours)
         with contextlib.suppress(OSError):  # it may be gone already: we learn that soon
             os.setpriority(os.PRIO_PROCESS, self.process.pid,
-                           min(19, os.getpriority(os.PRIO_PROCESS, 0) + PREPARE_NICENESS))
+                           min(19, os.getpriority(os.PRIO_PROCESS, 0) + self.niceness))
         nursery.start_soon(self._copy_output)
 
     async def _copy_output(self) -> None:
@@ -514,7 +515,12 @@ class Takeover:
         self.launch = Launch(prepare["argv"], prepare["cwd"])
         self.devices = prepare["devices"]
         self.old_version, self.old_pid = prepare["old_version"], prepare["old_pid"]
-        self.upgrades = prepare["upgrades"] + 1
+        # A supervisor's PREPARE after a crash says why (and counts it); an upgrade's
+        # passes the count on.
+        self.failover_reason = prepare.get("failover_reason")
+        self.failovers = prepare.get("failovers", 0)
+        self.last_failover = self.failover_reason or prepare.get("last_failover")
+        self.upgrades = prepare["upgrades"] + (0 if self.failover_reason else 1)
         self.niceness = prepare["niceness"]
         self.stopped_at = 0.0
 

@@ -88,6 +88,7 @@ class Mount:
         self.mountpoint = mountpoint
         self.log = log
         self.pid = int(os.getxattr(mountpoint, "user.fusesnap.pid"))
+        self.supervisor_pid = self.status_json()["server"]["supervisor_pid"]  # None: --no-failover
 
     def __truediv__(self, name: str) -> Path:
         return self.mountpoint / name
@@ -102,9 +103,18 @@ class Mount:
         return self.status_json()["images"]
 
     def kill_server(self) -> None:
-        """kill -9 the server, as a crash would."""
-        os.kill(self.pid, signal.SIGKILL)
-        wait_for_exit(self.pid, 10)
+        """kill -9 the server, as a crash would, with no supervisor to fail over
+        (it goes first): the mount is left aborted."""
+        for pid in filter(None, (self.supervisor_pid, self.pid)):
+            os.kill(pid, signal.SIGKILL)
+            wait_for_exit(pid, 10)
+
+    def crash_server(self) -> int:
+        """kill -9 the current server and leave the failover to the supervisor;
+        returns the pid killed."""
+        pid = self.status_json()["server"]["pid"]
+        os.kill(pid, signal.SIGKILL)
+        return pid
 
 
 def is_mounted(path: Path) -> bool:
@@ -141,9 +151,10 @@ def teardown_mount(mount: Mount) -> None:
     if is_mounted(mount.mountpoint):
         if fusesnap("umount", mount.mountpoint, check=False).returncode != 0:
             run(["umount", "-l", str(mount.mountpoint)], check=False)
-    if not wait_for_exit(mount.pid, 30):
-        os.kill(mount.pid, signal.SIGKILL)
-        wait_for_exit(mount.pid, 10)
+    for pid in filter(None, (mount.pid, mount.supervisor_pid)):
+        if not wait_for_exit(pid, 30):
+            os.kill(pid, signal.SIGKILL)
+            wait_for_exit(pid, 10)
 
 
 def leftovers(prefix: str) -> list[str]:

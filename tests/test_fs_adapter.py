@@ -64,3 +64,44 @@ def test_status_files_cannot_be_opened_for_writing():
     with pytest.raises(pyfuse3.FUSEError) as excinfo:
         trio.run(ops.open, ops.by_name[b".status"], 0o1, None)
     assert excinfo.value.errno == errno.EACCES
+
+
+class NamedImage(Image):
+    target = "named"
+
+    def __init__(self, name):
+        super().__init__(name, 1 << 20, read_only=False)
+
+    async def read(self, offset, size):
+        return self.name.encode()[:size]
+
+
+def _read_through(ops, name: bytes) -> bytes:
+    fh = trio.run(ops.open, ops.by_name[name], 0, None).fh
+    return trio.run(ops.read, fh, 0, 64)
+
+
+def test_a_fresh_adapter_numbers_files_and_handles_as_the_one_before():
+    """What a failover's successor relies on: the inodes and image handles the kernel
+    holds mean the same files in an adapter built later from the same images, whatever
+    came and went in between."""
+    one, two, three = (NamedImage(f"snapshot-{n}.img") for n in (1, 2, 3))
+    before = FuseOperations([(one.name, one), (two.name, two), ("snapshot.img", two)], _no_control)
+    alias_handle = trio.run(before.open, before.by_name[b"snapshot.img"], 0, None).fh
+    one_handle = trio.run(before.open, before.by_name[one.name.encode()], 0, None).fh
+    before.set_files([(two.name, two), (three.name, three), ("snapshot.img", three)])
+    assert trio.run(before.read, alias_handle, 0, 64) == b"snapshot-2.img"  # kept its image
+    with pytest.raises(pyfuse3.FUSEError) as dropped:
+        trio.run(before.read, one_handle, 0, 64)
+    assert dropped.value.errno == errno.EIO
+    kernel_holds = dict(before.by_name)
+    handle = trio.run(before.open, kernel_holds[b"snapshot.img"], 0, None).fh
+
+    two, three = NamedImage("snapshot-2.img"), NamedImage("snapshot-3.img")
+    fresh = FuseOperations([(two.name, two), (three.name, three), ("snapshot.img", three)],
+                           _no_control)
+
+    assert fresh.by_name == kernel_holds
+    assert trio.run(fresh.read, handle, 0, 64) == b"snapshot-3.img"
+    assert trio.run(fresh.read, alias_handle, 0, 64) == b"snapshot-2.img"
+    assert _read_through(fresh, b"snapshot-2.img") == b"snapshot-2.img"

@@ -181,6 +181,32 @@ def device(tmp_path):
     return sparse_file(tmp_path / "dev.raw", 64 << 20)
 
 
+def slowly_merging_system(tmp_path: Path) -> tuple[list, Path, Path]:
+    """system.img arguments for a merge of about a minute in small chunks (one is in
+    progress at any moment), its device, and NEW."""
+    (tmp_path / "pair").mkdir()
+    old, new, _ = make_update_pair(tmp_path / "pair")
+    diff = tmp_path / "diff.img"
+    run_fusesnap("diff", old, new, "-o", diff, "--quiet", "--chunk-blocks", "8")
+    with contextlib.closing(open_diff(str(diff), bad_diff_status=2)) as diff_file:
+        changed_bytes = diff_file.total_blocks * diff_file.block_size
+    system_device = copy_of(old, tmp_path / "system.raw")
+    # Each hand-over also cuts short the merge's rate-limiting sleep: it goes faster.
+    merge_rate = changed_bytes / 60 / 1e6
+    return (["--system", system_device, "--diff", diff, "--merge-rate", f"{merge_rate:.3f}"],
+            system_device, new)
+
+
+def assert_merge_ends_at(m, new: Path, *devices) -> None:
+    """The merge ends (within 2 minutes) with every one of `devices` equal to NEW."""
+    deadline = time.monotonic() + 120
+    while m.status()["system.img"]["state"] != "done":
+        assert time.monotonic() < deadline, m.status()
+        time.sleep(0.2)
+    for device in devices:
+        assert sha256_of(device) == sha256_of(new), f"{device} is not NEW"
+
+
 # -- the hand-over ------------------------------------------------------------------
 
 def test_idle_mount_is_handed_over_with_data_handles_and_cached_entries(tmp_path, mount, device,
@@ -249,23 +275,13 @@ def test_fio_with_verify_through_loop_devices_while_upgrading_20_times(tmp_path,
     system.img while merging under fio reads and reads compared with NEW, and
     snapshot.img under reads compared with what it held at the take. Afterwards the
     bow device restores to the checkpoint, and the snapshot is still what it was."""
-    (tmp_path / "pair").mkdir()
-    old, new, _ = make_update_pair(tmp_path / "pair")
-    diff = tmp_path / "diff.img"
-    # Small chunks: many merge steps, so that there is one in progress at every upgrade.
-    run_fusesnap("diff", old, new, "-o", diff, "--quiet", "--chunk-blocks", "8")
-    with contextlib.closing(open_diff(str(diff), bad_diff_status=2)) as diff_file:
-        changed_bytes = diff_file.total_blocks * diff_file.block_size
-    system_device = copy_of(old, tmp_path / "system.raw")
+    system_args, system_device, new = slowly_merging_system(tmp_path)
     linear_device = sparse_file(tmp_path / "linear.raw", 64 << 20)
-    # Slow enough that the merge goes on through most of the upgrades (each one also
-    # cuts short the merge's rate-limiting sleep, so it goes faster than this).
-    merge_rate = changed_bytes / 60 / 1e6
     bow_device = random_file(tmp_path / "bow.raw", 128 << 20, 64 << 20, seed=2)
     origin_device = random_file(tmp_path / "origin.raw", 64 << 20, 64 << 20, seed=3)
-    m = mount("--linear", linear_device, "--system", system_device, "--diff", diff,
-              "--merge-rate", f"{merge_rate:.3f}", "--bow", bow_device, "--bow-map", tmp_path / "bow.map",
-              "--snapshot", origin_device, "--store", tmp_path / "origin.store")
+    m = mount("--linear", linear_device, *system_args, "--bow", bow_device,
+              "--bow-map", tmp_path / "bow.map", "--snapshot", origin_device,
+              "--store", tmp_path / "origin.store")
     with opened_image(m) as bow_image:
         discard(bow_image, 64 << 20, 64 << 20)  # room for backups
     run_fusesnap("bow", "checkpoint", m.mountpoint)
@@ -297,12 +313,7 @@ def test_fio_with_verify_through_loop_devices_while_upgrading_20_times(tmp_path,
         "the merge went on through the upgrades, from where it was"
     assert server_status(m)["upgrades"] == 20
 
-    deadline = time.monotonic() + 120
-    while m.status()["system.img"]["state"] != "done":
-        assert time.monotonic() < deadline, m.status()
-        time.sleep(0.2)
-    assert sha256_of(system_loop) == sha256_of(new)
-    assert sha256_of(system_device) == sha256_of(new)
+    assert_merge_ends_at(m, new, system_loop, system_device)
     status = m.status()
     assert status["bow.img"]["state"] == "checkpoint" and status["bow.img"]["backed_up"] > 0
     assert status["snapshot-1.img"]["state"] == "active"
