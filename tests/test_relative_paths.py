@@ -55,3 +55,22 @@ def test_update_wait_with_a_relative_mountpoint(tmp_path):
         assert result.stdout == result.stderr == ""  # quiet when not on a terminal
         assert m.status()["system.img"]["state"] == "done"
     assert (tmp_path / "dev.img").read_bytes() == (tmp_path / "new.img").read_bytes()
+
+
+def test_snapshot_mount_take_and_changes_with_relative_paths(tmp_path):
+    sparse_file(tmp_path / "sdb1.raw", 16 << 20)
+    (tmp_path / "mnt").mkdir()
+    missing = fusesnap("mount", "mnt", "--snapshot", "sdb1.raw", "--store", "stores/sdb1.store",
+                       cwd=tmp_path, check=False)
+    assert missing.returncode == 2
+    assert missing.stderr == (f"fusesnap: cannot keep the store {tmp_path}/stores/sdb1.store: "
+                              f"{tmp_path}/stores: No such file or directory\n")
+    (tmp_path / "stores").mkdir()
+    with fusesnap_mount(Path("mnt"), "--snapshot", "sdb1.raw", "--store", "stores/sdb1.store",
+                        cwd=tmp_path) as m:
+        assert m.status()["origin.img"]["device"] == str(tmp_path / "sdb1.raw")
+        assert (tmp_path / "stores" / "sdb1.store").is_file()
+        snapshot_id = fusesnap("snapshot", "take", "mnt", "--no-freeze", cwd=tmp_path).stdout.strip()
+        assert (tmp_path / "mnt" / "snapshot.img").exists()
+        fusesnap("snapshot", "changes", "mnt", "--since", snapshot_id, cwd=tmp_path)
+        fusesnap("umount", "mnt", cwd=tmp_path)

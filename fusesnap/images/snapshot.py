@@ -726,7 +726,11 @@ def add_mount_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _filesystem_device_of(path: str) -> int:
-    return os.stat(os.path.dirname(path) or ".").st_dev
+    directory = os.path.dirname(path) or "."
+    try:
+        return os.stat(directory).st_dev
+    except OSError as exc:
+        raise UserError(f"cannot keep the store {path}: {directory}: {exc.strerror}") from None
 
 
 def refuse_store_on_device(store_path: str, device: BlockDevice) -> None:
