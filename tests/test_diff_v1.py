@@ -1,6 +1,7 @@
 """Diff format version 1: chunks compressed against similar blocks of OLD. `--format v0`
 keeps writing the dm-update format byte for byte; v1 reads back as NEW given OLD, is
-smaller when NEW's data moved, and is refused where it cannot be read yet."""
+smaller when NEW's data moved, and is served without merging from the device alone
+(merging it: test_merge_v1.py)."""
 
 from __future__ import annotations
 
@@ -146,22 +147,13 @@ def test_v1_needs_zstd(tmp_path):
 
 
 @pytest.mark.mount
-def test_system_img_serves_a_v1_diff_without_merging_and_refuses_to_merge_it(tmp_path, mount, loop):
+def test_system_img_serves_a_v1_diff_without_merging(tmp_path, mount, loop):
     old, new = upgraded_in_place(random.Random(9), 1024)
     device = write(tmp_path / "device.img", old)
     write(tmp_path / "new.img", new)
     build_diff(device, tmp_path / "new.img", tmp_path / "v1.diff", threads=2, diff_format="v1")
-    state = ("--state-dir", tmp_path / "state")
-
-    (tmp_path / "mnt").mkdir()
-    result = fusesnap("mount", tmp_path / "mnt", *state, "--system", device, "--diff",
-                      tmp_path / "v1.diff", check=False)
-    assert result.returncode == 2, result.stderr
-    assert result.stderr.strip().splitlines() == [
-        f"fusesnap: {tmp_path / 'v1.diff'} is a version 1 diff: system.img merges version 0 "
-        "only so far (serve it with --no-bg-update, or make it with `fusesnap diff --format v0`)"]
-
-    m = mount(*state, "--system", device, "--diff", tmp_path / "v1.diff", "--no-bg-update")
+    m = mount("--state-dir", tmp_path / "state", "--system", device, "--diff",
+              tmp_path / "v1.diff", "--no-bg-update")
     blocks = len(new) // BS
     with open(loop(m / "system.img", read_only=True), "rb", buffering=0) as dev:
         for block in random.Random(10).sample(range(blocks), 200):   # cold chunks, one by one
@@ -170,3 +162,4 @@ def test_system_img_serves_a_v1_diff_without_merging_and_refuses_to_merge_it(tmp
         dev.seek(0)
         assert dev.read(len(new)) == new
     assert open(device, "rb").read() == old   # nothing merged
+    assert not (tmp_path / "state").exists(), "no scratch copy without a merge"

@@ -696,13 +696,16 @@ class DiffFile:
     def old_block_hashes(self, chunk_index: int) -> bytes:
         """The old-contents hashes of a chunk's blocks (BLOCK_HASH_SIZE bytes each, in
         directory order). Only for an identified diff. Blocking."""
-        first, end = self.entry_range_of_chunk(chunk_index)
+        return self.entries_old_block_hashes(*self.entry_range_of_chunk(chunk_index))
+
+    def entries_old_block_hashes(self, first: int, end: int) -> bytes:
+        """The old-contents hashes of directory entries [first, end). Blocking."""
         size = (end - first) * BLOCK_HASH_SIZE
         hashes = os.pread(self._fd, size, self.identification.block_hashes_offset
                           + first * BLOCK_HASH_SIZE)
         self.check_unchanged()
         if len(hashes) != size:
-            raise DiffFormatError(f"identification trailer: truncated at chunk {chunk_index}")
+            raise DiffFormatError(f"identification trailer: truncated at entry {first + len(hashes) // BLOCK_HASH_SIZE}")
         return hashes
 
     def check_unchanged(self) -> None:
@@ -757,6 +760,21 @@ class DiffFile:
         fail = lambda d: ChunkError(chunk_index, d)  # noqa: E731
         return unpack_references(raw, self.identification.old_size >> self.block_bits,
                                  REFERENCE_FACTOR * self.chunk_blocks, fail)
+
+    def chunk_references(self, chunk_index: int) -> list[tuple[int, int]]:
+        """The runs of OLD a version 1 chunk references, from its header alone (one
+        small read); [] for version 0. Blocking."""
+        if self.version == VERSION:
+            return []
+        start, length = self.chunk_extent(chunk_index)
+        limit = REFERENCE_FACTOR * self.chunk_blocks   # each run holds a block at least
+        head = os.pread(self._fd, min(length, _REF_COUNT.size + limit * _REF_RUN.size), start)
+        self.check_unchanged()
+        return self.references(chunk_index, head)[0]
+
+    def changed_blocks(self) -> Sequence[int]:
+        """Every real entry's dest, ascending (the directory's order)."""
+        return self._dests
 
     def decompress_chunk(self, chunk_index: int, raw: bytes, read_old=None) -> bytes:
         """The decompressed chunk, checked against its entries; raises ChunkError.

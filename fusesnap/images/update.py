@@ -46,6 +46,7 @@ import argparse
 import collections
 import contextlib
 import errno
+import glob
 import json
 import logging
 import os
@@ -59,10 +60,11 @@ from tqdm import tqdm
 from .. import arguments
 from ..control import read_status, require_image, send_command
 from ..devices import BlockDevice
+from ..merge_scratch import FILL_BATCH, ScratchCopy, fsync_directory
 from ..diffing import open_diff
 from ..errors import EXIT_FAILED, EXIT_USAGE, UserError
-from ..formats.update_diff import (BLOCK_HASH_SIZE, VERSION, DiffFile, DiffFormatError,
-                                   hash_block, hash_chunk)
+from ..formats.update_diff import (BLOCK_HASH_SIZE, VERSION_REFERENCING, DiffFile,
+                                   DiffFormatError, hash_block, hash_chunk)
 from ..rangemap import RangeMap
 from .base import Image
 
@@ -168,9 +170,15 @@ class MergeProgress:
         self.directory = os.path.join(state_dir, "update")
         self.path = os.path.join(self.directory, f"{fingerprint}.{self.identity['device']}.json")
         self.names = {"diff_path": diff_path, "device_path": device.path}  # for people
+        self.scratch_path = os.path.join(self.directory,
+                                         f"{fingerprint}.{self.identity['device']}.scratch")
+        # A version 1 merge's scratch copy is complete and durable (merge_scratch.py):
+        # loaded, and saved from then on.
+        self.scratch_complete = False
 
     def load(self) -> int:
-        """Chunks already merged (0 if no usable progress is saved)."""
+        """Chunks already merged (0 if no usable progress is saved); sets
+        `scratch_complete` to what the progress says."""
         try:
             with open(self.path) as f:
                 saved = json.load(f)
@@ -182,6 +190,7 @@ class MergeProgress:
         except (OSError, ValueError, KeyError, TypeError) as exc:
             log.warning("ignoring unusable merge progress %s (%s)", self.path, exc)
             return 0
+        self.scratch_complete = saved.get("scratch_complete") is True
         return merged
 
     def save(self, merged_chunks: int) -> None:
@@ -191,7 +200,8 @@ class MergeProgress:
         try:
             with os.fdopen(fd, "w") as f:
                 json.dump({"identity": self.identity, **self.names,
-                           "merged_chunks": merged_chunks}, f)
+                           "merged_chunks": merged_chunks,
+                           "scratch_complete": self.scratch_complete}, f)
                 f.flush()
                 os.fsync(f.fileno())
             # Order: the new version is durable before it takes the name, and the
@@ -201,14 +211,10 @@ class MergeProgress:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(temp)
             raise
-        dir_fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        fsync_directory(self.directory)
 
 
-def check_source(diff: DiffFile, device: BlockDevice) -> int:
+def check_source(diff: DiffFile, device: BlockDevice, read_old=None) -> int:
     """Before the first write: every block the diff changes must hold its old or its
     new contents (a partly merged device is fine). Returns how many leading chunks hold
     their new contents entirely (those need no merging); UserError naming the first
@@ -219,7 +225,8 @@ def check_source(diff: DiffFile, device: BlockDevice) -> int:
     block (against the old contents' hashes) or of the whole chunk (against the new
     contents' hash), whichever its first block suggests. Only a chunk that is neither
     wholly old nor wholly new (a merge was interrupted in it) or does not hold what it
-    should is decompressed and compared block by block.
+    should is decompressed and compared block by block, with its references from
+    `read_old` (a v1 merge's `ScratchCopy.read_old`; default: the device).
     """
     bs = diff.block_size
     leading_new = 0
@@ -245,7 +252,7 @@ def check_source(diff: DiffFile, device: BlockDevice) -> int:
             leading_new += leading_new == chunk_index
             continue
         new_data = diff.decompress_chunk(chunk_index, diff.read_chunk_raw(chunk_index),
-                                         old_blocks_on(device, bs))
+                                         read_old or old_blocks_on(device, bs))
         block_index = 0
         for dest, n_blocks, first_offset in runs:
             for i in range(n_blocks):
@@ -277,14 +284,17 @@ class UpdateImage(Image):
     target = "update"
     status_line_keys = ("merged", "total", "state")
     control_verbs = ("update",)
-    handover_versions = (1,)
+    handover_versions = (2, 1)   # 2: scratch_ready
 
     def __init__(self, device: BlockDevice, diff: DiffFile, progress: MergeProgress, *,
                  merged_chunks: int = 0, saved_chunks: int = 0, background_merge: bool = True,
                  merge_rate: float = 0.0, cache_bytes: int = DEFAULT_CACHE_MIB << 20,
+                 scratch: ScratchCopy | None = None, scratch_ready: bool = False,
                  name: str = "system.img"):
         """Chunks [0, merged_chunks) are on the device (`resume_point`); the progress
-        file says [0, saved_chunks) are."""
+        file says [0, saved_chunks) are. A version 1 diff's references are read
+        through `scratch` if given (merge_scratch.py); `scratch_ready`: it holds every
+        reference the merge still needs, durably, so the merge may write."""
         super().__init__(name, device.size, read_only=True)
         self.device = device
         self.diff = diff
@@ -305,8 +315,11 @@ class UpdateImage(Image):
         self.merged_blocks = self._blocks_before(self.merged_chunks)
         self.merge_rate = merge_rate  # bytes of changed blocks per second; 0 = unlimited
         self.limiter = trio.CapacityLimiter(2)
-        self.cache = ChunkCache(diff, cache_bytes, self.limiter,
-                                old_blocks_on(device, diff.block_size))
+        self.scratch = scratch
+        self.scratch_ready = scratch_ready
+        self.read_old = (scratch.read_old(device) if scratch is not None
+                         else old_blocks_on(device, diff.block_size))
+        self.cache = ChunkCache(diff, cache_bytes, self.limiter, self.read_old)
         self.error: str | None = None
         self.last_read = -1.0  # trio clock of the latest read: the merge yields to reads
         self.unpaused = trio.Event()
@@ -354,7 +367,9 @@ class UpdateImage(Image):
     # -- the background merge -----------------------------------------------------
 
     async def start(self, nursery: trio.Nursery) -> None:
-        if self.state in ("merging", "paused"):  # a paused merge waits in its task
+        # A paused merge waits in its task; a done one may still have a scratch
+        # copy to drop once its progress says done.
+        if self.state in ("merging", "paused") or (self.state == "done" and self.scratch_ready):
             nursery.start_soon(self._merge_or_fail)
 
     async def _merge_or_fail(self) -> None:
@@ -370,14 +385,14 @@ class UpdateImage(Image):
             self._fail(f"merge stopped: {exc!r}")
 
     async def _merge(self) -> None:
+        if self.scratch is not None and not self.scratch_ready:
+            if not await self._copy_scratch():
+                return
         log.info("%s: merging %s into %s from chunk %d of %d", self.name, self.diff.path,
                  self.device.path, self.merged_chunks, self.diff.n_chunks)
         last_persist = trio.current_time()
         while self.merged_chunks < self.diff.n_chunks:
-            while not self.unpaused.is_set():  # a loop: pause/resume/pause replaces the event
-                await self._persist()  # progress is saved at every pause
-                await self.unpaused.wait()
-            if self.state == "error":  # a read found a bad chunk
+            if not await self._wait_while_paused():
                 await self._persist()
                 return
             chunk_index = self.merged_chunks
@@ -399,11 +414,64 @@ class UpdateImage(Image):
         await self._persist()
         self.state = "done"
         log.info("%s: merge complete (%d blocks)", self.name, self.merged_blocks)
+        if self.scratch is not None and self.persisted_chunks == self.diff.n_chunks:
+            # Order: only once the progress file says every chunk is merged (durably:
+            # _persist fsynced the device, then saved it) is the scratch copy dropped;
+            # a crash before that finds it and needs it no more.
+            await trio.to_thread.run_sync(self.scratch.remove, limiter=self.limiter)
+
+    async def _wait_while_paused(self) -> bool:
+        """False if the merge must stop (a read found a bad chunk)."""
+        while not self.unpaused.is_set():  # a loop: pause/resume/pause replaces the event
+            await self._persist()  # progress is saved at every pause
+            await self.unpaused.wait()
+        return self.state != "error"
+
+    async def _copy_scratch(self) -> bool:
+        """Before the merge's first write: copy the old contents of every changed block
+        a chunk references into the scratch file (merge_scratch.py), make it durable,
+        and say so in the progress. False if the merge must stop; OSError if a write
+        or fsync of the scratch file failed (then nothing claims it complete)."""
+        scratch, bs = self.scratch, self.block_size
+        log.info("%s: copying %d referenced blocks of %s to %s", self.name,
+                 scratch.n_slots - scratch.n_valid, self.device.path, scratch.path)
+        lost = []
+        for first in range(0, scratch.n_slots, FILL_BATCH):
+            if not await self._wait_while_paused():
+                return False
+            started = trio.current_time()
+            end = min(first + FILL_BATCH, scratch.n_slots)
+            filled, missing = await trio.to_thread.run_sync(scratch.fill, self.device, first,
+                                                            end, limiter=self.limiter)
+            scratch.mark_valid(filled)
+            lost += missing
+            if self.merge_rate:
+                await trio.sleep_until(started + (len(filled) + len(missing)) * bs / self.merge_rate)
+            else:
+                await trio.sleep(0)
+        problem = await trio.to_thread.run_sync(scratch.first_needed, self.diff, lost,
+                                                self.merged_chunks, limiter=self.limiter)
+        if problem:
+            self._fail(scratch_lost(problem, self.device.path, scratch.path))
+            return False
+        # Order: the scratch file and its directory entry are durable before the
+        # progress says the copy is complete, and that before the first write to the
+        # device (the caller's loop). A crash before the save leaves a device untouched
+        # and a copy that the next mount checks slot by slot and finishes; a failed
+        # fsync raises here, so nothing claims the copy, and the device is never written.
+        await trio.to_thread.run_sync(scratch.sync, limiter=self.limiter)
+        if not self.progress.scratch_complete and not self.fsync_failed:
+            self.progress.scratch_complete = True
+            await trio.to_thread.run_sync(self.progress.save, self.persisted_chunks,
+                                          limiter=self.limiter)
+        self.scratch_ready = True
+        return True
 
     def _write_chunk(self, chunk_index: int) -> int:
         """Worker thread: decompress a whole chunk (checksum verified), then write its
         blocks. Nothing is written unless the whole chunk is good."""
-        data = self.diff.decompress_chunk(chunk_index, self.diff.read_chunk_raw(chunk_index))
+        data = self.diff.decompress_chunk(chunk_index, self.diff.read_chunk_raw(chunk_index),
+                                          self.read_old)
         bs, written = self.block_size, 0
         for dest, n_blocks, first_offset in self.diff.chunk_runs(chunk_index):
             self.device.pwrite(memoryview(data)[first_offset * bs:(first_offset + n_blocks) * bs],
@@ -485,7 +553,9 @@ class UpdateImage(Image):
     def status(self) -> dict:
         return {"merged": self.merged_blocks, "total": self.diff.total_blocks, "state": self.state,
                 "diff": self.diff.path, "device": self.device.path, "error": self.error,
-                "progress": self.progress.path}
+                "progress": self.progress.path,
+                "scratch": self.scratch.path if self.scratch is not None else None,
+                "scratch_ready": self.scratch_ready}
 
     # -- live upgrade ----------------------------------------------------------------
 
@@ -497,7 +567,8 @@ class UpdateImage(Image):
         progress (at most PERSIST_INTERVAL behind) and catches up from here."""
         return {**super().handover_state(), "device": self.device.path, "diff": self.diff.path,
                 "merged_chunks": self.merged_chunks, "state": self.state, "error": self.error,
-                "fsync_failed": self.fsync_failed}
+                "fsync_failed": self.fsync_failed, "scratch_ready": self.scratch_ready,
+                "scratch_valid": self.scratch.n_valid if self.scratch is not None else 0}
 
     def restore_handover_state(self, state: dict) -> None:
         self.check_handover_state(state)
@@ -505,6 +576,13 @@ class UpdateImage(Image):
             raise ValueError(f"{self.name}: handed over for {state['device']} with "
                              f"{state['diff']}, but opened {self.device.path} with {self.diff.path}")
         merged_chunks = state["merged_chunks"]
+        if state.get("scratch_ready") and not self.scratch_ready:
+            # The old server finished the scratch copy after we opened it: read it
+            # again (in the catch-up before the pause, as a rule).
+            if self.scratch is None or self.scratch.verify() < state["scratch_valid"]:
+                raise ValueError(f"{self.name}: handed over with the scratch copy complete, "
+                                 f"but {self.progress.scratch_path} does not hold it")
+            self.scratch_ready = True
         if not self.merged_chunks <= merged_chunks <= self.diff.n_chunks:
             raise ValueError(f"{self.name}: handed over with {merged_chunks} merged chunks, "
                              f"but {self.merged_chunks} are persisted or merged, of {self.diff.n_chunks}")
@@ -526,6 +604,15 @@ class UpdateImage(Image):
         finally:
             self.diff.close()
             self.device.close()
+            if self.scratch is not None:
+                self.scratch.close()
+
+
+def scratch_lost(needed: tuple[int, int], device_path: str, scratch_path: str) -> str:
+    block, chunk_index = needed
+    return (f"block {block}, which chunk {chunk_index} needs, holds neither its old contents on "
+            f"{device_path} nor in the scratch copy {scratch_path} (lost or damaged after the "
+            "merge overwrote the block): the merge cannot go on; nothing more was written")
 
 
 def add_mount_arguments(parser: argparse.ArgumentParser) -> None:
@@ -621,7 +708,7 @@ def wait_for_merge(mountpoint: str) -> int:
 
 
 def resume_point(diff: DiffFile, device: BlockDevice, progress: MergeProgress, *,
-                 verify_source: bool) -> tuple[int, int]:
+                 verify_source: bool, read_old=None) -> tuple[int, int]:
     """(chunks on the device already, chunks the saved progress counts), checking the
     device first.
 
@@ -633,13 +720,13 @@ def resume_point(diff: DiffFile, device: BlockDevice, progress: MergeProgress, *
     """
     saved = min(progress.load(), diff.n_chunks)
     if verify_source:
-        on_device = check_source(diff, device)
+        on_device = check_source(diff, device, read_old)
         if saved > on_device:
             log.warning("%s says %d chunks are merged, but chunk %d of %s is not wholly on "
                         "%s: merging again from there", progress.path, saved, on_device,
                         diff.path, device.path)
         return on_device, saved
-    if saved and not _chunk_is_on_device(diff, device, saved - 1):
+    if saved and not _chunk_is_on_device(diff, device, saved - 1, read_old):
         raise UserError(f"{progress.path} says {saved} chunks of {diff.path} are merged into "
                         f"{device.path}, but chunk {saved - 1} is not on it: the device changed "
                         "behind the merge's back (mount without --no-verify-source to let the "
@@ -647,11 +734,12 @@ def resume_point(diff: DiffFile, device: BlockDevice, progress: MergeProgress, *
     return saved, saved
 
 
-def _chunk_is_on_device(diff: DiffFile, device: BlockDevice, chunk_index: int) -> bool:
+def _chunk_is_on_device(diff: DiffFile, device: BlockDevice, chunk_index: int,
+                        read_old=None) -> bool:
     """Does the device hold this chunk's new blocks?"""
     bs = diff.block_size
     data = diff.decompress_chunk(chunk_index, diff.read_chunk_raw(chunk_index),
-                                 old_blocks_on(device, bs))
+                                 read_old or old_blocks_on(device, bs))
     return all(device.pread(n_blocks * bs, dest * bs)
                == data[first_offset * bs:(first_offset + n_blocks) * bs]
                for dest, n_blocks, first_offset in diff.chunk_runs(chunk_index))
@@ -664,12 +752,7 @@ def images_from_args(args: argparse.Namespace) -> list[Image]:
         raise UserError("--system DEV and --diff DIFF go together")
     # Absolute: the server leaves the current directory.
     diff = open_diff(os.path.abspath(args.diff), bad_diff_status=EXIT_USAGE)
-    if diff.version != VERSION and not args.no_bg_update:
-        diff.close()
-        raise UserError(f"{args.diff} is a version {diff.version} diff: system.img merges "
-                        "version 0 only so far (serve it with --no-bg-update, or make it "
-                        "with `fusesnap diff --format v0`)")
-    device = None
+    device = scratch = None
     try:
         device = BlockDevice(args.system, read_only=args.no_bg_update)
         try:
@@ -696,13 +779,20 @@ def images_from_args(args: argparse.Namespace) -> list[Image]:
             verify_source = False
         try:
             progress = MergeProgress(args.state_dir, diff.fingerprint(), device, diff.path)
-            merged_chunks, saved_chunks = resume_point(diff, device, progress,
-                                                       verify_source=verify_source)
+            if diff.version == VERSION_REFERENCING:
+                scratch = open_scratch(diff, progress, merge=not args.no_bg_update)
+            merged_chunks, saved_chunks = resume_point(
+                diff, device, progress, verify_source=verify_source,
+                read_old=scratch.read_old(device) if scratch is not None else None)
+            scratch_ready = False
+            if scratch is not None and not args.no_bg_update:
+                scratch_ready = prepare_scratch(scratch, diff, device, progress, merged_chunks)
             return [UpdateImage(device, diff, progress, merged_chunks=merged_chunks,
                                 saved_chunks=saved_chunks,
                                 background_merge=not args.no_bg_update,
                                 merge_rate=args.merge_rate * 1e6,
-                                cache_bytes=args.cache_mib << 20)]
+                                cache_bytes=args.cache_mib << 20,
+                                scratch=scratch, scratch_ready=scratch_ready)]
         except DiffFormatError as exc:  # the checks met a bad chunk
             raise UserError(f"{diff.path}: {exc}") from None
         except OSError as exc:
@@ -712,4 +802,60 @@ def images_from_args(args: argparse.Namespace) -> list[Image]:
         diff.close()
         if device is not None:
             device.close()
+        if scratch is not None:
+            scratch.close()
         raise
+
+
+def open_scratch(diff: DiffFile, progress: MergeProgress, *, merge: bool) -> ScratchCopy | None:
+    """The scratch copy of a version 1 diff merging into this device (merge_scratch.py),
+    opened and checked slot by slot; created with its whole size if `merge` (a
+    UserError if the state directory cannot hold it: the device is untouched). Served
+    without merging, the copy a merge left is used if there is one. None if no chunk
+    references a changed block."""
+    scratch = ScratchCopy(progress.scratch_path, diff)
+    if not scratch.n_slots:
+        return None
+    try:
+        if not scratch.open(create=merge):
+            return None
+    except OSError as exc:
+        raise UserError(f"cannot keep the scratch copy a version 1 merge needs "
+                        f"({scratch.size / 2**20:.1f} MiB) in {progress.directory}: "
+                        f"{exc.strerror or exc} (free space there, give --state-dir DIR, or "
+                        "serve without merging with --no-bg-update); nothing was written",
+                        EXIT_FAILED) from None
+    return scratch
+
+
+def prepare_scratch(scratch: ScratchCopy, diff: DiffFile, device: BlockDevice,
+                    progress: MergeProgress, merged_chunks: int) -> bool:
+    """At mount, before serving: is the scratch copy ready for the merge to write (it
+    holds what the merge needs, durably)? If the device may already be merged into
+    (progress says the copy was complete, or chunks are on the device) and the copy is
+    not complete, complete it now, from another copy of this diff (the same device
+    under another name) and from the device, and refuse (UserError) if a chunk still
+    to merge needs a block whose old contents are gone. Otherwise the merge task
+    copies it before its first write. Blocking."""
+    if merged_chunks == diff.n_chunks:
+        return True    # nothing needs it any more; the merge task removes it
+    if scratch.complete:
+        return progress.scratch_complete
+    if not (progress.scratch_complete or merged_chunks):
+        return False
+    pattern = progress.scratch_path.replace(f".{progress.identity['device']}.", ".*.")
+    for other in glob.glob(glob.escape(os.path.dirname(pattern)) + "/" + os.path.basename(pattern)):
+        if other != scratch.path and not scratch.complete:
+            scratch.adopt(other)
+    lost = []
+    for first in range(0, scratch.n_slots, FILL_BATCH):
+        filled, missing = scratch.fill(device, first, min(first + FILL_BATCH, scratch.n_slots))
+        scratch.mark_valid(filled)
+        lost += missing
+    needed = scratch.first_needed(diff, lost, merged_chunks)
+    if needed:
+        raise UserError(f"cannot merge {diff.path}: " + scratch_lost(needed, device.path, scratch.path),
+                        EXIT_FAILED)
+    if progress.scratch_complete:
+        log.warning("%s was damaged or lost; rebuilt what the merge still needs", scratch.path)
+    return False   # the merge task makes it durable and says so first
