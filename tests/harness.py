@@ -58,11 +58,13 @@ def detach_loop(device: str) -> None:
 
 
 @contextlib.contextmanager
-def loop_device(path, *, direct_io: bool = True, read_only: bool = False):
-    """Attach `path` to a free loop device; yields '/dev/loopN'."""
+def loop_device(path, *, direct_io: bool = True, read_only: bool = False, offset: int = 0):
+    """Attach `path` (from byte `offset` on) to a free loop device; yields '/dev/loopN'."""
     cmd = ["losetup", "--find", "--show", f"--direct-io={'on' if direct_io else 'off'}"]
     if read_only:
         cmd.append("--read-only")
+    if offset:
+        cmd += ["--offset", str(offset)]
     device = run([*cmd, str(path)]).stdout.strip()
     try:
         yield device

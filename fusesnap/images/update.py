@@ -825,6 +825,12 @@ def open_scratch(diff: DiffFile, progress: MergeProgress, *, merge: bool) -> Scr
                         f"{exc.strerror or exc} (free space there, give --state-dir DIR, or "
                         "serve without merging with --no-bg-update); nothing was written",
                         EXIT_FAILED) from None
+    # Copies of this diff's scratch for the same device under another name (`losetup`
+    # gave it another number): what they hold is checked, so any may help.
+    ours = f".{progress.identity['device']}.scratch"
+    for other in glob.glob(glob.escape(scratch.path[:-len(ours)]) + ".*.scratch"):
+        if other != scratch.path and not scratch.complete:
+            scratch.adopt(other)
     return scratch
 
 
@@ -843,10 +849,6 @@ def prepare_scratch(scratch: ScratchCopy, diff: DiffFile, device: BlockDevice,
         return progress.scratch_complete
     if not (progress.scratch_complete or merged_chunks):
         return False
-    pattern = progress.scratch_path.replace(f".{progress.identity['device']}.", ".*.")
-    for other in glob.glob(glob.escape(os.path.dirname(pattern)) + "/" + os.path.basename(pattern)):
-        if other != scratch.path and not scratch.complete:
-            scratch.adopt(other)
     lost = []
     for first in range(0, scratch.n_slots, FILL_BATCH):
         filled, missing = scratch.fill(device, first, min(first + FILL_BATCH, scratch.n_slots))
