@@ -616,11 +616,12 @@ def add_diff_arguments(parser: argparse.ArgumentParser) -> None:
                         "(not larger than OLD; a multiple of the block size)")
     parser.add_argument("-o", "--output", metavar="DIFF", required=True,
                         help="the diff to write (atomically: a temp file next to it is renamed)")
-    parser.add_argument("--format", choices=tuple(FORMATS), default="v0", dest="diff_format",
-                        help="v0: the dm-update kernel target's format (default; what "
-                        "system.img reads); v1: fusesnap's, whose chunks are compressed "
-                        "against similar data of OLD (smaller; system.img serves it "
-                        "with --no-bg-update but does not merge it yet)")
+    parser.add_argument("--format", choices=tuple(FORMATS), default=None, dest="diff_format",
+                        help="v1: fusesnap's, whose chunks are compressed against similar "
+                        "data of OLD (default; several times smaller after an upgrade of "
+                        "software; its merge keeps a scratch copy of the OLD blocks it "
+                        "references in the state directory); v0: the dm-update kernel "
+                        "target's format (the default with --algorithm none)")
     parser.add_argument("-a", "--algorithm", choices=COMPRESSIONS, default="zstd",
                         help="chunk and directory compression (default: zstd)")
     parser.add_argument("--block-size", type=_block_size, default=DEFAULT_BLOCK_SIZE,
@@ -636,6 +637,11 @@ def add_diff_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-j", "--threads", type=positive_int, default=None,
                         help=f"compression threads (default: all cores, {default_threads()} here)")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+
+def default_format(compression: str) -> str:
+    """--format when none is given: v1, which compresses with zstd only."""
+    return "v1" if compression == "zstd" else "v0"
 
 
 class Terminated(Exception):
@@ -665,7 +671,7 @@ def run_diff(args) -> int:
             stats = build_diff(args.old, args.new, args.output, compression=args.algorithm,
                                block_size=args.block_size, chunk_blocks=args.chunk_blocks,
                                level=args.level, threads=args.threads, progress=progress,
-                               diff_format=args.diff_format)
+                               diff_format=args.diff_format or default_format(args.algorithm))
     except Terminated:
         raise UserError("terminated", 128 + signal.SIGTERM) from None
     finally:

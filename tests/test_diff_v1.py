@@ -125,16 +125,17 @@ def test_the_command_line_makes_describes_and_verifies_v1(tmp_path):
     old, new = upgraded_in_place(random.Random(7), 128)
     write(tmp_path / "old.img", old)
     write(tmp_path / "new.img", new)
-    fusesnap("diff", "--format", "v1", "old.img", "new.img", "-o", "u.diff", cwd=tmp_path)
+    fusesnap("diff", "old.img", "new.img", "-o", "u.diff", cwd=tmp_path)   # v1 by default
     info = fusesnap("diff-info", "u.diff", cwd=tmp_path).stdout
     assert "fusesnap version 1" in info
     refused = fusesnap("diff-info", "--verify", "u.diff", cwd=tmp_path, check=False)
     assert refused.returncode == 2 and "needs --old OLD" in refused.stderr
     assert "verify:        ok" in fusesnap("diff-info", "--verify", "--old", "old.img", "u.diff",
                                             cwd=tmp_path).stdout
-    fusesnap("diff", "old.img", "new.img", "-o", "v0.diff", cwd=tmp_path)
-    with DiffFile.open(tmp_path / "v0.diff") as d:
-        assert d.version == VERSION   # v0 stays the default until system.img reads v1
+    for options in (["--format", "v0"], ["--algorithm", "none"]):
+        fusesnap("diff", *options, "old.img", "new.img", "-o", "v0.diff", cwd=tmp_path)
+        with DiffFile.open(tmp_path / "v0.diff") as d:
+            assert d.version == VERSION, options
 
 
 def test_v1_needs_zstd(tmp_path):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import threading
 
 import pytest
@@ -233,3 +234,18 @@ def test_a_renumbered_loop_device_resumes_from_its_other_scratch_copy(pair, moun
     fusesnap("umount", m.mountpoint)
     assert open(device, "rb").read() == new
     assert len(scratch_files(state)) == 1, "the finished device's copy is gone, the other stays"
+
+
+def test_a_lost_state_directory_after_a_partial_merge_is_refused(pair, mount, tmp_path):
+    """The old contents the merge overwrote went with the scratch copy: one line, exit
+    status 1, and the device as it was."""
+    _, _, device, _ = pair
+    _, args = half_merged(pair, mount, tmp_path)
+    shutil.rmtree(tmp_path / "state")
+    before = open(device, "rb").read()
+    (tmp_path / "refused").mkdir()
+    result = fusesnap("mount", tmp_path / "refused", *args, check=False)
+    assert result.returncode == 1, result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert "cannot merge" in line and "scratch copy" in line and "lost" in line
+    assert open(device, "rb").read() == before

@@ -4,6 +4,7 @@ server serves on."""
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import errno
 import hashlib
@@ -18,11 +19,12 @@ import time
 from pathlib import Path
 
 import pytest
+import trio
 
 import fusesnap
 from fusesnap.diffing import open_diff
 from fusesnap.images.linear import LinearImage
-from fusesnap.images.update import MergeProgress, UpdateImage
+from fusesnap.images.update import MergeProgress, UpdateImage, images_from_args
 from fusesnap.devices import BlockDevice
 from bow_helpers import discard, opened_image
 from harness import (FUSESNAP, Mount, copy_of, fusesnap as run_fusesnap, make_update_pair, run,
@@ -474,14 +476,57 @@ def test_merge_position_is_handed_over_and_caught_up(tmp_path):
         assert successor.status() == running.status()
         assert successor.status()["state"] == "paused"
         assert not successor.unpaused.is_set()
-        with pytest.raises(ValueError, match="version 2 is unknown"):
-            successor.restore_handover_state({**state, "version": 2})
+        with pytest.raises(ValueError, match="version 3 is unknown"):
+            successor.restore_handover_state({**state, "version": 3})
         with pytest.raises(ValueError, match="2 merged chunks, but 5 are persisted or merged"):
             successor.restore_handover_state({**state, "merged_chunks": 2})
     finally:
         for image in (running, successor):
             image.diff.close()
             image.device.close()
+
+
+def test_a_v1_merge_hands_over_its_scratch_copy(tmp_path):
+    """A successor that opened system.img while the old server was still copying the
+    scratch copy of a v1 diff takes it as complete from the hand-over (after reading
+    it again), and merges on from where the old server stands; a state claiming a
+    complete copy that the file does not hold is refused."""
+    from test_diff_v1 import upgraded_in_place
+    from test_update_format import write
+    old, new = upgraded_in_place(random.Random(8), 512)
+    device, new_path = write(tmp_path / "dev.raw", old), write(tmp_path / "new.raw", new)
+    run_fusesnap("diff", "--format", "v1", device, new_path, "-o", tmp_path / "diff.img",
+                 "--quiet", "--chunk-blocks", "16")
+    args = argparse.Namespace(system=device, diff=str(tmp_path / "diff.img"),
+                              state_dir=str(tmp_path / "state"), no_bg_update=False,
+                              no_verify_source=False, merge_rate=0.0, cache_mib=16)
+    (running,), (successor,) = images_from_args(args), images_from_args(args)
+    try:
+        assert not running.scratch_ready and not successor.scratch_ready
+        assert trio.run(running._copy_scratch)
+        for chunk_index in range(3):
+            running._write_chunk(chunk_index)
+            running._merged(chunk_index)
+        state = running.handover_state()
+        assert state["scratch_ready"] and state["version"] == 2
+
+        with open(running.scratch.path, "r+b") as f:
+            intact = f.read(4096)
+            f.seek(0)
+            f.write(bytes(4096))
+        with pytest.raises(ValueError, match="does not hold it"):
+            successor.restore_handover_state(state)
+        with open(running.scratch.path, "r+b") as f:
+            f.write(intact)
+        successor.restore_handover_state(state)
+        assert successor.scratch_ready and successor.merged_chunks == 3
+        assert trio.run(successor.read, 0, successor.size) == new
+        trio.run(successor._merge_or_fail)
+        assert successor.state == "done", successor.error
+        assert open(device, "rb").read() == new
+    finally:
+        for image in (running, successor):
+            trio.run(image.close)
 
 
 # -- rollback ---------------------------------------------------------------------------

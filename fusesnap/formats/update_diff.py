@@ -158,6 +158,11 @@ class ChunkError(DiffFormatError):
         self.chunk_index = chunk_index
 
 
+class ReferencesNotOld(ChunkError):
+    """A version 1 chunk's references do not hold OLD's contents: the diff may be fine,
+    the old data it needs is not where it was read from."""
+
+
 class DiffChangedError(DiffFormatError):
     """The diff file changed after it was opened and validated."""
 
@@ -792,8 +797,8 @@ class DiffFile:
                 raise ChunkError(chunk_index, "references OLD's blocks: needs the old image")
             reference = read_old(runs)
             if hash_chunk(reference) != self.identification.reference_hash(chunk_index):
-                raise ChunkError(chunk_index, f"the OLD blocks it references (from block "
-                                              f"{runs[0][0]}) do not hold OLD's contents")
+                raise ReferencesNotOld(chunk_index, f"the OLD blocks it references (from "
+                                                    f"block {runs[0][0]}) do not hold OLD's contents")
             dctx = zstandard.ZstdDecompressor(dict_data=zstandard.ZstdCompressionDict(
                 reference, dict_type=zstandard.DICT_TYPE_RAWCONTENT))
         else:

@@ -64,7 +64,7 @@ from ..merge_scratch import FILL_BATCH, ScratchCopy, fsync_directory
 from ..diffing import open_diff
 from ..errors import EXIT_FAILED, EXIT_USAGE, UserError
 from ..formats.update_diff import (BLOCK_HASH_SIZE, VERSION_REFERENCING, DiffFile,
-                                   DiffFormatError, hash_block, hash_chunk)
+                                   DiffFormatError, ReferencesNotOld, hash_block, hash_chunk)
 from ..rangemap import RangeMap
 from .base import Image
 
@@ -793,6 +793,11 @@ def images_from_args(args: argparse.Namespace) -> list[Image]:
                                 merge_rate=args.merge_rate * 1e6,
                                 cache_bytes=args.cache_mib << 20,
                                 scratch=scratch, scratch_ready=scratch_ready)]
+        except ReferencesNotOld as exc:   # a v1 chunk's old data was overwritten
+            raise UserError(f"cannot merge {diff.path}: chunk {exc.chunk_index} needs old contents "
+                            f"that neither {device.path} nor a scratch copy in "
+                            f"{progress.directory} holds (the device was merged into, and the "
+                            "scratch copy of what the merge overwrote is lost)", EXIT_FAILED) from None
         except DiffFormatError as exc:  # the checks met a bad chunk
             raise UserError(f"{diff.path}: {exc}") from None
         except OSError as exc:
