@@ -1,17 +1,22 @@
 """Benchmark system.img (the update overlay) against its limits, side by side in one run.
 
     python bench/bench_update.py [--size-mib 1024] [--changed 0.25] [--runtime 10] [--repeat 2]
+    python bench/bench_update.py --pair binary [--format v0]
 
 Must run as root. It makes OLD (a compressible mix of text-like and random data) and
-NEW = OLD with a quarter of its 4 KiB blocks changed (in runs of 1-32 blocks), makes
-the diff with `fusesnap diff` (default options), and measures:
+NEW = OLD with a quarter of its 4 KiB blocks changed (in runs of 1-32 blocks), or
+takes a pair of real software from bench/pairs.py (`--pair`), makes the diff with
+`fusesnap diff` (default options: format v1, whose merge first copies the OLD blocks
+its chunks reference to a scratch file; `--format v0` for the dm-update format), and
+measures:
 
 1. reads, with the merge off (`--no-bg-update`), all through loop devices with direct I/O:
    - seq read 1M qd8 of system.img  vs  NEW through a plain loop device (limit; target >= 0.5)
    - rand read 4K qd16 of system.img  vs  linear.img over NEW in the same mount (target >= 0.5)
    Runs are paired and alternate which side goes first; the best of --repeat counts.
 2. the background merge on a fresh copy of OLD:
-   - idle: MB/s of changed blocks from mount until `.status` says done (target >= 100)
+   - idle: MB/s of changed blocks from mount until `.status` says done, the scratch
+     copy of a v1 diff included (target >= 100)
    - under load: a sequential O_DIRECT reader (1 MiB, qd 1) of system.img runs while the
      merge does; its MB/s against the same reader on system.img with no merge running
      (the --no-bg-update mount of part 1; target >= 0.5), and the merge's MB/s meanwhile.
@@ -188,24 +193,37 @@ def main() -> int:
     parser.add_argument("--tmpdir", default=None)
     parser.add_argument("--source-check-only", action="store_true",
                         help="measure only the source check (part 3)")
+    parser.add_argument("--pair", choices=("binary", "text"),
+                        help="OLD and NEW from bench/pairs.py instead of generated images")
+    parser.add_argument("--format", choices=("v0", "v1"), default=None,
+                        help="diff format (default: fusesnap diff's)")
     args = parser.parse_args()
     require_root()
     terminate_as_interrupt()
     print("\n".join(header_lines()), flush=True)
-    size = args.size_mib << 20
 
     with scratch_dir("fusesnap-bench-update-", args.tmpdir) as work:
-        old, new, changed_blocks = make_images(work, size, args.changed)
+        if args.pair:
+            from pairs import build_pair
+            old, new = build_pair(args.pair)
+        else:
+            old, new, _ = make_images(work, args.size_mib << 20, args.changed)
+        size = os.path.getsize(old)
         diff = work / "diff.img"
         started = time.perf_counter()
-        run([*FUSESNAP, "diff", old, new, "-o", diff, "--quiet"], cwd=REPO)
+        run([*FUSESNAP, "diff", old, new, "-o", diff, "--quiet",
+             *(["--format", args.format] if args.format else [])], cwd=REPO)
         diff_seconds = time.perf_counter() - started
+        from fusesnap.formats.update_diff import DiffFile
+        with DiffFile.open(diff) as opened:
+            changed_blocks, version = opened.total_blocks, opened.version
         dev = work / "dev.raw"
         shutil.copyfile(old, dev)
         for path in (old, new, dev, diff):
             warm(path)
-        print(f"images: {args.size_mib} MiB, {changed_blocks} of {size // BLOCK} blocks changed; "
-              f"diff {os.path.getsize(diff) / 1e6:.1f} MB made in {diff_seconds:.1f} s", flush=True)
+        print(f"images: {args.pair or 'generated'}, {size >> 20} MiB, {changed_blocks} of "
+              f"{size // BLOCK} blocks changed; diff v{version} {os.path.getsize(diff) / 1e6:.1f} MB "
+              f"made in {diff_seconds:.1f} s", flush=True)
 
         # 3. The source check (first: it needs no mount).
         check_rows = source_check_rows(diff, {"OLD": dev, "NEW": new}, args.repeat)

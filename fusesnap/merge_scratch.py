@@ -88,13 +88,14 @@ class ScratchCopy:
     # -- the file -------------------------------------------------------------------
 
     def open(self, *, create: bool) -> bool:
-        """Open the file (creating it, its whole size allocated, if `create`), then
-        check every slot it holds. False if there is none and `create` is false.
+        """Open the file (for writing, and created with its whole size allocated, if
+        `create`; else read-only), then check every slot it holds. False if there is
+        none and `create` is false.
         OSError (ENOSPC: the directory cannot hold it) leaves no new file behind."""
         existed = os.path.exists(self.path)
         if not existed and not create:
             return False
-        self.fd = os.open(self.path, os.O_RDWR | (os.O_CREAT if create else 0), 0o600)
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT if create else os.O_RDONLY, 0o600)
         try:
             if create:
                 # All of it now, so that a full disk is one clear error at mount, not a
@@ -145,7 +146,7 @@ class ScratchCopy:
         holds something else: already overwritten). Blocking; changes no state (the
         caller marks the filled slots with `mark_valid`)."""
         bs, filled, missing = self.block_size, [], []
-        for lo, hi in self._slot_runs(first, end, valid=False):
+        for lo, hi in self._invalid_runs(first, end):
             data = memoryview(device.pread((hi - lo) * bs, int(self.blocks[lo]) * bs))
             os.pwrite(self.fd, data, lo * bs)
             for slot in range(lo, hi):
@@ -176,42 +177,64 @@ class ScratchCopy:
             fd, self.fd = self.fd, -1
             os.close(fd)
 
-    # -- reading references -------------------------------------------------------------
-
-    def _slot_runs(self, first: int, end: int, *, valid: bool):
-        """Maximal [lo, hi) within [first, end) of slots with that validity and
-        consecutive blocks (one pread each)."""
+    def _invalid_runs(self, first: int, end: int):
+        """Maximal [lo, hi) within [first, end) of slots not valid yet whose blocks are
+        consecutive (one pread of the device each)."""
         slot = first
         while slot < end:
-            if bool(self.valid[slot]) != valid:
+            if self.valid[slot]:
                 slot += 1
                 continue
             lo = slot
             slot += 1
-            while (slot < end and bool(self.valid[slot]) == valid
-                   and self.blocks[slot] == self.blocks[slot - 1] + 1):
+            while slot < end and not self.valid[slot] and self.blocks[slot] == self.blocks[slot - 1] + 1:
                 slot += 1
             yield lo, slot
 
+    # -- reading references -------------------------------------------------------------
+
     def read_old(self, device: BlockDevice):
         """`read_old` for `DiffFile.decompress_chunk`: OLD's contents of runs of blocks,
-        changed blocks from their valid slots, every other block from the device."""
+        changed blocks from their valid slots, every other block from the device.
+        Per run: one read of the device, then one read of the run's slots (adjacent in
+        the file) straight into their places, over the device's blocks."""
         bs = self.block_size
+        junk = memoryview(bytearray(bs))   # where a slot not valid is read to
 
-        def read_old(runs: list[tuple[int, int]]) -> bytes:
+        def read_old(runs: list[tuple[int, int]]) -> bytearray:
             data = bytearray(sum(count for _, count in runs) * bs)
-            view, at = memoryview(data), 0
-            for first, count in runs:
-                device.pread_into(view[at:at + count * bs], first * bs)
-                first_slot, end_slot = np.searchsorted(self.blocks, (first, first + count))
-                for lo, hi in self._slot_runs(int(first_slot), int(end_slot), valid=True):
-                    into = at + (int(self.blocks[lo]) - first) * bs
-                    got = os.preadv(self.fd, [view[into:into + (hi - lo) * bs]], lo * bs)
-                    if got != (hi - lo) * bs:
+            view = memoryview(data)
+            firsts = np.fromiter((first for first, _ in runs), np.int64, len(runs))
+            ends = firsts + np.fromiter((count for _, count in runs), np.int64, len(runs))
+            at = 0   # in blocks
+            for (first, count), lo, hi in zip(runs, np.searchsorted(self.blocks, firsts).tolist(),
+                                              np.searchsorted(self.blocks, ends).tolist()):
+                device.pread_into(view[at * bs:(at + count) * bs], first * bs)
+                if hi > lo:
+                    buffers = self._places(view, lo, hi, at - first, junk)
+                    if os.preadv(self.fd, buffers, lo * bs) != (hi - lo) * bs:
                         raise OSError(f"{self.path}: short read of the scratch copy")
-                at += count * bs
-            return bytes(data)
+                at += count
+            return data
         return read_old
+
+    def _places(self, view: memoryview, lo: int, hi: int, shift: int, junk: memoryview) -> list:
+        """preadv buffers for slots [lo, hi): each valid slot's block at its place in
+        `view` (block b at b + shift), merged where adjacent; `junk` for the others."""
+        bs, buffers, start, last = self.block_size, [], -1, -2
+        for slot, block in zip(range(lo, hi), self.blocks[lo:hi].tolist()):
+            place = block + shift if self.valid[slot] else -1
+            if place >= 0 and place == last + 1:
+                last = place
+                continue
+            if start >= 0:
+                buffers.append(view[start * bs:(last + 1) * bs])
+            if place < 0:
+                buffers.append(junk)
+            start = last = place
+        if start >= 0:
+            buffers.append(view[start * bs:(last + 1) * bs])
+        return buffers
 
     def first_needed(self, diff: DiffFile, slots: list[int], from_chunk: int) -> tuple[int, int] | None:
         """(block, chunk) of the first of `slots` that a chunk from `from_chunk` on

@@ -112,7 +112,7 @@ def test_kill_9_then_remount_reads_new_and_finishes(pair, mount, tmp_path, kille
     _, new, device, diff = pair
     state = tmp_path / "state"
     args = ("--state-dir", state, "--system", device, "--diff", diff)
-    m = mount(*args, "--merge-rate", "0.2")
+    m = mount(*args, "--merge-rate", "0.5")
     if killed == "while copying the scratch":
         wait_for(lambda: os.path.getsize(device) and scratch_files(state)
                  and not m.status()["system.img"]["scratch_ready"])
@@ -134,7 +134,7 @@ def half_merged(pair, mount, tmp_path) -> tuple[int, list]:
     _, _, device, diff = pair
     state = tmp_path / "state"
     args = ["--state-dir", state, "--system", device, "--diff", diff]
-    m = mount(*args, "--merge-rate", "0.3")
+    m = mount(*args, "--merge-rate", "1")
     with DiffFile.open(diff) as d:
         wait_for(lambda: m.status()["system.img"]["merged"] >= d.total_blocks // 2, timeout=60)
     fusesnap("update", "pause", m.mountpoint)
@@ -224,7 +224,7 @@ def test_a_renumbered_loop_device_resumes_from_its_other_scratch_copy(pair, moun
     _, new, device, diff = pair
     state = tmp_path / "state"
     first = loop(device)
-    m = mount("--state-dir", state, "--system", first, "--diff", diff, "--merge-rate", "0.3")
+    m = mount("--state-dir", state, "--system", first, "--diff", diff, "--merge-rate", "1")
     wait_for(lambda: m.status()["system.img"]["merged"] > 0, timeout=60)
     fusesnap("update", "pause", m.mountpoint)
     fusesnap("umount", m.mountpoint)

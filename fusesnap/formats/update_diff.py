@@ -37,8 +37,8 @@ Why a trailer after the directory and not a sidecar file: the dm-update loader r
 only the superblock, the chunks and the directory at the offsets the superblock
 gives, so bytes after them are invisible to it (it must ignore them anyway: its diff
 usually sits on a partition larger than the diff), and the diff stays one file that
-cannot be separated from its identification by a copy. Format version 1 will carry
-the same `Identification` in its own layout. Old blocks get a hash each, not one per
+cannot be separated from its identification by a copy. Format version 1 carries
+the same `Identification` (trailer version 2, below). Old blocks get a hash each, not one per
 chunk, because a crash in the middle of merging a chunk leaves some of its blocks
 old and some new, and each must be told apart; 8 bytes keep the trailer at 0.2% of a
 4 KiB block and make a chance match 2^-64. New contents need only the chunk hash: a
@@ -49,10 +49,9 @@ rewritten in place), not against someone who can rewrite the diff, hashes includ
 zstd's CPU time instead of 1.05x (every block changed), and the source check of a
 1 GiB image with a quarter changed 3 to 6 times as long (page-cached device).
 
-Version 1 (fusesnap's own; written by ``fusesnap diff --format v1``, read here given
-OLD; `system.img` serves it with --no-bg-update, reading references from the device,
-and does not merge it yet; DEVELOPERS.md "Diff format version 1" has
-the measurements that chose it). A v1 chunk is compressed against data of OLD that
+Version 1 (fusesnap's own; written by ``fusesnap diff`` by default, read here given
+OLD's blocks; `system.img` serves and merges it, see fusesnap.merge_scratch;
+DEVELOPERS.md "Diff format version 1" has the measurements that chose it). A v1 chunk is compressed against data of OLD that
 resembles it. It keeps v0's superblock (``version`` 1; ``compression`` must be
 "zstd"), directory (same entries, same rules: sorted dests, one contiguous run of
 entries per chunk, sentinel) and layout; what changes is what sits at a chunk's

@@ -26,9 +26,12 @@ diff, never from the device), so once every block is old or new, merging from an
 chunk is safe, and leading chunks that are wholly new are skipped.
 
 A version 1 diff (chunks compressed against OLD's blocks, fusesnap.formats.update_diff)
-is served with --no-bg-update only: its chunks' references are read from the device
-(`old_blocks_on`), which holds OLD's contents as long as nothing merges. Merging it
-needs the scratch copy described in DEVELOPERS.md, not built yet.
+is merged with a scratch copy of the changed blocks its chunks reference
+(fusesnap.merge_scratch: `open_scratch`, `prepare_scratch` at mount, `_copy_scratch`
+before the merge's first write; the orderings are commented there): references are
+read from it where they are changed blocks, from the device elsewhere. Served
+without merging and without a scratch copy, they are read from the device
+(`old_blocks_on`), which holds OLD's contents as long as nothing merged.
 
 Crash safety: the merge writes a chunk's blocks only after the whole chunk
 decompressed and passed its checks (its hash in the identification trailer, the
@@ -72,6 +75,11 @@ log = logging.getLogger(__name__)
 
 DEFAULT_STATE_DIR = "/var/lib/fusesnap"
 PERSIST_INTERVAL = 3.0          # seconds between progress checkpoints while merging
+# Chunks merged at once, in worker threads (the image's limiter allows 2): one
+# decompresses while the other's blocks and references are read and written.
+# Merging the binary pair's v1 diff in process, three paired runs against one chunk
+# at a time on the loaded 2-core machine: 1.7, 1.5 and 1.0 times as fast.
+MERGE_DEPTH = 2
 # Decompressed chunks kept for reads. A random read of a changed block outside the
 # cache decompresses its whole chunk (512 KiB by default: 1-2 ms), so the cache should
 # hold the diff's hot set; 256 MiB holds every changed block of a 1 GiB image with a
@@ -130,9 +138,9 @@ class ChunkCache:
 
 def old_blocks_on(device: BlockDevice, block_size: int):
     """`read_old` for `DiffFile.decompress_chunk`: a version 1 chunk's references read
-    from the device. Right only while the device holds OLD's contents there, which
-    holds while nothing merges (a v1 diff is served with --no-bg-update only); the
-    chunk's reference hash catches any other case. Blocking."""
+    from the device. Right only while the device holds OLD's contents there (nothing
+    merged: a merge reads them through its scratch copy); the chunk's reference hash
+    catches any other case. Blocking."""
     def read_old(runs: list[tuple[int, int]]) -> bytes:
         data = bytearray(sum(count for _, count in runs) * block_size)
         view, at = memoryview(data), 0
@@ -395,11 +403,12 @@ class UpdateImage(Image):
             if not await self._wait_while_paused():
                 await self._persist()
                 return
-            chunk_index = self.merged_chunks
+            chunk_indexes = range(self.merged_chunks,
+                                  min(self.merged_chunks + MERGE_DEPTH, self.diff.n_chunks))
             started = trio.current_time()
-            written = await trio.to_thread.run_sync(self._write_chunk, chunk_index,
-                                                    limiter=self.limiter)
-            self._merged(chunk_index)
+            written = await self._write_chunks(chunk_indexes)
+            for chunk_index in chunk_indexes:
+                self._merged(chunk_index)
             if trio.current_time() - last_persist >= PERSIST_INTERVAL:
                 await self._persist()
                 last_persist = trio.current_time()
@@ -466,6 +475,26 @@ class UpdateImage(Image):
                                           limiter=self.limiter)
         self.scratch_ready = True
         return True
+
+    async def _write_chunks(self, chunk_indexes: range) -> int:
+        """Merge these chunks at once, one worker thread each (merging is order-free:
+        they are marked merged, in order, only once all are written). Bytes written;
+        the first failure is raised as itself."""
+        written = []
+
+        async def write(chunk_index: int) -> None:
+            written.append(await trio.to_thread.run_sync(self._write_chunk, chunk_index,
+                                                         limiter=self.limiter))
+        try:
+            async with trio.open_nursery() as nursery:
+                for chunk_index in chunk_indexes:
+                    nursery.start_soon(write, chunk_index)
+        except BaseExceptionGroup as group:
+            failures = [e for e in group.exceptions if not isinstance(e, trio.Cancelled)]
+            if failures:
+                raise failures[0] from None
+            raise
+        return sum(written)
 
     def _write_chunk(self, chunk_index: int) -> int:
         """Worker thread: decompress a whole chunk (checksum verified), then write its
@@ -818,6 +847,8 @@ def open_scratch(diff: DiffFile, progress: MergeProgress, *, merge: bool) -> Scr
     UserError if the state directory cannot hold it: the device is untouched). Served
     without merging, the copy a merge left is used if there is one. None if no chunk
     references a changed block."""
+    if not merge and not os.path.exists(progress.scratch_path):
+        return None
     scratch = ScratchCopy(progress.scratch_path, diff)
     if not scratch.n_slots:
         return None
