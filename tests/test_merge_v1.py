@@ -17,7 +17,7 @@ import pytest
 from fusesnap.diffing import build_diff
 from fusesnap.formats.update_diff import DiffFile
 from fusesnap.merge_scratch import ScratchCopy
-from harness import fusesnap
+from harness import fusesnap, loop_device
 from test_diff_v1 import upgraded_in_place
 from test_update_format import write
 from test_update_image import small_tmpfs, wait_for
@@ -83,16 +83,15 @@ class ReadsEqualNew:
         assert self.reads
 
 
-def test_a_v1_diff_merges_through_a_loop_device_reading_as_new_throughout(pair, mount, loop,
-                                                                         tmp_path, monkeypatch):
+def test_a_v1_diff_merges_through_a_loop_device_reading_as_new_throughout(pair, mount, tmp_path,
+                                                                         monkeypatch):
     """From the directory holding the files, with relative paths, as users call it."""
     old, new, device, diff = pair
     monkeypatch.chdir(tmp_path)
     state = tmp_path / "state"
     m = mount("--state-dir", "state", "--system", "device.img", "--diff", "v1.diff",
               "--merge-rate", "0.4")
-    system = loop(m / "system.img", read_only=True)
-    with ReadsEqualNew(system, new):
+    with loop_device(m / "system.img", read_only=True) as system, ReadsEqualNew(system, new):
         (scratch,) = scratch_files(state)   # created at mount, its whole size at once
         assert not m.status()["system.img"]["scratch_ready"], "copying before any write"
         assert open(device, "rb").read() == old
@@ -101,10 +100,14 @@ def test_a_v1_diff_merges_through_a_loop_device_reading_as_new_throughout(pair, 
         with DiffFile.open(diff) as d:
             assert scratch.stat().st_size == ScratchCopy(str(scratch), d).size > 0
         fusesnap("update", "wait", m.mountpoint)
-    with open(system, "rb") as f:
-        assert f.read() == new
+        with open(system, "rb") as f:
+            assert f.read() == new
     assert open(device, "rb").read() == new
     assert scratch_files(state) == [], "the scratch copy goes once the merge is done"
+    fusesnap("umount", m.mountpoint)
+    m = mount("--state-dir", "state", "--system", "device.img", "--diff", "v1.diff")
+    assert m.status()["system.img"]["state"] == "done"
+    assert scratch_files(state) == [], "a mount of a merged device makes no scratch copy"
 
 
 @pytest.mark.parametrize("killed", ["while copying the scratch", "while merging"])
@@ -134,7 +137,7 @@ def half_merged(pair, mount, tmp_path) -> tuple[int, list]:
     _, _, device, diff = pair
     state = tmp_path / "state"
     args = ["--state-dir", state, "--system", device, "--diff", diff]
-    m = mount(*args, "--merge-rate", "1")
+    m = mount(*args, "--merge-rate", "0.3")
     with DiffFile.open(diff) as d:
         wait_for(lambda: m.status()["system.img"]["merged"] >= d.total_blocks // 2, timeout=60)
     fusesnap("update", "pause", m.mountpoint)
@@ -224,7 +227,7 @@ def test_a_renumbered_loop_device_resumes_from_its_other_scratch_copy(pair, moun
     _, new, device, diff = pair
     state = tmp_path / "state"
     first = loop(device)
-    m = mount("--state-dir", state, "--system", first, "--diff", diff, "--merge-rate", "1")
+    m = mount("--state-dir", state, "--system", first, "--diff", diff, "--merge-rate", "0.3")
     wait_for(lambda: m.status()["system.img"]["merged"] > 0, timeout=60)
     fusesnap("update", "pause", m.mountpoint)
     fusesnap("umount", m.mountpoint)

@@ -403,8 +403,9 @@ class UpdateImage(Image):
             if not await self._wait_while_paused():
                 await self._persist()
                 return
+            depth = 1 if self.merge_rate else MERGE_DEPTH   # a limited merge needs no speed
             chunk_indexes = range(self.merged_chunks,
-                                  min(self.merged_chunks + MERGE_DEPTH, self.diff.n_chunks))
+                                  min(self.merged_chunks + depth, self.diff.n_chunks))
             started = trio.current_time()
             written = await self._write_chunks(chunk_indexes)
             for chunk_index in chunk_indexes:
@@ -808,13 +809,19 @@ def images_from_args(args: argparse.Namespace) -> list[Image]:
             verify_source = False
         try:
             progress = MergeProgress(args.state_dir, diff.fingerprint(), device, diff.path)
+            merge = not args.no_bg_update
             if diff.version == VERSION_REFERENCING:
-                scratch = open_scratch(diff, progress, merge=not args.no_bg_update)
+                # Before the source check, which may need it (a half-merged chunk).
+                scratch = open_scratch(diff, progress,
+                                       create=merge and progress.load() < diff.n_chunks)
             merged_chunks, saved_chunks = resume_point(
                 diff, device, progress, verify_source=verify_source,
                 read_old=scratch.read_old(device) if scratch is not None else None)
+            if (merge and diff.version == VERSION_REFERENCING and scratch is None
+                    and merged_chunks < diff.n_chunks):   # progress said done, the device disagrees
+                scratch = open_scratch(diff, progress, create=True)
             scratch_ready = False
-            if scratch is not None and not args.no_bg_update:
+            if scratch is not None and merge:
                 scratch_ready = prepare_scratch(scratch, diff, device, progress, merged_chunks)
             return [UpdateImage(device, diff, progress, merged_chunks=merged_chunks,
                                 saved_chunks=saved_chunks,
@@ -841,19 +848,19 @@ def images_from_args(args: argparse.Namespace) -> list[Image]:
         raise
 
 
-def open_scratch(diff: DiffFile, progress: MergeProgress, *, merge: bool) -> ScratchCopy | None:
+def open_scratch(diff: DiffFile, progress: MergeProgress, *, create: bool) -> ScratchCopy | None:
     """The scratch copy of a version 1 diff merging into this device (merge_scratch.py),
-    opened and checked slot by slot; created with its whole size if `merge` (a
-    UserError if the state directory cannot hold it: the device is untouched). Served
-    without merging, the copy a merge left is used if there is one. None if no chunk
-    references a changed block."""
-    if not merge and not os.path.exists(progress.scratch_path):
+    opened and checked slot by slot, completed from other copies of this diff; created
+    with its whole size if `create` (a UserError if the state directory cannot hold
+    it: the device is untouched). Without `create`, the copy a merge left if there is
+    one. None if there is none, or no chunk references a changed block."""
+    if not create and not os.path.exists(progress.scratch_path):
         return None
     scratch = ScratchCopy(progress.scratch_path, diff)
     if not scratch.n_slots:
         return None
     try:
-        if not scratch.open(create=merge):
+        if not scratch.open(create=create):
             return None
     except OSError as exc:
         raise UserError(f"cannot keep the scratch copy a version 1 merge needs "
