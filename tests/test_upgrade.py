@@ -524,6 +524,11 @@ def test_a_v1_merge_hands_over_its_scratch_copy(tmp_path):
         trio.run(successor._merge_or_fail)
         assert successor.state == "done", successor.error
         assert open(device, "rb").read() == new
+        assert not os.path.exists(successor.scratch.path)
+        (third,) = images_from_args(args)   # the merge is done: no scratch copy needed
+        third.restore_handover_state(successor.handover_state())
+        assert third.state == "done" and third.scratch is None
+        trio.run(third.close)
     finally:
         for image in (running, successor):
             trio.run(image.close)

@@ -606,9 +606,10 @@ class UpdateImage(Image):
             raise ValueError(f"{self.name}: handed over for {state['device']} with "
                              f"{state['diff']}, but opened {self.device.path} with {self.diff.path}")
         merged_chunks = state["merged_chunks"]
-        if state.get("scratch_ready") and not self.scratch_ready:
+        if state.get("scratch_ready") and not self.scratch_ready and merged_chunks < self.diff.n_chunks:
             # The old server finished the scratch copy after we opened it: read it
-            # again (in the catch-up before the pause, as a rule).
+            # again (in the catch-up before the pause, as a rule). A merge that is
+            # done needs none.
             if self.scratch is None or self.scratch.verify() < state["scratch_valid"]:
                 raise ValueError(f"{self.name}: handed over with the scratch copy complete, "
                                  f"but {self.progress.scratch_path} does not hold it")
