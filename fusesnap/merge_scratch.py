@@ -20,7 +20,8 @@ hash when decompressed, so a damaged or lost scratch file is an error, never wro
 data.
 
 Memory: 17 bytes per slot (block number, hash, validity), at most one slot per
-changed block (a 10 GiB image with a quarter of its blocks changed: 44 MiB at most).
+changed block: for a 10 GiB image, 11 MiB with a quarter of its blocks changed, 45 MiB
+with all of them (and, while the slots are found, 9 bytes per changed block more).
 
 Concurrency: plain blocking code; the update image runs it in worker threads. `valid`
 changes only in `verify` (before the image serves) and `mark_valid` (the image's trio
