@@ -560,7 +560,8 @@ def _finish_diff(out_fd: int, stats: DiffStats, level: int, dests: array,
     pos, chunk_src = chunks.pos, chunks.chunk_src
     identification = Identification(stats.old_size, stats.new_size, len(dests),
                                     bytes(chunks.chunk_hashes),
-                                    reference_hashes=bytes(chunks.reference_hashes))
+                                    reference_hashes=bytes(chunks.reference_hashes),
+                                    referencing=stats.version == VERSION_REFERENCING)
     old_block_hashes = chunks.old_block_hashes
     bs = stats.block_size
     cb = stats.chunk_blocks

@@ -191,10 +191,12 @@ class Identification:
     block_hashes_offset: int = 0
     # version 1 diffs: per chunk, the hash of the OLD data it references (its dictionary)
     reference_hashes: bytes = b""
+    referencing: bool = False   # of a version 1 diff (which may have no chunks)
 
     @property
     def version(self) -> int:
-        return IDENT_VERSION_REFERENCING if self.reference_hashes else IDENT_VERSION
+        return (IDENT_VERSION_REFERENCING if self.referencing or self.reference_hashes
+                else IDENT_VERSION)
 
     @property
     def n_chunks(self) -> int:
@@ -253,7 +255,7 @@ class Identification:
         hashes = os.pread(fd, n_hashed * CHUNK_HASH_SIZE, hashes_at)
         split = n_chunks * CHUNK_HASH_SIZE
         ident = cls(old_size, new_size, n_blocks, hashes[:split], hashes_at + len(hashes),
-                    hashes[split:])
+                    hashes[split:], referencing=version == IDENT_VERSION_REFERENCING)
         if ident.pack_trailer_head()[:IDENT_HEADER_SIZE] != head:
             raise fail("checksum mismatch")
         return ident

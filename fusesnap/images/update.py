@@ -259,8 +259,14 @@ def check_source(diff: DiffFile, device: BlockDevice, read_old=None) -> int:
         if _holds_new_chunk(diff, chunk_index, runs, data):
             leading_new += leading_new == chunk_index
             continue
-        new_data = diff.decompress_chunk(chunk_index, diff.read_chunk_raw(chunk_index),
-                                         read_old or old_blocks_on(device, bs))
+        try:
+            new_data = diff.decompress_chunk(chunk_index, diff.read_chunk_raw(chunk_index),
+                                             read_old or old_blocks_on(device, bs))
+            unknown = ""
+        except ReferencesNotOld:   # a v1 chunk whose OLD data is gone: no block can be new
+            new_data = None
+            unknown = (" (nor can its new contents be made: the OLD data its chunk is "
+                       "compressed against is gone too, with a scratch copy if a merge had one)")
         block_index = 0
         for dest, n_blocks, first_offset in runs:
             for i in range(n_blocks):
@@ -268,11 +274,13 @@ def check_source(diff: DiffFile, device: BlockDevice, read_old=None) -> int:
                 old_hash = old_hashes[block_index * BLOCK_HASH_SIZE:(block_index + 1) * BLOCK_HASH_SIZE]
                 block_index += 1
                 new_at = (first_offset + i) * bs
-                if hash_block(block) != old_hash and block != new_data[new_at:new_at + bs]:
+                if hash_block(block) != old_hash and (new_data is None
+                                                      or block != new_data[new_at:new_at + bs]):
                     raise UserError(
                         f"{device.path} is not what {diff.path} updates: block {dest + i} "
-                        f"(byte {(dest + i) * bs}) holds neither its old nor its new contents; "
-                        "nothing was written (--no-verify-source skips this check)")
+                        f"(byte {(dest + i) * bs}) holds neither its old nor its new "
+                        f"contents{unknown}; nothing was written (--no-verify-source skips "
+                        "this check)")
     return leading_new
 
 
