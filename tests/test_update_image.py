@@ -257,10 +257,10 @@ def test_a_diff_without_identification_mounts_with_a_warning(tmp_path, state, st
     old.write_bytes(bytes(4 << 20))
     new.write_bytes(os.urandom(4 << 20))
     diff = tmp_path / "diff.img"
-    fusesnap("diff", old, new, "-o", diff, "--quiet")
+    fusesnap("diff", old, new, "-o", diff, "--quiet", "--format", "v0")
     with DiffFile.open(diff) as d:
         dir_end = d.superblock.dir_offset + d.superblock.dir_compressed_size
-    os.truncate(diff, dir_end)   # as another tool makes it: no trailer
+    os.truncate(diff, dir_end)   # as another tool makes it: the dm-update format, no trailer
     (tmp_path / "mnt").mkdir()
     result = fusesnap("mount", tmp_path / "mnt", *state, "--system", old, "--diff", diff,
                       "--log", tmp_path / "mnt.log")
@@ -334,7 +334,7 @@ def test_relative_paths_resume(pair, device, mount, tmp_path, monkeypatch):
 
 def half_merge(mount, state, dev, diff) -> int:
     """Mount, merge a part, unmount; returns the chunks the saved progress counts."""
-    m = mount(*state, "--system", dev, "--diff", diff, "--merge-rate", "0.5")
+    m = mount(*state, "--system", dev, "--diff", diff, "--merge-rate", "0.2")
     wait_for(lambda: system_status(m)["merged"] > 0)
     fusesnap("update", "pause", m.mountpoint)
     fusesnap("umount", m.mountpoint)
@@ -491,6 +491,7 @@ def test_after_an_fsync_error_progress_claims_nothing_unwritten(tmp_path, mount,
     fusesnap("update", "resume", m.mountpoint)
     status = wait_for(lambda: (s := system_status(m))["state"] == "error" and s, timeout=90)
     assert f"fsync of {dev} failed" in status["error"]
+    saved = saved_chunks(state)   # a periodic save may have worked after the resume
     assert status["merged"] == saved * 16, "chunks since the saved progress come from the diff"
     assert sha256_of(m / "system.img") == sha256_of(new)
     fusesnap("umount", m.mountpoint)
