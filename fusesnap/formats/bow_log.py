@@ -171,8 +171,12 @@ class _Relocations:
             self.deltas.assign(s, e, delta or None)
 
     def read(self, device, sector: int, size: int) -> bytes:
+        segments = self.deltas.segments(sector, sector + size // SECTOR)
+        if len(segments) == 1:  # the usual case: one read, no copying
+            s, e, delta = segments[0]
+            return device.pread(size, (s + (delta or 0)) * SECTOR)
         out = bytearray()
-        for s, e, delta in self.deltas.segments(sector, sector + size // SECTOR):
+        for s, e, delta in segments:
             out += device.pread((e - s) * SECTOR, (s + (delta or 0)) * SECTOR)
         return bytes(out)
 
