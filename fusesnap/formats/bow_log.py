@@ -316,7 +316,7 @@ def _restore_directly(device, summary: LogSummary, entries: list[LogEntry], bloc
     same result, and one after it leaves the restored device."""
     block_size = summary.blocks[0].block_size
     ordered = sorted(entries, key=lambda entry: (entry.dest, entry.source))
-    done = 0
+    done = done_bytes = 0
     index = 0
     while index < len(ordered):
         # A run of backups contiguous on the device: one read.
@@ -341,6 +341,7 @@ def _restore_directly(device, summary: LogSummary, entries: list[LogEntry], bloc
             if progress:
                 progress(length)
             done += run - index
+            done_bytes += length
             index = run
             if stop_after is not None and done >= stop_after:
                 return
@@ -352,7 +353,7 @@ def _restore_directly(device, summary: LogSummary, entries: list[LogEntry], bloc
     device.pwrite(data, 0)
     device.fsync()
     if progress:
-        progress(block0.size)
+        progress(summary.backed_up_bytes - done_bytes)  # block 0 stands for every log block's entry 0
 
 
 def _check_backup(entry: LogEntry, data, block_size: int) -> None:
