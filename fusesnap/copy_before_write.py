@@ -86,12 +86,14 @@ Policy methods, all called on the trio thread:
 Concurrency contract: everything runs on one trio thread; the module's own state
 (held chunks, pending copies) changes only between awaits. Policy map changes happen
 only in the synchronous methods, so each is atomic. Figures for `.status` and the
-benchmark: `rounds`, `barriers`, `copies_recorded`.
+benchmark: `rounds`, `barriers`, `barrier_seconds` (their total time as the round
+saw it), `copies_recorded`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol, Sequence
 
@@ -145,6 +147,7 @@ class CopyBeforeWrite:
         self.round_done = trio.Event()
         self.rounds = 0
         self.barriers = 0
+        self.barrier_seconds = 0.0  # time spent in barriers (to the caller: thread hand-off included)
         self.copies_recorded = 0
 
     # -- the public entry -------------------------------------------------------
@@ -284,7 +287,11 @@ class CopyBeforeWrite:
 
     async def _barrier(self) -> None:
         self.barriers += 1
-        await self.policy.barrier()
+        started = time.monotonic()
+        try:
+            await self.policy.barrier()
+        finally:
+            self.barrier_seconds += time.monotonic() - started
 
     def _recorded(self, copies: Sequence[Any], error: BaseException | None) -> None:
         if not copies:
@@ -317,4 +324,5 @@ class CopyBeforeWrite:
 
     def status(self) -> dict:
         return {"rounds": self.rounds, "barriers": self.barriers,
+                "barrier_seconds": round(self.barrier_seconds, 3),
                 "copies_recorded": self.copies_recorded}

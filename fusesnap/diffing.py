@@ -34,12 +34,10 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import zstandard
-from tqdm import tqdm
 
 from fusesnap import arguments
 from fusesnap.arguments import positive_int, whole_number
 from fusesnap.errors import EXIT_FAILED, EXIT_OK, UserError
-from fusesnap import similarity
 from fusesnap.formats.update_diff import (
     CHUNKS_OFFSET, COMPRESSIONS, ENTRY_SIZE, MAGIC, MAX_CHUNK_BYTES, REFERENCE_FACTOR,
     SUPERBLOCK_SIZE, VERSION, VERSION_REFERENCING, DiffFile, DiffFormatError, Identification,
@@ -446,6 +444,7 @@ def _fill_referencing_diff(old_fd: int, new_fd: int, out_fd: int, stats: DiffSta
     the similarity index over OLD (every block: references may be changed blocks,
     see fusesnap.formats.update_diff), the second compresses the changed blocks of
     NEW chunk by chunk against the OLD blocks the index finds, reading them back."""
+    from fusesnap import similarity  # here: numpy costs every other command ~0.2 s to import
     bs = stats.block_size
     cb = stats.chunk_blocks
     new_size = stats.new_size
@@ -657,6 +656,7 @@ def run_diff(args) -> int:
     """`fusesnap diff`: a progress bar and a summary on stderr if it is a TTY (and not
     --quiet), silent otherwise. UserError for bad input; on SIGTERM, as on Ctrl-C, no
     temp file is left behind (exit status 143)."""
+    from tqdm import tqdm  # here: importing it costs every other command ~0.1 s
     bar = tqdm(total=None, unit="B", unit_scale=True, unit_divisor=1024, dynamic_ncols=True,
                disable=True if args.quiet else None)   # None: only on a terminal
     on_terminal = not bar.disable  # (closing the bar sets bar.disable)

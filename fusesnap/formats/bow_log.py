@@ -13,13 +13,20 @@ What this module owns (pure format logic, no trio, no policy):
     simulating the restore on a relocation map -- every log block (magic, version,
     sizes, sequence), every entry (sizes, alignment, bounds) and every checksum, as
     Android's vold does before it restores (Checkpoint.cpp, cp_restoreCheckpoint).
-  - `restore(device)`: copy every backup back, newest first, so that the device is
-    the checkpoint again. Resumable exactly as vold's: before a copy would overwrite
-    a sector read earlier in the same pass, the progress (the log block with the
-    remaining entry count and the magic "WOB") is written to block 0 between two
-    fsyncs, so a re-run after an interruption at any point (power cut included)
-    finishes the job; a device left half-restored by vold resumes here and the
-    other way round.
+  - `restore(device)`: copy every backup back so that the device is the checkpoint
+    again; a re-run after an interruption at any point (power cut included)
+    finishes the job. Two ways, same result:
+      directly, when no backup sits where another is restored to (`direct_plan`;
+      the usual case): every copy in dest order, contiguous runs as one read and
+      one write, one fsync, then block 0 (which kept the log until then) and a
+      second fsync. Interrupted, the log is intact and every backup unchanged:
+      it validates and restores again.
+      in log order otherwise (a backup or block 0's live copy was moved), newest
+      first, resumable exactly as vold's: before a copy would overwrite a sector
+      read earlier in the same pass, the progress (the log block with the
+      remaining entry count and the magic "WOB") is written to block 0 between two
+      fsyncs. A device left half-restored by vold resumes here and the other way
+      round.
 
 `device` is anything with ``pread(size, offset)``, ``pwrite(data, offset)``,
 ``fsync()`` and ``size`` (a `fusesnap.devices.BlockDevice`). Every violation raises
@@ -28,6 +35,7 @@ What this module owns (pure format logic, no trio, no policy):
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import struct
 import zlib
@@ -163,8 +171,12 @@ class _Relocations:
             self.deltas.assign(s, e, delta or None)
 
     def read(self, device, sector: int, size: int) -> bytes:
+        segments = self.deltas.segments(sector, sector + size // SECTOR)
+        if len(segments) == 1:  # the usual case: one read, no copying
+            s, e, delta = segments[0]
+            return device.pread(size, (s + (delta or 0)) * SECTOR)
         out = bytearray()
-        for s, e, delta in self.deltas.segments(sector, sector + size // SECTOR):
+        for s, e, delta in segments:
             out += device.pread((e - s) * SECTOR, (s + (delta or 0)) * SECTOR)
         return bytes(out)
 
@@ -237,17 +249,124 @@ def validate(device) -> LogSummary:
 
 # -- restore ----------------------------------------------------------------------------
 
+# The most bytes the direct restore reads or writes at once.
+DIRECT_IO_BYTES = 8 << 20
+
+
 def restore(device, *, validated: LogSummary | None = None,
             progress: Callable[[int], None] | None = None,
             stop_after: int | None = None) -> LogSummary:
     """Validate (unless `validated` is what `validate(device)` just returned), then
-    copy every backup back, newest first; the device is then the checkpoint.
-    Resumable: re-running after an interruption at any point finishes.
+    copy every backup back; the device is then the checkpoint. Resumable: re-running
+    after an interruption at any point (power cut included) finishes.
 
-    `progress(bytes)` is called after each copy. `stop_after` (tests only) stops
-    after that many copies, as an interruption would.
+    Directly (`_restore_directly`) when no backup is read from where another one is
+    restored to (the usual case); otherwise in log order, newest first
+    (`_restore_in_log_order`). `progress(bytes)` is called after each copy.
+    `stop_after` (tests only) stops after that many entries are restored, as an
+    interruption would.
     """
     summary = validated or validate(device)
+    plan = direct_plan(summary)
+    if plan is not None:
+        _restore_directly(device, summary, *plan, progress=progress, stop_after=stop_after)
+    else:
+        _restore_in_log_order(device, summary, progress=progress, stop_after=stop_after)
+    return summary
+
+
+def direct_plan(summary: LogSummary) -> tuple[list[LogEntry], LogEntry] | None:
+    """The entries to restore directly and the one that restores block 0, or None
+    if the log needs its order.
+
+    In log order each entry copies its backup (dest) over its source, and a later
+    log block reaches block 0 through its entry 0. When no dest overlaps any source
+    or block 0, and no two sources overlap (except whole block 0, restored by every
+    log block's entry 0 and last by the oldest), every backup still holds what it
+    held when validated until the restore ends, and each source is written once: the
+    copies may then go in any order, block 0 last, with the same result."""
+    block_size = summary.blocks[0].block_size
+    in_order = [entry for block in summary.blocks for entry in reversed(block.entries)]
+    block0 = [entry for entry in in_order if entry.source == 0 and entry.size == block_size]
+    if not block0:
+        return None
+    others = [entry for entry in in_order if not (entry.source == 0 and entry.size == block_size)]
+    sources = sorted([(0, block_size // SECTOR)]
+                     + [(entry.source, entry.source + entry.size // SECTOR) for entry in others])
+    if any(end > start for (_, end), (start, _) in zip(sources, sources[1:])):
+        return None
+    starts = [start for start, _ in sources]
+    for entry in in_order:
+        # The source that starts last before the dest's end must end before the dest starts.
+        index = bisect.bisect_left(starts, entry.dest + entry.size // SECTOR) - 1
+        if index >= 0 and sources[index][1] > entry.dest:
+            return None
+    return others, block0[-1]
+
+
+def _restore_directly(device, summary: LogSummary, entries: list[LogEntry], block0: LogEntry, *,
+                      progress: Callable[[int], None] | None, stop_after: int | None) -> None:
+    """Copy every backup in `entries` back in dest order (reads of contiguous
+    backups, and writes of backups that are contiguous on both sides, go together,
+    up to DIRECT_IO_BYTES), fsync, then write block 0 and fsync.
+
+    Ordering: block 0 keeps the log, and every backup what validation saw, until
+    every other copy is durable (the first fsync); so an interruption before the
+    block 0 write is durable leaves a log that validates and restores again to the
+    same result, and one after it leaves the restored device."""
+    block_size = summary.blocks[0].block_size
+    ordered = sorted(entries, key=lambda entry: (entry.dest, entry.source))
+    done = done_bytes = 0
+    index = 0
+    while index < len(ordered):
+        # A run of backups contiguous on the device: one read.
+        first = ordered[index]
+        stop = index + 1
+        read_end = first.dest * SECTOR + first.size
+        while (stop < len(ordered) and ordered[stop].dest * SECTOR == read_end
+               and read_end + ordered[stop].size - first.dest * SECTOR <= DIRECT_IO_BYTES):
+            read_end += ordered[stop].size
+            stop += 1
+        data = memoryview(device.pread(read_end - first.dest * SECTOR, first.dest * SECTOR))
+        for entry in ordered[index:stop]:
+            _check_backup(entry, data[(entry.dest - first.dest) * SECTOR:][:entry.size], block_size)
+        # Within it, backups whose sources are contiguous too: one write.
+        while index < stop:
+            run = index + 1
+            while run < stop and ordered[run].source == ordered[run - 1].source + ordered[run - 1].size // SECTOR:
+                run += 1
+            start = (ordered[index].dest - first.dest) * SECTOR
+            length = sum(entry.size for entry in ordered[index:run])
+            device.pwrite(data[start:start + length], ordered[index].source * SECTOR)
+            if progress:
+                progress(length)
+            done += run - index
+            done_bytes += length
+            index = run
+            if stop_after is not None and done >= stop_after:
+                return
+    if stop_after is not None and stop_after < summary.entries:
+        return  # (the block 0 write restores the remaining entries, those of block 0)
+    device.fsync()  # every copy durable before block 0 stops being the log
+    data = device.pread(block0.size, block0.dest * SECTOR)
+    _check_backup(block0, data, block_size)
+    device.pwrite(data, 0)
+    device.fsync()
+    if progress:
+        progress(summary.backed_up_bytes - done_bytes)  # block 0 stands for every log block's entry 0
+
+
+def _check_backup(entry: LogEntry, data, block_size: int) -> None:
+    """The backup read for a restore still has the checksum validation saw."""
+    if entry.checksum and block_checksum(entry.source, data, block_size) != entry.checksum:
+        raise BowLogError(f"the backup at sector {entry.dest} changed since validation "
+                          f"(checksum 0x{entry.checksum:08x}): is the device in use?")
+
+
+def _restore_in_log_order(device, summary: LogSummary, *, progress: Callable[[int], None] | None,
+                          stop_after: int | None) -> None:
+    """Every entry newest first, as vold does, saving progress ("WOB") before a copy
+    would overwrite a sector read since progress was last saved."""
     block_size = summary.blocks[0].block_size
     copies = 0
     for sequence in range(summary.blocks[0].sequence, -1, -1):
@@ -287,6 +406,5 @@ def restore(device, *, validated: LogSummary | None = None,
             if progress:
                 progress(entry.size)
             if stop_after is not None and copies >= stop_after:
-                return summary
-    return summary
+                return
 

@@ -62,6 +62,7 @@ import os
 import stat
 import struct
 import sys
+import time
 import zlib
 
 import trio
@@ -1079,6 +1080,7 @@ def _open_offline(device_arg: str, what: str, *, read_only: bool) -> BlockDevice
 
 def cmd_restore(args) -> int:
     device = _open_offline(args.device, "restore", read_only=args.dry_run)
+    started = time.monotonic()
     try:
         try:
             summary = bow_log.validate(device)
@@ -1114,7 +1116,8 @@ def cmd_restore(args) -> int:
         os.unlink(map_path)  # the map described the device after the checkpoint
     except FileNotFoundError:
         pass
-    print(f"{device.path}: restored to its checkpoint ({summary.entries} backups, {total} bytes)")
+    print(f"{device.path}: restored to its checkpoint ({summary.entries} backups, {total} bytes, "
+          f"in {time.monotonic() - started:.2f} s)")
     return 0
 
 
