@@ -360,7 +360,7 @@ class OriginImage(Image):
                 self.dirty = False
                 await self._sync_store()
         except OSError as exc:
-            self._store_failure(exc)
+            await self._store_failure(exc)
 
     # -- the copy-before-write policy (see fusesnap.copy_before_write) ---------------
 
@@ -487,7 +487,7 @@ class OriginImage(Image):
         try:
             await self._sync_store()
         except OSError as exc:
-            self._store_failure(exc)  # the origin write goes on; the snapshots are lost
+            await self._store_failure(exc)  # the origin write goes on; the snapshots are lost
 
     def recorded(self, copies: list[StoreCopy]) -> None:
         pass  # the records were applied as they were written
@@ -496,11 +496,29 @@ class OriginImage(Image):
         """Copies whose records were never written: their slots are free again."""
         self.free_slots.update(c.slot for c in copies if c.kind in ("copy", "own") and not c.failed)
 
-    def _store_failure(self, exc: OSError) -> None:
-        """The store cannot be made durable: every snapshot is lost (said in .status)."""
+    async def _store_failure(self, exc: OSError) -> None:
+        """The store could not be made durable: copies since its last good fsync may be
+        lost, so every snapshot is. They are marked corrupted in memory at once, then
+        in the table: CORRUPT records claim nothing the failed fsync covered, and an
+        fsync that succeeds after it made them durable (a new writeback error would be
+        reported again). If that fails too, `.status` and the log say that a re-mount
+        may show the snapshots intact. No slot is reused from then on, and no
+        snapshot taken, until a re-mount."""
+        if self.store_failed:
+            return  # every snapshot is marked already
         self.store_failed = f"store fsync failed: {exc.strerror}"
         log.error("%s: %s; every snapshot is marked corrupted", self.store.path, self.store_failed)
-        self._corrupt_all_unrecorded()
+        marks = [fmt.Record(fmt.CORRUPT, held.number, count=fmt.STORE_ERROR)
+                 for held in self.state.held.values() if not held.corrupted]
+        try:
+            self._append(marks)
+            await trio.to_thread.run_sync(self.store.file.fsync)
+        except OSError as again:
+            self._corrupt_all_unrecorded()
+            self.store_failed += (f"; the corrupted marks could not be written either ({again.strerror}): "
+                                  "after a re-mount the snapshots may look intact, and are not")
+            log.error("%s: %s", self.store.path, self.store_failed)
+        self.pending_free.clear()  # never reused: nothing about the store is trusted now
 
     def _corrupt_all_unrecorded(self) -> None:
         """In memory only: the store cannot record it."""
@@ -574,11 +592,20 @@ class OriginImage(Image):
         raise ValueError(f"snapshot takes 'take' or 'release N', not {' '.join(args)!r}")
 
     async def take(self) -> int:
+        if self.store_failed:
+            raise OSError(errno.EIO, f"no snapshot taken: {self.store_failed} (re-mount first)")
         # Every chunk held: no origin write is between its copy and its overwrite.
         async with self.cbw.exclusive(0, self.n_chunks):
             number = self.state.next_snapshot
             self._append([fmt.Record(fmt.TAKE, number)])
-            await trio.to_thread.run_sync(self.store.file.fsync)
+            try:
+                await trio.to_thread.run_sync(self.store.file.fsync)
+            except OSError as exc:
+                # The take fails as a whole: its RELEASE follows the TAKE, so a table
+                # that has both never shows the snapshot; the rest is a store failure.
+                self._append([fmt.Record(fmt.RELEASE, number)])
+                await self._store_failure(exc)
+                raise OSError(exc.errno, f"snapshot {number} not taken: the store's fsync failed") from None
             self.snapshots[number] = SnapshotImage(self, number)
         log.info("took snapshot %d (generation %s)", number, self.state.generation)
         return number
