@@ -112,6 +112,14 @@ def qemu_overlay_export(base: Path, workdir: Path):
                  "--blockdev", f"driver=qcow2,node-name=overlay,file.driver=file,file.filename={overlay}",
                  "--export", f"type=fuse,id=export,node-name=overlay,mountpoint={export},writable=on"])
             pid = int(pidfile.read_text())
+        # The export is mounted over the empty file; a loop device attached before
+        # that would be of size 0 (seen under load).
+        for _ in range(100):
+            if export.stat().st_size == base.stat().st_size:
+                break
+            time.sleep(0.1)
+        else:
+            raise BenchError(f"the qemu export {export} did not appear")
         yield export
     finally:
         with deferred_interrupts():
