@@ -24,8 +24,9 @@ qemu-storage-daemon is missing (--no-qemu skips that column). In one run it:
    same writes again (chunks already copied); the targets go in one order in even
    rounds and in the reverse order in odd ones (ABBA), so a change of the machine's
    load during a round weighs on both sides of a ratio;
-4. seq read 1M qd8 (time-based) of ONE's origin.img and of its snapshot.img (half the
-   chunks copied into the store), and of the qemu export, the same way, --read-rounds;
+4. seq read 1M qd8 (time-based) of ONE's origin.img and of its snapshot.img (--rounds *
+   --region-mib of it copied into the store), and of the qemu export, the same
+   way, --read-rounds rounds;
 5. prints the median over the rounds of each round's ratio (a ratio of two runs
    seconds apart, on a shared machine whose load swings the absolute figures by 2x
    within a run), the median absolute figures beside it, and the floors of the
