@@ -3,8 +3,8 @@
 without any, snapshot reads against origin reads, and qemu-storage-daemon (a qcow2
 overlay exported over FUSE) beside them.
 
-    python bench/bench_snapshot.py                     # 1 GiB devices, 128 MiB regions, 3 rounds
-    python bench/bench_snapshot.py --size-mib 512 --region-mib 64 --rounds 2 --no-qemu
+    python bench/bench_snapshot.py                     # 1 GiB devices, 64 MiB regions, 7 rounds
+    python bench/bench_snapshot.py --size-mib 512 --region-mib 32 --rounds 5 --no-qemu
 
 Must run as root; installs qemu-utils and qemu-system-common with apt-get if
 qemu-storage-daemon is missing (--no-qemu skips that column). In one run it:
@@ -21,12 +21,17 @@ qemu-storage-daemon is missing (--no-qemu skips that column). In one run it:
 3. per round, on a region of the devices no earlier round touched: seq write 1M qd8
    (libaio, O_DIRECT, --region-mib) on NONE, ONE, EIGHT and qemu -- the first touch
    of every chunk (a copy into the store, a cluster allocation in qcow2) -- then the
-   same writes again (chunks already copied); targets in rotating order;
-4. seq read 1M qd8 (time-based) of ONE's origin.img and of its snapshot.img (half the
-   chunks copied into the store), and of the qemu export, interleaved;
-5. prints each cell as the best of its rounds, the ratios to the limit and the
-   floors of the issue: first touch >= 0.5, copied >= 0.9, eight snapshots within 10%
-   of one, snapshot reads >= 0.8.
+   same writes again (chunks already copied); the targets go in one order in even
+   rounds and in the reverse order in odd ones (ABBA), so a change of the machine's
+   load during a round weighs on both sides of a ratio;
+4. seq read 1M qd8 (time-based) of ONE's origin.img and of its snapshot.img (--rounds *
+   --region-mib of it copied into the store), and of the qemu export, the same
+   way, --read-rounds rounds;
+5. prints the median over the rounds of each round's ratio (a ratio of two runs
+   seconds apart, on a shared machine whose load swings the absolute figures by 2x
+   within a run), the median absolute figures beside it, and the floors of the
+   issue: first touch >= 0.5, copied >= 0.9, eight snapshots within 10% of one,
+   snapshot reads >= 0.8.
 
 Teardown always runs, in this order: loop devices, fusesnap mounts, the qemu daemon
 and its export, the temp dir. Exit status: 0 if every floor is met, 1 if one is not,
@@ -40,6 +45,7 @@ import contextlib
 import os
 import shutil
 import signal
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -58,9 +64,10 @@ FIRST_TOUCH_FLOOR, COPIED_FLOOR, EIGHT_TOLERANCE, READ_FLOOR = 0.5, 0.9, 0.1, 0.
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size-mib", type=int, default=1024, help="device size (default 1024)")
-    parser.add_argument("--region-mib", type=int, default=128, help="written per run (default 128)")
-    parser.add_argument("--rounds", type=int, default=3, help="rounds of writes (default 3)")
-    parser.add_argument("--read-runtime", type=float, default=5, help="seconds per read run (default 5)")
+    parser.add_argument("--region-mib", type=int, default=64, help="written per run (default 64)")
+    parser.add_argument("--rounds", type=int, default=7, help="rounds of writes (default 7)")
+    parser.add_argument("--read-rounds", type=int, default=4, help="rounds of reads (default 4)")
+    parser.add_argument("--read-runtime", type=float, default=3, help="seconds per read run (default 3)")
     parser.add_argument("--workers", type=int, default=1, help="fusesnap mount --workers N, all mounts")
     parser.add_argument("--no-qemu", action="store_true", help="leave qemu-storage-daemon out")
     parser.add_argument("--tmpdir", help="where the backing files go (default: $TMPDIR)")
@@ -106,6 +113,14 @@ def qemu_overlay_export(base: Path, workdir: Path):
                  "--blockdev", f"driver=qcow2,node-name=overlay,file.driver=file,file.filename={overlay}",
                  "--export", f"type=fuse,id=export,node-name=overlay,mountpoint={export},writable=on"])
             pid = int(pidfile.read_text())
+        # The export is mounted over the empty file; a loop device attached before
+        # that would be of size 0 (seen under load).
+        for _ in range(100):
+            if export.stat().st_size == base.stat().st_size:
+                break
+            time.sleep(0.1)
+        else:
+            raise BenchError(f"the qemu export {export} did not appear")
         yield export
     finally:
         with deferred_interrupts():
@@ -151,31 +166,29 @@ def main(argv=None) -> int:
         snapshot_dev = stack.enter_context(attached(mounts["one"][0].mountpoint / "snapshot.img",
                                                     read_only=True))
 
-        first: dict[str, float] = {}
-        again: dict[str, float] = {}
-        order = list(targets)
+        # figures[kind][target]: one figure per round, in round order
+        first: dict[str, list[float]] = {name: [] for name in targets}
+        again: dict[str, list[float]] = {name: [] for name in targets}
         for round_number in range(args.rounds):
             offset = round_number * args.region_mib
             for _, device in mounts.values():
                 warm(device)
-            for name in order:
-                mbps = region_write(targets[name], offset, args.region_mib)
-                first[name] = max(first.get(name, 0), mbps)
-                print(f"round {round_number + 1}: first touch  {name:6} {mbps:8.1f} MB/s", flush=True)
-            for name in order:
-                mbps = region_write(targets[name], offset, args.region_mib)
-                again[name] = max(again.get(name, 0), mbps)
-                print(f"round {round_number + 1}: copied       {name:6} {mbps:8.1f} MB/s", flush=True)
-            order = order[1:] + order[:1]
+            order = list(targets) if round_number % 2 == 0 else list(reversed(targets))
+            for kind, figures in (("first touch", first), ("copied", again)):
+                for name in order:
+                    mbps = region_write(targets[name], offset, args.region_mib)
+                    figures[name].append(mbps)
+                    print(f"round {round_number + 1}: {kind:12} {name:6} {mbps:8.1f} MB/s", flush=True)
 
-        reads: dict[str, float] = {}
+        reads: dict[str, list[float]] = {}
         read_targets = {"origin.img": targets["one"], "snapshot.img": snapshot_dev}
         if "qemu" in targets:
             read_targets["qemu export"] = targets["qemu"]
-        for round_number in range(2):
-            for name in (list(read_targets) if round_number == 0 else list(reversed(read_targets))):
+        for round_number in range(args.read_rounds):
+            order = list(read_targets) if round_number % 2 == 0 else list(reversed(read_targets))
+            for name in order:
                 mbps = seq_read(read_targets[name], args.read_runtime)
-                reads[name] = max(reads.get(name, 0), mbps)
+                reads.setdefault(name, []).append(mbps)
                 print(f"read {round_number + 1}: {name:12} {mbps:8.1f} MB/s", flush=True)
         status = mounts["one"][0].mountpoint / ".status"
         print(status.read_text().rstrip())
@@ -183,16 +196,17 @@ def main(argv=None) -> int:
     qemu = "qemu" in first
     rows, ok = [], True
 
-    def row(label, value, limit, floor, text_floor, qemu_value=None):
+    def row(label, values, limits, floor, text_floor, qemu_values=None):
+        """One line: the median of the per-round ratios values[i] / limits[i]."""
         nonlocal ok
-        ratio = value / limit
+        ratio = median_ratio(values, limits)
         passed = floor(ratio)
         ok &= passed
-        cells = [label, f"{limit:.0f}", f"{value:.0f}", f"{ratio:.2f}", text_floor,
-                 "PASS" if passed else "BELOW-FLOOR"]
+        cells = [label, f"{statistics.median(limits):.0f}", f"{statistics.median(values):.0f}",
+                 f"{ratio:.2f}", spread(values, limits), text_floor, "PASS" if passed else "BELOW-FLOOR"]
         if qemu:
-            cells += [f"{qemu_value:.0f}" if qemu_value is not None else "-",
-                      f"{qemu_value / limit:.2f}" if qemu_value is not None else "-"]
+            cells += [f"{statistics.median(qemu_values):.0f}" if qemu_values else "-",
+                      f"{median_ratio(qemu_values, limits):.2f}" if qemu_values else "-"]
         rows.append(cells)
 
     row("write, 1 snapshot, first touch", first["one"], first["none"],
@@ -205,12 +219,24 @@ def main(argv=None) -> int:
         lambda r: r >= 1 - EIGHT_TOLERANCE, f">= {1 - EIGHT_TOLERANCE:.1f}")
     row("read snapshot.img (vs origin.img)", reads["snapshot.img"], reads["origin.img"],
         lambda r: r >= READ_FLOOR, f">= {READ_FLOOR}", reads.get("qemu export"))
-    headers = ["seq 1M qd8, MB/s", "limit", "fusesnap", "ratio", "floor", "result"]
+    headers = ["seq 1M qd8, MB/s (medians)", "limit", "fusesnap", "ratio", "ratio range", "floor", "result"]
     if qemu:
         headers += ["qemu qcow2", "qemu ratio"]
     print()
     print(format_table(headers, rows))
+    print(f"(ratio: the median over {args.rounds} write rounds, {args.read_rounds} read rounds, of each "
+          "round's ratio; load at the end " + " ".join(f"{v:.2f}" for v in os.getloadavg()) + ")")
     return 0 if ok else 1
+
+
+def median_ratio(values: list[float], limits: list[float]) -> float:
+    """The median of the per-round ratios (each a pair measured seconds apart)."""
+    return statistics.median(value / limit for value, limit in zip(values, limits))
+
+
+def spread(values: list[float], limits: list[float]) -> str:
+    ratios = [value / limit for value, limit in zip(values, limits)]
+    return f"{min(ratios):.2f}-{max(ratios):.2f}"
 
 
 if __name__ == "__main__":

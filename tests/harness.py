@@ -83,6 +83,18 @@ def mounted_dir(device: str, directory: Path, *options: str):
         run(["umount", str(directory)])
 
 
+@contextlib.contextmanager
+def small_tmpfs(directory: Path, size: str):
+    """A tmpfs of `size` (e.g. "3m") mounted on `directory`: a file on it whose pages
+    do not fit makes a loop device over it fail its writeback (an fsync error)."""
+    directory.mkdir()
+    run(["mount", "-t", "tmpfs", "-o", f"size={size}", "fusesnap-test", str(directory)])
+    try:
+        yield directory
+    finally:
+        run(["umount", str(directory)])
+
+
 class Mount:
     """A running fusesnap mount (the server is a background process)."""
 

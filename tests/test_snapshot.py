@@ -14,7 +14,8 @@ import threading
 import pytest
 
 from fusesnap.formats import snapshot_store as fmt
-from harness import FUSESNAP, fill_files, fusesnap, loop_device, mounted_dir, run, sparse_file
+from harness import (FUSESNAP, fill_files, fusesnap, loop_device, mounted_dir, run, small_tmpfs,
+                     sparse_file)
 
 pytestmark = pytest.mark.mount
 
@@ -232,6 +233,37 @@ def test_release_frees_the_store_and_the_file(snap_mount, tmp_path):
     assert sorted(os.listdir(m.mountpoint)) == [".status", ".status.json", "origin.img"]
     assert m.status()["origin.img"]["store_bytes"] == store.stat().st_size  # the tail was cut
     assert snapshot_cli(m, "release", check=False).returncode == 1
+
+
+def test_a_store_whose_writeback_fails_loses_its_snapshots_and_records_that(tmp_path, mount, device,
+                                                                              loop, stack):
+    """The store on a device whose writeback fails once the 2 MiB tmpfs under it is
+    full: the take whose fsync reports it fails (exit 1) and leaves no snapshot, the
+    snapshot before it is marked corrupted in .status and in the store's table (a
+    re-mount still says so), and origin writes go on."""
+    media = stack.enter_context(small_tmpfs(tmp_path / "tmpfs", "2m"))
+    store = loop(sparse_file(media / "store.raw", 32 * MiB), direct_io=False)
+    options = ("--snapshot", device, "--store", store, "--store-limit", "32M")
+    m = mount(*options)
+    take(m)
+    pwrite(m / "origin.img", os.urandom(8 * MiB), 0)  # 8 MiB of copies for 2 MiB of room
+    result = snapshot_cli(m, "take", "--no-freeze", check=False)
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1 and "'snapshot take' failed" in result.stderr
+    status = m.status()
+    assert [name for name in status if name.startswith("snapshot")] == ["snapshot-1.img"]
+    assert status["snapshot-1.img"]["state"] == "corrupted"
+    assert status["origin.img"]["store_error"].startswith("store fsync failed")
+    assert "could not be written" not in status["origin.img"]["store_error"]
+    assert snapshot_cli(m, "take", "--no-freeze", check=False).returncode == 1  # until a re-mount
+    pwrite(m / "origin.img", b"o" * MiB, 16 * MiB)
+    assert pread(m / "origin.img", MiB, 16 * MiB) == b"o" * MiB
+    fusesnap("umount", m.mountpoint)
+
+    status = mount(*options).status()
+    assert [name for name in status if name.startswith("snapshot")] == ["snapshot-1.img"]
+    assert status["snapshot-1.img"]["state"] == "corrupted"
+    assert status["snapshot-1.img"]["reason"] == fmt.REASONS[fmt.STORE_ERROR]
 
 
 def test_release_while_a_snapshot_is_being_read(snap_mount):

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from harness import (Mount, copy_of, fusesnap, loop_device, make_update_pair, mounted_dir, run,
-                     sha256_of, sparse_file, teardown_mount)
+                     sha256_of, small_tmpfs, sparse_file, teardown_mount)
 
 from fusesnap.formats.update_diff import DiffFile
 
@@ -442,16 +442,6 @@ def test_a_diff_rewritten_in_place_stops_the_merge(tmp_path, mount, state, algor
         got = data[block * 4096:(block + 1) * 4096]
         assert got != new2_data[block * 4096:(block + 1) * 4096], "no block of the other update"
         assert got in (bytes(4096), new1_data[block * 4096:(block + 1) * 4096])
-
-
-@contextlib.contextmanager
-def small_tmpfs(directory, size: str):
-    directory.mkdir()
-    run(["mount", "-t", "tmpfs", "-o", f"size={size}", "fusesnap-test", str(directory)])
-    try:
-        yield directory
-    finally:
-        run(["umount", str(directory)])
 
 
 @contextlib.contextmanager
