@@ -145,13 +145,23 @@ def fusesnap_mount(mountpoint: Path, *image_args, log: Path | None = None, cwd: 
         teardown_mount(mount)
 
 
+def children_of(pid: int | None) -> list[int]:
+    try:
+        return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:  # gone, or no pid
+        return []
+
+
 def teardown_mount(mount: Mount) -> None:
     for device, _ in loop_devices_backed_under(mount.mountpoint):
         detach_loop(device)
     if is_mounted(mount.mountpoint):
         if fusesnap("umount", mount.mountpoint, check=False).returncode != 0:
             run(["umount", "-l", str(mount.mountpoint)], check=False)
-    for pid in filter(None, (mount.pid, mount.supervisor_pid)):
+    # The supervisor goes first: a server killed before it would be failed over. Its
+    # children are the servers it started (a failover's successor, the standby).
+    servers = [mount.pid, *children_of(mount.supervisor_pid)]
+    for pid in filter(None, (mount.supervisor_pid, *servers)):
         if not wait_for_exit(pid, 30):
             os.kill(pid, signal.SIGKILL)
             wait_for_exit(pid, 10)
