@@ -57,12 +57,13 @@ def assert_aborted(m, device: str) -> None:
     assert wait_for_exit(m.supervisor_pid, 10)
 
 
-def test_open_handles_and_cached_inodes_survive_a_crash(tmp_path, mount, monkeypatch):
+def test_open_handles_cached_inodes_and_file_times_survive_a_crash(tmp_path, mount, monkeypatch):
     monkeypatch.chdir(tmp_path)  # relative paths, as users type them
     sparse_file(tmp_path / "dev.raw", 16 << 20)
     m = mount("--linear", "dev.raw")
     image = m / "linear.img"
     inode = image.stat().st_ino
+    mount_time = (m / ".status").stat().st_mtime_ns  # a status file's attributes are never cached
     handle = os.open(image, os.O_RDWR)
     try:
         os.pwrite(handle, b"before" * 100, 4096)
@@ -73,6 +74,7 @@ def test_open_handles_and_cached_inodes_survive_a_crash(tmp_path, mount, monkeyp
     finally:
         os.close(handle)
     assert image.stat().st_ino == inode
+    assert (m / ".status").stat().st_mtime_ns == mount_time
     status = server_status(m)
     assert status["pid"] == successor and status["failovers"] == 1
     assert status["last_failover"] == f"server pid {dead} died"
