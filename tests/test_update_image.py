@@ -480,7 +480,9 @@ def test_after_an_fsync_error_progress_claims_nothing_unwritten(tmp_path, mount,
     backing = sparse_file(media / "dev.img", 16 << 20)   # OLD: zeros, taking no space
     dev = loop(backing, direct_io=False)
 
-    m = mount(*state, "--system", dev, "--diff", diff, "--merge-rate", "2")
+    # 0.5 MB/s: the pause must come before 3 MiB are merged, and on a loaded machine
+    # `fusesnap update pause` takes seconds to start.
+    m = mount(*state, "--system", dev, "--diff", diff, "--merge-rate", "0.5")
     wait_for(lambda: system_status(m)["merged"] >= 64)
     fusesnap("update", "pause", m.mountpoint)        # saves progress: an fsync that works
     # The pause's save, not an earlier periodic one: paused, the saved count catches up
@@ -491,6 +493,7 @@ def test_after_an_fsync_error_progress_claims_nothing_unwritten(tmp_path, mount,
     fusesnap("update", "resume", m.mountpoint)
     status = wait_for(lambda: (s := system_status(m))["state"] == "error" and s, timeout=90)
     assert f"fsync of {dev} failed" in status["error"]
+    saved = saved_chunks(state)  # the pause's, or a periodic save's after the resume
     assert status["merged"] == saved * 16, "chunks since the saved progress come from the diff"
     assert sha256_of(m / "system.img") == sha256_of(new)
     fusesnap("umount", m.mountpoint)
