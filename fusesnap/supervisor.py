@@ -13,7 +13,7 @@ Every server of the mount (the first one, a live upgrade's successor, a failover
 successor) holds the other end of a SOCK_SEQPACKET link to the supervisor (inherited
 descriptor FUSESNAP_SUPERVISOR_FD) and sends on it, once serving:
 
-  HELLO pid, version, upgrades, devices, INIT (+ FUSE fd, device fds)
+  HELLO pid, version, upgrades, devices, mount time, INIT (+ FUSE fd, device fds)
   EXITING                                   the session ended (umount, SIGTERM)
 
 When every process holding the link is gone and none said EXITING, the server
@@ -23,9 +23,10 @@ CATCH-UP and HANDOVER without "adapter" and "images", so the successor serves th
 images as its open recovered them (the update from its persisted progress,
 backup-on-write from its journal and log, snapshots from the store) and the adapter's
 tables as a fresh server numbers them (fs.py: inode numbers and file handles are
-functions of what the file is). After COMMIT it writes FUSE_NOTIFY_RESEND to the
-connection: the kernel queues again every request the dead server had read and not
-answered, so the loop devices see a pause, not an error.
+functions of what the file is; PREPARE passes on the mount time, the files' times).
+After COMMIT it writes FUSE_NOTIFY_RESEND to the connection: the kernel queues again
+every request the dead server had read and not answered, so the loop devices see a
+pause, not an error.
 
 When failover is impossible (more than --max-failovers crashes within
 CRASH_WINDOW seconds, a successor that cannot start, a kernel without
@@ -118,7 +119,8 @@ class Link:
             await trio.sleep(0.005)
         hello = {"type": "hello", "pid": os.getpid(), "version": __version__,
                  "upgrades": server.handover.upgrades, "failovers": server.handover.failovers,
-                 "devices": devices, "cwd": server.handover.launch.cwd,
+                 "devices": devices, "mount_time_ns": server.operations.mount_time_ns,
+                 "cwd": server.handover.launch.cwd,
                  "argv": server.handover.launch.argv,
                  "init": base64.b64encode(pyfuse3.saved_init_request()).decode()}
         try:
@@ -281,7 +283,8 @@ class Supervisor:
                 encode("prepare", argv=hello["argv"], cwd=hello["cwd"], devices=hello["devices"],
                        niceness=os.getpriority(os.PRIO_PROCESS, 0), old_version=hello["version"],
                        old_pid=hello["pid"], upgrades=hello["upgrades"],
-                       failovers=hello["failovers"] + 1, failover_reason=reason),
+                       failovers=hello["failovers"] + 1, failover_reason=reason,
+                       mount_time_ns=hello.get("mount_time_ns")),
                 [sys.stderr.fileno(), *self.device_fds], "prepared", FAILOVER_PREPARE_TIMEOUT)
             await successor.exchange(encode("catch-up", images=None), [], "caught-up",
                                      FAILOVER_PREPARE_TIMEOUT)

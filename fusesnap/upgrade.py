@@ -38,7 +38,8 @@ image (closing may persist state) before COMMIT.
 Crash failover (issue 11) reuses the successor side: a supervisor holding the FUSE
 descriptor, the device descriptors and the saved INIT sends PREPARE, a CATCH-UP and a
 HANDOVER without "adapter" and "images"; the successor then keeps the tables and images as
-it opened them, that is, as recovered from their persisted state.
+it opened them, that is, as recovered from their persisted state (PREPARE brings only the
+mount time).
 
 Concurrency: the old server's side is trio tasks in the mount's nursery; `serve`
 alternates pyfuse3.main with hand-overs. The successor's side is blocking code that
@@ -521,6 +522,7 @@ class Takeover:
         self.failovers = prepare.get("failovers", 0)
         self.last_failover = self.failover_reason or prepare.get("last_failover")
         self.upgrades = prepare["upgrades"] + (0 if self.failover_reason else 1)
+        self.mount_time_ns = prepare.get("mount_time_ns")  # a supervisor's: no adapter state
         self.niceness = prepare["niceness"]
         self.stopped_at = 0.0
 
@@ -562,6 +564,8 @@ class Takeover:
             if state.get("adapter") is not None:
                 restore_adapter(operations, state["adapter"],
                                 [file for image in images for file in image.files()])
+            elif self.mount_time_ns is not None:
+                operations.mount_time_ns = self.mount_time_ns
             pyfuse3.init(operations, f"/dev/fd/{fuse_fd}", options)
             pyfuse3.replay_init(base64.b64decode(handover["init"]))
         try:  # serve at the old server's priority again (only root may raise it)

@@ -10,6 +10,11 @@ write of zeros) is applied to it and appended, in arrival order, to a log. A tes
 put labelled marks into the log (`Recording.mark("checkpointed")`) to say what had
 been acknowledged by then. Production code carries no test hooks for this.
 
+It can also hold reads: after `Recording.hold_reads(offset)` every read of the
+device that covers `offset` waits until `Recording.release_reads()`, and
+`Recording.held_reads()` counts them (released or not). A test uses this to stop the
+code under test inside a request, at a known point, without any hook in that code.
+
 Afterwards `crash_states(base, recording, workdir)` replays the log and yields
 `CrashState`s: the device after each flush (everything before it durable), and, for
 each flush, random subsets and random prefixes of the writes issued after it and
@@ -43,6 +48,9 @@ WRITE, FLUSH, MARK = b"W", b"F", b"M"
 _RECORD = struct.Struct("<cQI")  # kind, offset, length; then `length` bytes of data or label
 PIECE = 4096
 XATTR_MARK = "user.crash_states.mark"
+XATTR_HOLD = "user.crash_states.hold"            # value: the offset whose reads wait
+XATTR_RELEASE = "user.crash_states.release"      # they go on (the offset stays watched)
+XATTR_HELD_READS = "user.crash_states.held_reads"  # reads of the offset since the hold
 DEVICE_NAME = "device"
 
 
@@ -60,6 +68,9 @@ def _serve(mountpoint: str, working_copy: str, log_path: str) -> None:
             self.fd = os.open(working_copy, os.O_RDWR)
             self.size = os.fstat(self.fd).st_size
             self.log = open(log_path, "wb")
+            self.held_offset: int | None = None
+            self.held_reads = 0
+            self.released = trio.Event()
 
         def append(self, kind: bytes, offset: int, payload: bytes) -> None:
             self.log.write(_RECORD.pack(kind, offset, len(payload)))
@@ -95,6 +106,9 @@ def _serve(mountpoint: str, working_copy: str, log_path: str) -> None:
             return pyfuse3.FileInfo(fh=inode, direct_io=True)
 
         async def read(self, fh, off, size):
+            if self.held_offset is not None and off <= self.held_offset < off + size:
+                self.held_reads += 1
+                await self.released.wait()
             return os.pread(self.fd, min(size, max(0, self.size - off)), off)
 
         async def write(self, fh, off, buf):
@@ -114,10 +128,21 @@ def _serve(mountpoint: str, working_copy: str, log_path: str) -> None:
             self.log.flush()
 
         async def setxattr(self, inode, name, value, ctx):
-            if name.decode() != XATTR_MARK:
+            if name.decode() == XATTR_HOLD:
+                self.held_offset, self.held_reads = int(value), 0
+                self.released = trio.Event()
+            elif name.decode() == XATTR_RELEASE:
+                self.released.set()
+            elif name.decode() == XATTR_MARK:
+                self.append(MARK, 0, bytes(value))
+                self.log.flush()
+            else:
                 raise pyfuse3.FUSEError(errno.ENOTSUP)
-            self.append(MARK, 0, bytes(value))
-            self.log.flush()
+
+        async def getxattr(self, inode, name, ctx):
+            if name.decode() != XATTR_HELD_READS:
+                raise pyfuse3.FUSEError(errno.ENODATA)
+            return str(self.held_reads).encode()
 
         async def flush(self, fh):
             pass
@@ -150,6 +175,17 @@ class Recording:
     def mark(self, label: str) -> None:
         """Record that everything acknowledged so far happened before `label`."""
         os.setxattr(self.device, XATTR_MARK, label.encode())
+
+    def hold_reads(self, offset: int) -> None:
+        """From now on a read covering `offset` waits for `release_reads`."""
+        os.setxattr(self.device, XATTR_HOLD, str(offset).encode())
+
+    def release_reads(self) -> None:
+        os.setxattr(self.device, XATTR_RELEASE, b"")
+
+    def held_reads(self) -> int:
+        """Reads covering the held offset since `hold_reads`, waiting or released."""
+        return int(os.getxattr(self.device, XATTR_HELD_READS))
 
 
 def _is_mounted(path: Path) -> bool:

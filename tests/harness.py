@@ -48,13 +48,26 @@ def sha256_of(path, length: int | None = None) -> str:
     return digest.hexdigest()
 
 
-def detach_loop(device: str) -> None:
-    """losetup -d, retrying while udev or a late reader still holds the device."""
+def loop_backing_file(device: str) -> str | None:
+    """The file loop device `device` is attached to, as the kernel names it (None:
+    not attached)."""
+    try:
+        return Path(f"/sys/block/{Path(device).name}/loop/backing_file").read_text().strip()
+    except OSError:
+        return None
+
+
+def detach_loop(device: str, backing: str) -> None:
+    """losetup -d, retrying while udev or a late reader still holds the device. Each
+    try first checks that the device is still attached to `backing` (as
+    `loop_backing_file` named it): once detached, its number may be another run's."""
     for _ in range(50):
+        if loop_backing_file(device) != backing:
+            return
         if run(["losetup", "-d", device], check=False).returncode == 0:
             return
         time.sleep(0.1)
-    raise AssertionError(f"could not detach {device}")
+    raise AssertionError(f"could not detach {device} from {backing}")
 
 
 @contextlib.contextmanager
@@ -66,10 +79,11 @@ def loop_device(path, *, direct_io: bool = True, read_only: bool = False, offset
     if offset:
         cmd += ["--offset", str(offset)]
     device = run([*cmd, str(path)]).stdout.strip()
+    backing = loop_backing_file(device)
     try:
         yield device
     finally:
-        detach_loop(device)
+        detach_loop(device, backing)
 
 
 @contextlib.contextmanager
@@ -159,13 +173,23 @@ def fusesnap_mount(mountpoint: Path, *image_args, log: Path | None = None, cwd: 
         teardown_mount(mount)
 
 
+def children_of(pid: int | None) -> list[int]:
+    try:
+        return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:  # gone, or no pid
+        return []
+
+
 def teardown_mount(mount: Mount) -> None:
-    for device, _ in loop_devices_backed_under(mount.mountpoint):
-        detach_loop(device)
+    for device, backing in loop_devices_backed_under(mount.mountpoint):
+        detach_loop(device, backing)
     if is_mounted(mount.mountpoint):
         if fusesnap("umount", mount.mountpoint, check=False).returncode != 0:
             run(["umount", "-l", str(mount.mountpoint)], check=False)
-    for pid in filter(None, (mount.pid, mount.supervisor_pid)):
+    # The supervisor goes first: a server killed before it would be failed over. Its
+    # children are the servers it started (a failover's successor, the standby).
+    servers = [mount.pid, *children_of(mount.supervisor_pid)]
+    for pid in filter(None, (mount.supervisor_pid, *servers)):
         if not wait_for_exit(pid, 30):
             os.kill(pid, signal.SIGKILL)
             wait_for_exit(pid, 10)

@@ -136,8 +136,8 @@ def run_flow(name: str, directory: Path) -> subprocess.CompletedProcess:
     finally:
         if is_mounted(directory / "fs"):
             run(["umount", "-l", str(directory / "fs")], check=False)
-        for loop, _ in loop_devices_backed_under(directory / "mnt"):
-            detach_loop(loop)
+        for loop, backing in loop_devices_backed_under(directory / "mnt"):
+            detach_loop(loop, backing)
         if is_mounted(directory / "mnt"):
             if fusesnap("umount", directory / "mnt", check=False).returncode:
                 run(["umount", "-l", str(directory / "mnt")], check=False)

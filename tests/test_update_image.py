@@ -470,7 +470,9 @@ def test_after_an_fsync_error_progress_claims_nothing_unwritten(tmp_path, mount,
     backing = sparse_file(media / "dev.img", 16 << 20)   # OLD: zeros, taking no space
     dev = loop(backing, direct_io=False)
 
-    m = mount(*state, "--system", dev, "--diff", diff, "--merge-rate", "2")
+    # 0.5 MB/s: the pause must come before 3 MiB are merged, and on a loaded machine
+    # `fusesnap update pause` takes seconds to start.
+    m = mount(*state, "--system", dev, "--diff", diff, "--merge-rate", "0.5")
     wait_for(lambda: system_status(m)["merged"] >= 64)
     fusesnap("update", "pause", m.mountpoint)        # saves progress: an fsync that works
     # The pause's save, not an earlier periodic one: paused, the saved count catches up

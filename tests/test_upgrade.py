@@ -183,8 +183,8 @@ def device(tmp_path):
     return sparse_file(tmp_path / "dev.raw", 64 << 20)
 
 
-def slowly_merging_system(tmp_path: Path) -> tuple[list, Path, Path]:
-    """system.img arguments for a merge of about a minute in small chunks (one is in
+def slowly_merging_system(tmp_path: Path, seconds: float = 60) -> tuple[list, Path, Path]:
+    """system.img arguments for a merge of about `seconds` in small chunks (one is in
     progress at any moment), its device, and NEW."""
     (tmp_path / "pair").mkdir()
     old, new, _ = make_update_pair(tmp_path / "pair")
@@ -194,7 +194,7 @@ def slowly_merging_system(tmp_path: Path) -> tuple[list, Path, Path]:
         changed_bytes = diff_file.total_blocks * diff_file.block_size
     system_device = copy_of(old, tmp_path / "system.raw")
     # Each hand-over also cuts short the merge's rate-limiting sleep: it goes faster.
-    merge_rate = changed_bytes / 60 / 1e6
+    merge_rate = changed_bytes / seconds / 1e6
     return (["--system", system_device, "--diff", diff, "--merge-rate", f"{merge_rate:.3f}"],
             system_device, new)
 
