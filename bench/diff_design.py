@@ -51,7 +51,7 @@ def compress(data: bytes, level: int, reference: bytes | None) -> int:
     return len(c.compress(data))
 
 
-def measure(name: str, level: int, limit: int) -> None:
+def measure(name: str, level: int, limit: int, anchor_rate: int) -> None:
     old_path, new_path = build_pair(name)
     old = np.fromfile(old_path, dtype=np.uint8).reshape(-1, BS)
     new = np.fromfile(new_path, dtype=np.uint8).reshape(-1, BS)
@@ -62,7 +62,7 @@ def measure(name: str, level: int, limit: int) -> None:
     t0 = time.monotonic()
     indexes = {}
     for variant, allowed in (("unchanged", ~changed_mask), ("any", np.ones(len(old), bool))):
-        index = SimilarityIndex(len(old), BS)
+        index = SimilarityIndex(len(old), BS, anchor_rate=anchor_rate)
         step = 2048
         for start in range(0, len(old), step):
             f, b = index.features(old[start:start + step].tobytes())
@@ -116,11 +116,10 @@ def main() -> int:
     ap.add_argument("--anchor-rate", type=int, default=similarity.ANCHOR_RATE,
                     help="about one feature per this many bytes")
     args = ap.parse_args()
-    similarity._ANCHOR_FROM = np.uint32((1 << 32) - (1 << 32) // args.anchor_rate)
     print(f"zstd level {args.level}, chunks of {CHUNK} blocks, at most {args.limit} reference "
           f"blocks per chunk, a feature per {args.anchor_rate} bytes")
     for name in args.pair or sorted(PAIRS):
-        measure(name, args.level, args.limit)
+        measure(name, args.level, args.limit, args.anchor_rate)
     return 0
 
 

@@ -35,8 +35,6 @@ MAX_PER_BLOCK = 8               # features kept per block: bounds the index's me
 SLICE_BYTES = 1 << 20           # features are computed in slices this long (cache-friendly)
 COMMON_LIMIT = 16               # a feature in more old blocks than this is ignored
 INDEX_BYTES = 192 << 20         # the index never holds more than this
-# an anchor: the word's hash is in the top 1/ANCHOR_RATE of its range (0 hashes to 0)
-_ANCHOR_FROM = np.uint32((1 << 32) - (1 << 32) // ANCHOR_RATE)
 _MIX32 = np.uint32(0x9E3779B1)
 _MIX_A = np.uint64(0x9E3779B97F4A7C15)
 _MIX_B = np.uint64(0xC2B2AE3D27D4EB4F)
@@ -46,9 +44,10 @@ _NO_FEATURES = (np.empty(0, np.uint64), np.empty(0, np.uint32))
 _scratch = threading.local()     # per thread: buffers for the hash of every word of a slice
 
 
-def _anchored_words(data, n: int, block_size: int) -> tuple[np.ndarray, ...]:
-    """(offsets, w0, w1, w2): the anchors of data[:n] (n <= SLICE_BYTES) whose 12
-    bytes lie in the anchor's block, and the three little-endian u32 there. Anchors at
+def _anchored_words(data, n: int, block_size: int, anchor_from: np.uint32) -> tuple[np.ndarray, ...]:
+    """(offsets, w0, w1, w2): the anchors of data[:n] (n <= SLICE_BYTES), the offsets
+    whose word hashes to `anchor_from` or more (0 hashes to 0), whose 12 bytes lie in
+    the anchor's block, and the three little-endian u32 there. Anchors at
     offsets s mod 4 are found in the u32 array starting at s, so every word is hashed
     in place, into buffers kept per thread (fresh ones cost page faults: 4 times
     slower)."""
@@ -60,7 +59,7 @@ def _anchored_words(data, n: int, block_size: int) -> tuple[np.ndarray, ...]:
         words = np.frombuffer(data, "<u4", count=(n - shift) // 4, offset=shift)
         hashed, below = _scratch.hashed[:len(words) - 2], _scratch.below[:len(words) - 2]
         np.multiply(words[:-2], _MIX32, out=hashed)
-        np.greater_equal(hashed, _ANCHOR_FROM, out=below)
+        np.greater_equal(hashed, anchor_from, out=below)
         at = np.flatnonzero(below)
         offsets = at * 4 + shift
         inside = (offsets % block_size) <= block_size - 12
@@ -71,16 +70,21 @@ def _anchored_words(data, n: int, block_size: int) -> tuple[np.ndarray, ...]:
 
 class SimilarityIndex:
     """Features of the blocks of an OLD of `old_blocks` blocks, built once: `add` the
-    features of its windows (any order), `freeze`, then look up."""
+    features of its windows (any order), `freeze`, then look up. About one feature
+    per `anchor_rate` bytes, at most `per_block` a block (denser finds more of what
+    resembles a block, for more memory and time)."""
 
-    def __init__(self, old_blocks: int, block_size: int, max_bytes: int = INDEX_BYTES) -> None:
+    def __init__(self, old_blocks: int, block_size: int, *, anchor_rate: int = ANCHOR_RATE,
+                 per_block: int = MAX_PER_BLOCK, max_bytes: int = INDEX_BYTES) -> None:
         self.block_size = block_size
         self.old_blocks = old_blocks
+        self._anchor_from = np.uint32((1 << 32) - (1 << 32) // anchor_rate)
+        self._per_block = per_block
         self._block_bits = max(1, (old_blocks - 1).bit_length())
         self._block_mask = np.uint64((1 << self._block_bits) - 1)
-        capacity = max(1, min(MAX_PER_BLOCK * old_blocks, max_bytes // 8))
+        capacity = max(1, min(per_block * old_blocks, max_bytes // 8))
         # keep features below this value: all of them unless a dense OLD would overflow
-        rate = capacity / (MAX_PER_BLOCK * old_blocks) if old_blocks else 1.0
+        rate = capacity / (per_block * old_blocks) if old_blocks else 1.0
         self._keep_below = None if rate >= 1 else np.uint64(int(rate * 2**64))
         self._keys = np.empty(capacity, np.uint64)   # pages are touched as they fill
         self._n = 0
@@ -89,7 +93,7 @@ class SimilarityIndex:
     def features(self, data) -> tuple[np.ndarray, np.ndarray]:
         """(features uint64, block index uint32 within `data`) of the blocks of `data`
         (bytes-like, a multiple of the block size long), grouped by block: at most
-        MAX_PER_BLOCK a block, the smallest, those this index keeps. A feature
+        `per_block` a block, the smallest, those this index keeps. A feature
         repeated within a block may appear twice. Thread-safe."""
         bs = self.block_size
         step = max(1, SLICE_BYTES // bs) * bs
@@ -104,7 +108,7 @@ class SimilarityIndex:
         n = len(data)
         if n < 16:
             return _NO_FEATURES
-        offsets, w0, w1, w2 = _anchored_words(data, n, self.block_size)
+        offsets, w0, w1, w2 = _anchored_words(data, n, self.block_size, self._anchor_from)
         keep = (w0 != w1) | (w1 != w2)          # not one repeated word (padding)
         offsets, w0, w1, w2 = offsets[keep], w0[keep], w1[keep], w2[keep]
         feats = ((w0.astype(np.uint64) << np.uint64(32) | w1.astype(np.uint64)) * _MIX_A
@@ -113,11 +117,11 @@ class SimilarityIndex:
         if self._keep_below is not None:
             sampled = feats < self._keep_below
             feats, blocks = feats[sampled], blocks[sampled]
-        # at most MAX_PER_BLOCK per block, the smallest (a bottom-k sketch of the block)
+        # at most per_block per block, the smallest (a bottom-k sketch of the block)
         order = np.lexsort((feats, blocks))
         feats, blocks = feats[order], blocks[order]
         first = np.searchsorted(blocks, blocks, side="left")
-        keep = (np.arange(len(blocks)) - first) < MAX_PER_BLOCK
+        keep = (np.arange(len(blocks)) - first) < self._per_block
         return feats[keep], blocks[keep]
 
     def add(self, feats: np.ndarray, blocks: np.ndarray) -> None:
@@ -169,12 +173,13 @@ class SimilarityIndex:
 
 
 def choose_references(index: SimilarityIndex, chunk, limit: int,
-                      allowed: np.ndarray | None = None) -> list[int]:
+                      allowed: np.ndarray | None = None, spread: int = 1) -> list[int]:
     """Old block numbers (sorted, at most `limit`) to compress the chunk (new blocks'
     contents, bytes-like) against: for each new block the old block sharing most of
-    its features, with the blocks either side of it (a shifted file straddles two),
-    among the blocks `allowed` (a bool per old block) says may be referenced (all if
-    None). When there are more than `limit`, the most voted for are kept."""
+    its features, with the `spread` blocks either side of it (a shifted file straddles
+    two; a file's new version may have grown), among the blocks `allowed` (a bool per
+    old block) says may be referenced (all if None). When there are more than
+    `limit`, the most voted for are kept, the best of each new block counting double."""
     feats, owners = index.features(chunk)
     owner, old, shared = index.votes(feats, owners)
     if allowed is not None:
@@ -187,8 +192,8 @@ def choose_references(index: SimilarityIndex, chunk, limit: int,
     owner, old, shared = owner[order], old[order], shared[order]
     first = np.concatenate(([True], owner[1:] != owner[:-1]))
     best, weight = old[first], shared[first]
-    candidates = np.concatenate((best - 1, best, best + 1))
-    weights = np.concatenate((weight, weight * 2, weight))
+    candidates = np.concatenate([best + k for k in range(-spread, spread + 1)])
+    weights = np.concatenate([weight * (2 if k == 0 else 1) for k in range(-spread, spread + 1)])
     ok = (candidates >= 0) & (candidates < index.old_blocks)
     candidates, weights = candidates[ok], weights[ok]
     if allowed is not None:
