@@ -83,9 +83,13 @@ class SimilarityIndex:
         self._block_bits = max(1, (old_blocks - 1).bit_length())
         self._block_mask = np.uint64((1 << self._block_bits) - 1)
         capacity = max(1, min(per_block * old_blocks, max_bytes // 8))
-        # keep features below this value: all of them unless a dense OLD would overflow
-        rate = capacity / (per_block * old_blocks) if old_blocks else 1.0
-        self._keep_below = None if rate >= 1 else np.uint64(int(rate * 2**64))
+        # Keep features below this value: all of them unless an OLD full of data would
+        # overflow. Sampling comes before the bottom-k: a block full of data keeps about
+        # one anchor per anchor_rate bytes, times the rate.
+        self._keep_below = None
+        if per_block * old_blocks > capacity:
+            rate = capacity / (max(per_block, block_size // anchor_rate) * old_blocks)
+            self._keep_below = np.uint64(int(rate * 2**64))
         self._keys = np.empty(capacity, np.uint64)   # pages are touched as they fill
         self._n = 0
         self._frozen = False
@@ -106,7 +110,8 @@ class SimilarityIndex:
 
     def _slice_features(self, data) -> tuple[np.ndarray, np.ndarray]:
         n = len(data)
-        if n < 16:
+        # zeros (free space) have no anchors: a look at them is 4 times cheaper
+        if n < 16 or not np.frombuffer(data, np.uint64, count=n // 8).any():
             return _NO_FEATURES
         offsets, w0, w1, w2 = _anchored_words(data, n, self.block_size, self._anchor_from)
         keep = (w0 != w1) | (w1 != w2)          # not one repeated word (padding)
