@@ -342,7 +342,7 @@ def _changed_bytes(old: str, new: str) -> int:
             changed += sum(x[o:o + BS] != y[o:o + BS] for o in range(0, len(y), BS)) * BS
 
 
-def row(name: str, value: str, target: str, ok: bool | None = None, width: int = 34) -> None:
+def row(name: str, value: str, target: str, ok: bool | None = None, width: int = 40) -> None:
     mark = "" if ok is None else ("ok" if ok else "MISSED")
     print(f"  {name:<{width}} {value:>26}   {target:<22} {mark}")
 
