@@ -34,7 +34,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from fusesnap import similarity  # noqa: E402
-from fusesnap.similarity import SimilarityIndex, choose_references, features  # noqa: E402
+from fusesnap.similarity import SimilarityIndex, choose_references  # noqa: E402
 from pairs import PAIRS, build_pair  # noqa: E402
 
 BS = 4096
@@ -51,7 +51,7 @@ def compress(data: bytes, level: int, reference: bytes | None) -> int:
     return len(c.compress(data))
 
 
-def measure(name: str, level: int, limit: int) -> None:
+def measure(name: str, level: int, limit: int, anchor_rate: int) -> None:
     old_path, new_path = build_pair(name)
     old = np.fromfile(old_path, dtype=np.uint8).reshape(-1, BS)
     new = np.fromfile(new_path, dtype=np.uint8).reshape(-1, BS)
@@ -62,10 +62,10 @@ def measure(name: str, level: int, limit: int) -> None:
     t0 = time.monotonic()
     indexes = {}
     for variant, allowed in (("unchanged", ~changed_mask), ("any", np.ones(len(old), bool))):
-        index = SimilarityIndex()
+        index = SimilarityIndex(len(old), BS, anchor_rate=anchor_rate)
         step = 2048
         for start in range(0, len(old), step):
-            f, b = features(old[start:start + step].tobytes(), BS)
+            f, b = index.features(old[start:start + step].tobytes())
             keep = allowed[b + start]
             index.add(f[keep], b[keep] + np.uint32(start))
         index.freeze()
@@ -90,7 +90,7 @@ def measure(name: str, level: int, limit: int) -> None:
         for variant, (index, allowed) in (*indexes.items(),
                                           ("later", (indexes["any"][0], (chunk_of < 0) | (chunk_of > n_chunks - 1)))):
             t = time.monotonic()
-            blocks = choose_references(index, data, BS, limit, allowed)
+            blocks = choose_references(index, data, limit, allowed)
             if variant == "any":
                 referenced_changed[blocks] = True
             refs[variant] += len(blocks)
@@ -116,11 +116,10 @@ def main() -> int:
     ap.add_argument("--anchor-rate", type=int, default=similarity.ANCHOR_RATE,
                     help="about one feature per this many bytes")
     args = ap.parse_args()
-    similarity._ANCHOR_BELOW = np.uint32((1 << 32) // args.anchor_rate)
     print(f"zstd level {args.level}, chunks of {CHUNK} blocks, at most {args.limit} reference "
           f"blocks per chunk, a feature per {args.anchor_rate} bytes")
     for name in args.pair or sorted(PAIRS):
-        measure(name, args.level, args.limit)
+        measure(name, args.level, args.limit, args.anchor_rate)
     return 0
 
 

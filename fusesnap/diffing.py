@@ -54,6 +54,23 @@ DEFAULT_BLOCK_SIZE = 4096
 # 2-core test VM. 512 KiB is the smallest within ~5%; readers should cache chunks.
 DEFAULT_CHUNK_BYTES = 512 * 1024
 DEFAULT_LEVEL = 3
+# v1's default: zstd level 1 (the fast strategy), whose hash table is too small to
+# remember a chunk's reference (see _referencing_parameters). Binary pair, chunk
+# bytes / CPU seconds of compression (bench/bench_diff.py --pairs pairs, one core):
+#   level 1, hash_log 14 (zstd's)  60.97 MB 1.15 s   level 3 (dfast, hash_log 17) 18.89 MB 1.63 s
+#   level 1, hash_log 17           19.74 MB 1.22 s   level 4 (dfast, hash_log 18) 18.64 MB 2.38 s
+# the text pair: level 1 with hash_log 17 4.61 MB, level 3 4.58 MB in 0.29 and 0.48 s.
+DEFAULT_LEVEL_REFERENCING = 1
+# From this level on, v1 searches OLD harder for what resembles a chunk: features 4
+# times denser (one per 64 bytes, up to 32 a block) and 2 old blocks either side of a
+# match instead of 1. Text pair at level 19, chunk bytes: -7% (a feature per 32 bytes
+# or 3 blocks a side: -8%, no better with any denser); index 4 times larger, lookups
+# 30% slower. Its cap is lower than the default's: level 19's zstd contexts take
+# about 150 MiB more than level 1's (peak RSS 321 against 170 MiB on the binary
+# pair), and the whole must stay under 512 MiB for a 10 GiB image.
+THOROUGH_LEVEL = 16
+THOROUGH_SEARCH = {"anchor_rate": 64, "per_block": 32, "max_bytes": 96 << 20}
+THOROUGH_SPREAD = 2
 WINDOW_BYTES = 8 << 20          # read both images in windows of this size
 DIRECTORY_BATCH = 1 << 16       # directory entries packed per step when writing
 MIN_LEVEL, MAX_LEVEL = -7, zstandard.MAX_COMPRESSION_LEVEL
@@ -174,6 +191,8 @@ class _Compressor:
         if compression == "zstd":
             self._level = level
             self._tls = threading.local()
+            if references is not None:
+                self._referencing_params = _referencing_parameters(level, chunk_bytes)
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="fusesnap-zstd")
         self._max_inflight = max(1, min(2 * threads + 2, self.INFLIGHT_BYTES // chunk_bytes))
 
@@ -196,8 +215,7 @@ class _Compressor:
         runs, reference = self._references(data)
         if reference:
             cctx = zstandard.ZstdCompressor(
-                level=self._level, write_checksum=True, write_content_size=True,
-                write_dict_id=False, dict_data=zstandard.ZstdCompressionDict(
+                compression_params=self._referencing_params, dict_data=zstandard.ZstdCompressionDict(
                     reference, dict_type=zstandard.DICT_TYPE_RAWCONTENT))
             frame = cctx.compress(data)
         else:
@@ -220,6 +238,21 @@ class _Compressor:
             fut.cancel()
         self._pending.clear()
         self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _referencing_parameters(level: int, chunk_bytes: int) -> zstandard.ZstdCompressionParameters:
+    """zstd's parameters of `level` for a chunk and its reference (up to
+    REFERENCE_FACTOR chunks long), with a window that spans both and a hash table of
+    at least 1/4 entry per byte of chunk: the fast levels' smaller ones forget most of
+    the reference by the time the chunk is compressed (3 times larger chunks at level
+    1, DEFAULT_LEVEL_REFERENCING)."""
+    source_size = (1 + REFERENCE_FACTOR) * chunk_bytes
+    zstds = zstandard.ZstdCompressionParameters.from_level(level, source_size=source_size)
+    return zstandard.ZstdCompressionParameters.from_level(
+        level, source_size=source_size,
+        window_log=max(zstds.window_log, (source_size - 1).bit_length()),
+        hash_log=max(zstds.hash_log, chunk_bytes.bit_length() - 3),
+        write_checksum=1, write_content_size=1, write_dict_id=0)
 
 
 class _WindowReader:
@@ -291,15 +324,18 @@ def _directory_pieces(dests: array, chunk_first: array, chunk_src: array, sentin
 
 def build_diff(old_path, new_path, out_path, *, compression: str = "zstd",
                block_size: int = DEFAULT_BLOCK_SIZE, chunk_blocks: int | None = None,
-               level: int = DEFAULT_LEVEL, threads: int | None = None,
+               level: int | None = None, threads: int | None = None,
                progress: Callable[[int, int, int], None] | None = None,
                diff_format: str = "v0") -> DiffStats:
     """Write the diff that turns OLD into NEW to `out_path`, atomically: the dm-update
     format (`diff_format` "v0") or fusesnap's version 1, whose chunks reference OLD.
 
     `progress(scanned_bytes, total_bytes, changed_blocks)` is called after each window.
+    `level` defaults to DEFAULT_LEVEL for v0 and DEFAULT_LEVEL_REFERENCING for v1.
     Raises UserError for bad input (missing file, NEW larger than OLD, ...).
     """
+    if level is None:
+        level = DEFAULT_LEVEL_REFERENCING if diff_format == "v1" else DEFAULT_LEVEL
     if chunk_blocks is None:
         chunk_blocks = default_chunk_blocks(block_size)
     threads = threads or default_threads()
@@ -451,7 +487,9 @@ def _fill_referencing_diff(old_fd: int, new_fd: int, out_fd: int, stats: DiffSta
     window = max(WINDOW_BYTES // bs, 1) * bs
     old_blocks = stats.old_size // bs
     dests = array("Q")
-    index = similarity.SimilarityIndex()
+    thorough = level >= THOROUGH_LEVEL
+    index = similarity.SimilarityIndex(old_blocks, bs, **(THOROUGH_SEARCH if thorough else {}))
+    spread = THOROUGH_SPREAD if thorough else 1
     reader = _WindowReader(old_fd, new_fd, new_size, window)
     pending: collections.deque = collections.deque()
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="fusesnap-index") as pool:
@@ -463,7 +501,7 @@ def _fill_referencing_diff(old_fd: int, new_fd: int, out_fd: int, stats: DiffSta
                     base = scanned // bs
                     dests.extend([base + o // bs for o in range(0, len(new), bs)
                                   if not matches(oview[o:o + bs], o)])
-                pending.append((scanned // bs, pool.submit(similarity.features, old, bs)))
+                pending.append((scanned // bs, pool.submit(index.features, old)))
                 while len(pending) > threads or (pending and pending[0][1].done()):
                     base, future = pending.popleft()
                     feats, blocks = future.result()
@@ -480,7 +518,7 @@ def _fill_referencing_diff(old_fd: int, new_fd: int, out_fd: int, stats: DiffSta
     # OLD's tail beyond NEW's size may be referenced too
     for at in range(new_size, old_blocks * bs, window):
         data = _read_at(old_fd, min(window, old_blocks * bs - at), at)
-        feats, blocks = similarity.features(data, bs)
+        feats, blocks = index.features(data)
         index.add(feats, blocks + at // bs)
     index.freeze()
     limit = REFERENCE_FACTOR * cb
@@ -488,8 +526,7 @@ def _fill_referencing_diff(old_fd: int, new_fd: int, out_fd: int, stats: DiffSta
     read_old = old_reader(old_fd, bs)
 
     def references(data: bytes) -> tuple[list[tuple[int, int]], bytes]:
-        runs = similarity.runs_of(similarity.choose_references(index, data, bs, limit,
-                                                               old_blocks=old_blocks))
+        runs = similarity.runs_of(similarity.choose_references(index, data, limit, spread=spread))
         return runs, read_old(runs)
 
     chunks = _ChunkWriter(out_fd)
@@ -632,8 +669,9 @@ def add_diff_arguments(parser: argparse.ArgumentParser) -> None:
                         f"worth, {default_chunk_blocks(DEFAULT_BLOCK_SIZE)} blocks of "
                         f"{DEFAULT_BLOCK_SIZE}); larger compresses better, smaller makes "
                         f"random reads cheaper")
-    parser.add_argument("--level", type=whole_number(MIN_LEVEL, MAX_LEVEL), default=DEFAULT_LEVEL,
-                        help=f"zstd compression level (default: {DEFAULT_LEVEL})")
+    parser.add_argument("--level", type=whole_number(MIN_LEVEL, MAX_LEVEL), default=None,
+                        help=f"zstd compression level (default: {DEFAULT_LEVEL} for v0, "
+                        f"{DEFAULT_LEVEL_REFERENCING} for v1)")
     parser.add_argument("-j", "--threads", type=positive_int, default=None,
                         help=f"compression threads (default: all cores, {default_threads()} here)")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")

@@ -12,7 +12,7 @@ import random
 import pytest
 import zstandard
 
-from fusesnap.diffing import build_diff, old_reader
+from fusesnap.diffing import THOROUGH_LEVEL, build_diff, old_reader
 from fusesnap.formats.update_diff import (VERSION, VERSION_REFERENCING, ChunkError, DiffFile,
                                           DiffFormatError)
 from harness import fusesnap
@@ -65,11 +65,12 @@ def read_back(diff_path, old_path, new: bytes) -> None:
                 assert data[offset * BS:(offset + n) * BS] == new[dest * BS:(dest + n) * BS]
 
 
-def test_v1_reads_back_as_new_and_is_smaller_when_data_moved(tmp_path):
+@pytest.mark.parametrize("level", [None, THOROUGH_LEVEL], ids=["default", "thorough"])
+def test_v1_reads_back_as_new_and_is_smaller_when_data_moved(tmp_path, level):
     old, new = upgraded_in_place(random.Random(3))
     o, n = write(tmp_path / "old", old), write(tmp_path / "new", new)
-    v0 = build_diff(o, n, tmp_path / "v0.diff", threads=2, diff_format="v0")
-    v1 = build_diff(o, n, tmp_path / "v1.diff", threads=2, diff_format="v1")
+    v0 = build_diff(o, n, tmp_path / "v0.diff", threads=2, diff_format="v0", level=level)
+    v1 = build_diff(o, n, tmp_path / "v1.diff", threads=2, diff_format="v1", level=level)
     assert v1.changed_blocks == v0.changed_blocks
     assert v1.diff_size < 0.3 * v0.diff_size, (v1.diff_size, v0.diff_size)
     read_back(tmp_path / "v1.diff", o, new)
