@@ -22,6 +22,15 @@ from .errors import UserError
 
 log = logging.getLogger(__name__)
 
+
+def fsync_directory(directory: str) -> None:
+    """Make a directory's entries durable (after a rename, create or unlink in it)."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
 BLKGETSIZE64 = 0x80081272
 BLKSSZGET = 0x1268
 BLKROGET = 0x125E

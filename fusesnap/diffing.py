@@ -37,6 +37,7 @@ import zstandard
 
 from fusesnap import arguments
 from fusesnap.arguments import positive_int, whole_number
+from fusesnap.devices import fsync_directory
 from fusesnap.errors import EXIT_FAILED, EXIT_OK, UserError
 from fusesnap.formats.update_diff import (
     CHUNKS_OFFSET, COMPRESSIONS, ENTRY_SIZE, MAGIC, MAX_CHUNK_BYTES, REFERENCE_FACTOR,
@@ -411,11 +412,7 @@ def _write_diff(old_fd: int, new_fd: int, out_path: str, stats: DiffStats, level
         except FileNotFoundError:
             pass
         raise
-    dir_fd = os.open(out_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    fsync_directory(out_dir)
 
 
 def _fill_diff(old_fd: int, new_fd: int, out_fd: int, stats: DiffStats, level: int,

@@ -32,22 +32,15 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import errno
 import os
 
 import numpy as np
 
-from .devices import BlockDevice
+from .devices import BlockDevice, fsync_directory
 from .formats.update_diff import BLOCK_HASH_SIZE, DiffFile, hash_block
 
 FILL_BATCH = 256      # slots per `fill` call (1 MiB of 4 KiB blocks): a pause point
-
-
-def fsync_directory(directory: str) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class ScratchCopy:
@@ -214,7 +207,7 @@ class ScratchCopy:
                 if hi > lo:
                     buffers = self._places(view, lo, hi, at - first, junk)
                     if os.preadv(self.fd, buffers, lo * bs) != (hi - lo) * bs:
-                        raise OSError(f"{self.path}: short read of the scratch copy")
+                        raise OSError(errno.EIO, f"{self.path}: short read of the scratch copy")
                 at += count
             return data
         return read_old

@@ -61,8 +61,8 @@ import trio
 
 from .. import arguments
 from ..control import read_status, require_image, send_command
-from ..devices import BlockDevice
-from ..merge_scratch import FILL_BATCH, ScratchCopy, fsync_directory
+from ..devices import BlockDevice, fsync_directory
+from ..merge_scratch import FILL_BATCH, ScratchCopy
 from ..diffing import open_diff
 from ..errors import EXIT_FAILED, EXIT_USAGE, UserError
 from ..formats.update_diff import (BLOCK_HASH_SIZE, VERSION_REFERENCING, DiffFile,
