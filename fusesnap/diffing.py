@@ -679,11 +679,20 @@ def default_format(compression: str) -> str:
     return "v1" if compression == "zstd" else "v0"
 
 
-class Terminated(Exception):
-    """SIGTERM arrived: unwinds like Ctrl-C, so the temp file next to DIFF is removed."""
+class Terminated(BaseException):
+    """SIGTERM arrived: unwinds like Ctrl-C, so the temp file next to DIFF is removed.
+    A BaseException, as KeyboardInterrupt is: the handler raises it wherever the main
+    thread happens to be, and an `except Exception` there must not swallow it; where
+    it is swallowed all the same (a finalizer ignores exceptions), the next progress
+    step raises it again."""
+
+
+_terminated = False
 
 
 def _raise_terminated(signum, frame):
+    global _terminated
+    _terminated = True
     raise Terminated()
 
 
@@ -697,6 +706,8 @@ def run_diff(args) -> int:
     on_terminal = not bar.disable  # (closing the bar sets bar.disable)
 
     def progress(scanned: int, total: int, changed: int) -> None:
+        if _terminated:   # the handler's exception was swallowed where it landed
+            raise Terminated()
         bar.total = total
         bar.set_postfix_str(f"{changed:,} changed blocks", refresh=False)
         bar.update(scanned - bar.n)
