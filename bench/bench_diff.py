@@ -200,7 +200,7 @@ PEERS = {"xdelta3 -9": lambda old, new, out: ["xdelta3", "-9", "-f", "-e", "-s",
              "zstd", "-q", "-f", "-19", "--long=30", f"--patch-from={old}", new, "-o", out]}
 # `fusesnap diff` settings measured on the pairs: (label, options). (v0 at level 19,
 # 0.85-0.90 of v0's size in 50-110 s, is left out: it is not a target.)
-FUSESNAP_VARIANTS = [("v0", []), ("v1", ["--format", "v1"]),
+FUSESNAP_VARIANTS = [("v0", ["--format", "v0"]), ("v1", ["--format", "v1"]),
                      ("v1 --level 19", ["--format", "v1", "--level", "19"])]
 SCAN_RUNS = 3       # v1 at its default level is timed this many times, interleaved with v0
 
