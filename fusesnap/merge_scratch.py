@@ -40,11 +40,10 @@ import numpy as np
 from .devices import BlockDevice, fsync_directory
 from .formats.update_diff import BLOCK_HASH_SIZE, DiffFile, hash_block
 
-FILL_BATCH = 256      # slots per `fill` call (1 MiB of 4 KiB blocks): a pause point
-
-
 class ScratchCopy:
     """The scratch file of one v1 diff merging into one device (module docstring)."""
+
+    FILL_BATCH = 256      # slots per `fill` call (1 MiB of 4 KiB blocks): a pause point
 
     def __init__(self, path: str, diff: DiffFile):
         """Finds the slots: one small read per chunk (its reference header) and one of
@@ -117,8 +116,8 @@ class ScratchCopy:
         """(slot, its block, whether that holds OLD's contents) for every slot of the
         scratch file open as `fd`, read a batch at a time."""
         bs = self.block_size
-        for first in range(0, self.n_slots, FILL_BATCH):
-            end = min(first + FILL_BATCH, self.n_slots)
+        for first in range(0, self.n_slots, self.FILL_BATCH):
+            end = min(first + self.FILL_BATCH, self.n_slots)
             data = memoryview(os.pread(fd, (end - first) * bs, first * bs))
             for slot in range(first, end):
                 block = data[(slot - first) * bs:(slot - first + 1) * bs]

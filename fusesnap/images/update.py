@@ -56,19 +56,22 @@ import os
 import stat
 import tempfile
 import time
+from typing import TYPE_CHECKING
 
 import trio
 
 from .. import arguments
 from ..control import read_status, require_image, send_command
 from ..devices import BlockDevice, fsync_directory
-from ..merge_scratch import FILL_BATCH, ScratchCopy
 from ..diffing import open_diff
 from ..errors import EXIT_FAILED, EXIT_USAGE, UserError
 from ..formats.update_diff import (BLOCK_HASH_SIZE, VERSION_REFERENCING, DiffFile,
                                    DiffFormatError, ReferencesNotOld, hash_block, hash_chunk)
 from ..rangemap import RangeMap
 from .base import Image
+
+if TYPE_CHECKING:   # imported where a v1 merge needs it: its numpy costs every command ~0.2 s
+    from ..merge_scratch import ScratchCopy
 
 log = logging.getLogger(__name__)
 
@@ -453,11 +456,11 @@ class UpdateImage(Image):
         log.info("%s: copying %d referenced blocks of %s to %s", self.name,
                  scratch.n_slots - scratch.n_valid, self.device.path, scratch.path)
         lost = []
-        for first in range(0, scratch.n_slots, FILL_BATCH):
+        for first in range(0, scratch.n_slots, scratch.FILL_BATCH):
             if not await self._wait_while_paused():
                 return False
             started = trio.current_time()
-            end = min(first + FILL_BATCH, scratch.n_slots)
+            end = min(first + scratch.FILL_BATCH, scratch.n_slots)
             filled, missing = await trio.to_thread.run_sync(scratch.fill, self.device, first,
                                                             end, limiter=self.limiter)
             scratch.mark_valid(filled)
@@ -865,6 +868,7 @@ def open_scratch(diff: DiffFile, progress: MergeProgress, *, create: bool) -> Sc
     one. None if there is none, or no chunk references a changed block."""
     if not create and not os.path.exists(progress.scratch_path):
         return None
+    from ..merge_scratch import ScratchCopy
     scratch = ScratchCopy(progress.scratch_path, diff)
     if not scratch.n_slots:
         return None
@@ -902,8 +906,8 @@ def prepare_scratch(scratch: ScratchCopy, diff: DiffFile, device: BlockDevice,
     if not (progress.scratch_complete or merged_chunks):
         return False
     lost = []
-    for first in range(0, scratch.n_slots, FILL_BATCH):
-        filled, missing = scratch.fill(device, first, min(first + FILL_BATCH, scratch.n_slots))
+    for first in range(0, scratch.n_slots, scratch.FILL_BATCH):
+        filled, missing = scratch.fill(device, first, min(first + scratch.FILL_BATCH, scratch.n_slots))
         scratch.mark_valid(filled)
         lost += missing
     needed = scratch.first_needed(diff, lost, merged_chunks)
