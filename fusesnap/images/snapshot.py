@@ -58,6 +58,7 @@ import errno
 import fcntl
 import json
 import logging
+import mmap
 import os
 import sys
 
@@ -78,6 +79,7 @@ MIN_CHUNK = 256 << 10
 MAX_CHUNKS = 1 << 16
 LOW_SPACE_FRACTION = 0.1
 PREALLOCATE = 32 << 20   # the store file grows this much ahead of its slots
+RWF_DONTCACHE = getattr(os, "RWF_DONTCACHE", 0x80)  # <linux/fs.h>; Python 3.14 names it
 FIFREEZE, FITHAW = 0xC0045877, 0xC0045878
 
 
@@ -163,7 +165,9 @@ class OriginImage(Image):
     target = "origin"
     status_line_keys = ("size", "device", "warning")
     control_verbs = ("snapshot",)
-    handover_versions = (1,)
+    # 2: without version 1's "copy_in_kernel" (copies no longer use copy_file_range;
+    # whether RWF_DONTCACHE works each server finds out for itself), which 1 had
+    handover_versions = (2, 1)
 
     def __init__(self, device: BlockDevice, store: Store, name: str = "origin.img"):
         super().__init__(name, device.size, read_only=False)
@@ -181,7 +185,7 @@ class OriginImage(Image):
         self.boot_id = fmt.current_boot_id()
         self.dirty = False                  # a DIRTY record is in force (durable)
         self.records_appended = 0
-        self.copy_in_kernel = True
+        self.copy_uncached = True           # until the kernel refuses RWF_DONTCACHE
         if store.created:
             store.create()
         loaded = fmt.load_state(store.file.pread, store.sb)
@@ -432,27 +436,44 @@ class OriginImage(Image):
                     copy.failed = True
 
     def _copy_from_device(self, chunk: int, slot: int, count: int) -> None:
-        """Device chunks [chunk, chunk + count) -> store slots from `slot` on, in the
-        kernel where it can (copy_file_range: a reflink or one in-kernel copy instead
-        of two through this process)."""
+        """Device chunks [chunk, chunk + count) -> store slots from `slot` on, in one
+        write from a mapping of the device (the kernel copies page cache to page
+        cache: a pread into a buffer first costs more than the write itself here).
+        A mapping is read only inside the write, so a device that fails to read
+        fails the write (EFAULT or EIO), never with SIGBUS."""
         start = chunk * self.chunk_size
         length = min(count * self.chunk_size, self.size - start)
+        destination = self.store.slot_offset(slot)
+        try:
+            mapped = mmap.mmap(self.device.fd, length, mmap.MAP_SHARED | mmap.MAP_POPULATE,
+                               mmap.PROT_READ, offset=start)
+        except OSError:  # a device that cannot be mapped (on a FUSE mount, say)
+            self._write_uncached(memoryview(self.device.pread(length, start)), destination)
+            return
+        with mapped, memoryview(mapped) as view:
+            self._write_uncached(view, destination)
+
+    def _write_uncached(self, data: memoryview, offset: int) -> None:
+        """Write a copy into the store without keeping it in the page cache
+        (RWF_DONTCACHE, Linux 6.14: the kernel starts writeback at once and drops the
+        pages when it is done). A backup reads a copy once, much later, if at all;
+        cached, every copy takes page-cache pages the machine has not used recently,
+        which cost far more than pages recycled from the previous copies (README,
+        "Snapshots"). Ordering is unchanged: when the call returns the copy is in the
+        page cache or on its way to the disk, so it survives a kill -9 like any
+        buffered write, and the DIRTY record covers power cuts. Without the flag (an
+        older kernel, a filesystem without it) a plain write."""
         done = 0
-        if self.copy_in_kernel:
-            try:
-                while done < length:
-                    copied = os.copy_file_range(self.device.fd, self.store.file.fd, length - done,
-                                                start + done, self.store.slot_offset(slot) + done)
-                    if copied == 0:
-                        break
-                    done += copied
-            except OSError as exc:
-                if exc.errno not in (errno.EXDEV, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOSYS):
-                    raise
-                self.copy_in_kernel = False  # e.g. a block device: pread/pwrite from now on
-        if done < length:
-            data = self.device.pread(length - done, start + done)
-            self.store.file.pwrite(data, self.store.slot_offset(slot) + done)
+        while done < len(data):
+            if self.copy_uncached:
+                try:
+                    done += os.pwritev(self.store.file.fd, [data[done:]], offset + done, RWF_DONTCACHE)
+                    continue
+                except OSError as exc:
+                    if exc.errno != errno.EOPNOTSUPP:
+                        raise
+                    self.copy_uncached = False
+            done += os.pwrite(self.store.file.fd, data[done:], offset + done)
 
     def write_records(self, copies: list[StoreCopy]):
         records = []
@@ -641,7 +662,7 @@ class OriginImage(Image):
                 "slot_end": self.slot_end, "free_slots": _runs(self.free_slots),
                 "pending_free": self.pending_free, "dirty": self.dirty,
                 "store_failed": self.store_failed, "records_appended": self.records_appended,
-                "copy_in_kernel": self.copy_in_kernel, "idle": idle,
+                "idle": idle,
                 "figures": self._state_figures() if idle else None}
 
     def _state_figures(self) -> list:
@@ -675,7 +696,6 @@ class OriginImage(Image):
         self.free_slots = SortedList(slot for first, end in state["free_slots"] for slot in range(first, end))
         self.pending_free = list(state["pending_free"])
         self.dirty, self.records_appended = state["dirty"], state["records_appended"]
-        self.copy_in_kernel = state["copy_in_kernel"]
         self.store_failed = state["store_failed"]
         if self.store_failed:
             self._corrupt_all_unrecorded()
