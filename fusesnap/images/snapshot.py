@@ -53,6 +53,7 @@ device I/O is page-cached pread/pwrite inline, fsyncs in a worker thread.
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import errno
 import fcntl
@@ -80,6 +81,9 @@ MAX_CHUNKS = 1 << 16
 LOW_SPACE_FRACTION = 0.1
 PREALLOCATE = 32 << 20   # the store file grows this much ahead of its slots
 RWF_DONTCACHE = getattr(os, "RWF_DONTCACHE", 0x80)  # <linux/fs.h>; Python 3.14 names it
+COPY_AHEAD = 1 << 20     # a sequential write copies this much past its end
+STREAMS = 16             # how many recent ends of writes (reads) tell a sequential one
+READ_AHEAD = 4 << 20     # a snapshot read asks for the store's slots of this much after it
 FIFREEZE, FITHAW = 0xC0045877, 0xC0045878
 
 
@@ -101,6 +105,9 @@ class StoreCopy:
     number: int = 0           # the snapshot (own, corrupt) or the change-map value
     reason: int = 0           # corrupt: a snapshot_store reason code
     failed: bool = False      # copy: the store could not be written
+    ahead: bool = False       # copy: made ahead of the writes (`OriginImage._plan_ahead`)
+    # the first of a run of copies ahead: (first, end, token) of the chunks it holds
+    hold: tuple[int, int, trio.Event] | None = None
 
 
 class Store:
@@ -183,7 +190,13 @@ class OriginImage(Image):
         self.preallocated_end = 0
         self.store_failed: str | None = None
         self.boot_id = fmt.current_boot_id()
-        self.dirty = False                  # a DIRTY record is in force (durable)
+        self.dirty = False                  # a DIRTY record is in force
+        self.dirty_durable = False          # ... and the fsync after it returned
+        # hints, not state: recent origin writes' ends, snapshot reads' (number, end),
+        # and per snapshot the chunk its store read-ahead reaches
+        self.write_ends: collections.deque[int] = collections.deque(maxlen=STREAMS)
+        self.read_ends = collections.deque(maxlen=STREAMS)
+        self.read_ahead_to: dict[int, int] = {}
         self.records_appended = 0
         self.copy_uncached = True           # until the kernel refuses RWF_DONTCACHE
         if store.created:
@@ -320,28 +333,50 @@ class OriginImage(Image):
         if not data:
             return 0
         first, end = offset // self.chunk_size, -(-(offset + len(data)) // self.chunk_size)
-        if self._nothing_to_do(first, end):
+        sequential = offset in self.write_ends  # it goes on where a recent write ended
+        self.write_ends.append(offset + len(data))
+        if self._needs_no_copy(first, end):
             # No await from the check to the write: nothing can change in between.
+            self._mark_at_once(range(first, end))
             self.device.pwrite(data, offset)
             return len(data)
-        async with self.cbw.writing(first, end):
+        async with self.cbw.writing(first, end, plan=self.plan_sequential if sequential else None):
             # The old contents of every chunk a snapshot needs are in the store (or
             # the snapshot is marked corrupted), and a DIRTY is durable, by now.
             self.device.pwrite(data, offset)
         return len(data)
 
-    def _nothing_to_do(self, first: int, end: int) -> bool:
-        """True if an origin write to chunks [first, end) needs no copy and no record
-        and no other write holds them (the common case once a chunk was copied)."""
-        if self.cbw.held.overlapping(first, end):
+    def _needs_no_copy(self, first: int, end: int) -> bool:
+        """True if an origin write to chunks [first, end) needs no copy and no round
+        of records (its change marks, if any, can be written at once:
+        `_mark_at_once`), and no other write holds the chunks: the common case once
+        the chunks were copied."""
+        if self.cbw.is_held(first, end):
             return False
-        newest, held = self.newest, self.state.held
+        newest, intact = self.newest, [s for s in self.state.held.values() if not s.corrupted]
         for chunk in range(first, end):
-            if newest and self.state.changed.get(chunk, 0) != newest:
+            if any(chunk not in s.map for s in intact):
                 return False
-            if any(chunk not in s.map for s in held.values() if not s.corrupted):
+            if newest and self.state.changed.get(chunk, 0) != newest and not self._marks_at_once():
                 return False
         return True
+
+    def _marks_at_once(self) -> bool:
+        """Can a change mark be appended right before its write, without a round?
+        Yes while a DIRTY is durably in force: a kill -9 keeps the mark (page cache,
+        appended before the write), and after a power cut that lost it the re-mount
+        starts a new generation of the change map anyway. Not in a clean store: the
+        origin write could reach the disk and the mark not, and the change map would
+        hide that change from an incremental backup."""
+        return self.dirty_durable and not self.store_failed
+
+    def _mark_at_once(self, chunks) -> None:
+        """Append CBT records for those of `chunks` whose change mark is not the
+        newest snapshot's (only when `_marks_at_once`; sync: the caller writes next)."""
+        newest = self.newest
+        stale = [chunk for chunk in chunks if newest and self.state.changed.get(chunk, 0) != newest]
+        if stale:
+            self._append([fmt.Record(fmt.CBT, newest, first, 0, end - first) for first, end in _runs(stale)])
 
     async def discard(self, offset: int, length: int, *, zero_range: bool) -> None:
         """A discard is a write of zeros to the snapshots' eyes: old contents first."""
@@ -361,7 +396,7 @@ class OriginImage(Image):
             # (none was appended meanwhile), and never after a failed one.
             if self.dirty and self.records_appended == appended and not self.store_failed:
                 self._append([fmt.Record(fmt.CLEAN)])
-                self.dirty = False
+                self.dirty = self.dirty_durable = False
                 await self._sync_store()
         except OSError as exc:
             await self._store_failure(exc)
@@ -372,11 +407,16 @@ class OriginImage(Image):
     def newest(self) -> int:
         return self.state.next_snapshot - 1
 
-    def plan(self, first: int, end: int) -> list[StoreCopy]:
+    def plan_sequential(self, first: int, end: int) -> list[StoreCopy]:
+        """`plan` for a write that goes on where a recent one ended: copies ahead too."""
+        return self.plan(first, end, ahead=True)
+
+    def plan(self, first: int, end: int, *, ahead: bool = False) -> list[StoreCopy]:
         """Origin writes, sync: a shared copy of each chunk some intact snapshot still
-        reads from the device; corruption where there is no room; change marks."""
+        reads from the device; corruption where there is no room; change marks; with
+        `ahead`, copies past the write (`_plan_ahead`)."""
         intact = [s for s in self.state.held.values() if not s.corrupted]
-        copies, overflowed = [], set()
+        copies, overflowed, unmarked = [], set(), []
         for chunk in range(first, end):
             needers = [s.number for s in intact if chunk not in s.map and s.number not in overflowed]
             slot = self._allocate() if needers else None
@@ -385,9 +425,43 @@ class OriginImage(Image):
                 continue
             overflowed.update(needers)
             if self.newest and self.state.changed.get(chunk, 0) != self.newest:
-                copies.append(StoreCopy("cbt", chunk, number=self.newest))
+                unmarked.append(chunk)
+        if self._marks_at_once():
+            self._mark_at_once(unmarked)
+        else:
+            copies += [StoreCopy("cbt", chunk, number=self.newest) for chunk in unmarked]
         copies += [StoreCopy("corrupt", 0, number=n, reason=fmt.OVERFLOW) for n in sorted(overflowed)]
+        if ahead and not overflowed and any(copy.kind == "copy" for copy in copies):
+            copies += self._plan_ahead(end, intact)
         return copies
+
+    def _plan_ahead(self, end: int, intact: list[fmt.HeldSnapshot]) -> list[StoreCopy]:
+        """Copies of up to COPY_AHEAD bytes of chunks past the end of a sequential
+        write (one that went on where a recent write ended: the next writes of that
+        stream need them), made and recorded with this write's, so that those writes
+        find them copied and go straight to the device. A copy ahead is not a write:
+        its record keeps the chunk's change mark. The chunks are held until recorded
+        (no write lands before its copy is), and taken only where nothing holds
+        them, with a tenth of the store to spare (never a cause of overflow); a
+        stream that stops leaves at most COPY_AHEAD copied for nothing."""
+        room = self.store.max_slots * (1 - LOW_SPACE_FRACTION) - len(self.state.refs)
+        stop_at = min(self.n_chunks, end + COPY_AHEAD // self.chunk_size, end + int(room))
+        stop = end
+        while stop < stop_at and not self.cbw.is_held(stop, stop + 1) and \
+                any(stop not in s.map for s in intact):
+            stop += 1
+        if stop == end:
+            return []
+        ahead = []
+        for chunk in range(end, stop):
+            slot = self._allocate()
+            if slot is None:
+                break
+            ahead.append(StoreCopy("copy", chunk, slot, self.state.changed.get(chunk, 0), ahead=True))
+        if ahead:
+            end_held = ahead[-1].chunk + 1
+            ahead[0].hold = (end, end_held, self.cbw.hold(end, end_held))
+        return ahead
 
     def plan_snapshot_write(self, number: int, first: int, end: int) -> list[StoreCopy]:
         """Writes to snapshot `number`, sync: a private slot for each chunk it shares
@@ -478,7 +552,9 @@ class OriginImage(Image):
     def write_records(self, copies: list[StoreCopy]):
         records = []
         for copy in copies:
-            if copy.kind == "copy" and copy.failed:
+            if copy.kind == "copy" and copy.failed and copy.ahead:
+                self.free_slots.add(copy.slot)  # no write needed it: nothing is lost
+            elif copy.kind == "copy" and copy.failed:
                 self.free_slots.add(copy.slot)  # never named by a record
                 records += [fmt.Record(fmt.CORRUPT, s.number, count=fmt.STORE_ERROR)
                             for s in self.state.held.values()
@@ -509,13 +585,24 @@ class OriginImage(Image):
             await self._sync_store()
         except OSError as exc:
             await self._store_failure(exc)  # the origin write goes on; the snapshots are lost
+        else:
+            self.dirty_durable = self.dirty  # (unless a flush made it CLEAN meanwhile)
 
     def recorded(self, copies: list[StoreCopy]) -> None:
-        pass  # the records were applied as they were written
+        """The records were applied as they were written; copies ahead free the
+        chunks they held."""
+        self._release_held(copies)
 
     def abandoned(self, copies: list[StoreCopy], exc: BaseException) -> None:
         """Copies whose records were never written: their slots are free again."""
         self.free_slots.update(c.slot for c in copies if c.kind in ("copy", "own") and not c.failed)
+        self._release_held(copies)
+
+    def _release_held(self, copies: list[StoreCopy]) -> None:
+        for copy in copies:
+            if copy.hold is not None:
+                self.cbw.release(*copy.hold)
+                copy.hold = None
 
     async def _store_failure(self, exc: OSError) -> None:
         """The store could not be made durable: copies since its last good fsync may be
@@ -583,7 +670,33 @@ class OriginImage(Image):
 
     async def read_snapshot(self, number: int, offset: int, size: int) -> bytes:
         size = max(0, min(size, self.size - offset))
-        return self._snapshot_view(self._held(number), offset, size) if size else b""
+        if not size:
+            return b""
+        held = self._held(number)
+        data = self._snapshot_view(held, offset, size)
+        if (number, offset) in self.read_ends:  # it goes on where a recent read ended
+            self._read_ahead(held, -(-(offset + size) // self.chunk_size))
+        self.read_ends.append((number, offset + size))
+        return data
+
+    def _read_ahead(self, held: fmt.HeldSnapshot, chunk: int) -> None:
+        """For a sequential reader at `chunk`: once it is within half of READ_AHEAD
+        of where the last hint for this snapshot ended, ask the kernel to read the
+        store slots of the next READ_AHEAD bytes of chunks (POSIX_FADV_WILLNEED: it
+        starts the reads and returns). Copies are written uncached, so a backup
+        reading a snapshot in order would otherwise wait for the disk at every chunk
+        the store holds, one read at a time; the kernel's own read-ahead follows the
+        store's slots, not the snapshot's order."""
+        window = max(1, READ_AHEAD // self.chunk_size)
+        hinted = self.read_ahead_to.get(held.number, 0)
+        if chunk + window // 2 < hinted:
+            return
+        start, end = max(chunk, hinted), min(self.n_chunks, chunk + window)
+        self.read_ahead_to[held.number] = end
+        slots = sorted(slot for c in range(start, end) if (slot := held.map.get(c)) is not None)
+        for first, stop in _runs(slots):
+            os.posix_fadvise(self.store.file.fd, self.store.slot_offset(first),
+                             (stop - first) * self.chunk_size, os.POSIX_FADV_WILLNEED)
 
     async def write_snapshot(self, number: int, offset: int, data: bytes) -> int:
         check_range(self.size, offset, len(data))
@@ -637,6 +750,7 @@ class OriginImage(Image):
         async with self.cbw.exclusive(0, self.n_chunks):
             self._append([fmt.Record(fmt.RELEASE, number)])
             self.snapshots.pop(number).released = True
+            self.read_ahead_to.pop(number, None)
             # Ordering: the release is durable before its slots can take new copies.
             await self._sync_store()
         log.info("released snapshot %d", number)
@@ -696,6 +810,9 @@ class OriginImage(Image):
         self.free_slots = SortedList(slot for first, end in state["free_slots"] for slot in range(first, end))
         self.pending_free = list(state["pending_free"])
         self.dirty, self.records_appended = state["dirty"], state["records_appended"]
+        # In the pause no round runs, so a DIRTY in force had its fsync (a failed one
+        # leaves store_failed, which keeps marks in rounds).
+        self.dirty_durable = self.dirty
         self.store_failed = state["store_failed"]
         if self.store_failed:
             self._corrupt_all_unrecorded()
