@@ -23,8 +23,9 @@ the origin write succeeds. `.status` warns when less than a tenth of the limit i
 left.
 
 Ordering (`fusesnap.copy_before_write` runs it; this module is the policy): copy
-into a reserved slot, write the records, then the origin write proceeds. Copies and
-records stay in the page cache, which outlives a kill -9 of the server; for power
+into a reserved slot, write the records, then the origin write proceeds. Copies (in
+the page cache until written back: RWF_DONTCACHE) and records are in the kernel's
+hands, which outlive a kill -9 of the server; for power
 cuts the store is marked DIRTY (with the kernel's boot id, fsynced) before the first
 origin write whose copy is not durable, and CLEAN after an fsync that covered every
 record (each flush of origin.img). A re-mount after a reboot that finds DIRTY in
@@ -33,7 +34,15 @@ after a power cut a snapshot is intact or reported lost, and first writes cost n
 fsync (per-write fsyncs measured 0.04 of the writes without a snapshot). A slot
 whose last reference went (release, corruption) is reused only after the record
 that freed it is durable. Takes and releases hold every chunk (no write is half done
-meanwhile) and fsync their record before returning.
+meanwhile) and fsync their record before returning. A write whose chunks are copied
+and need only change marks appends them right before it, without a round, while a
+DIRTY is durably in force (`_marks_at_once`).
+
+Sequential writers: a write that goes on where a recent one ended also copies the
+COPY_AHEAD bytes of chunks after it (`_plan_ahead`), so that the stream's next
+writes find them copied; a copy ahead keeps the chunk's change mark. A sequential
+snapshot reader asks the kernel for the store slots of the READ_AHEAD bytes after
+it (the copies are not cached).
 
 Growth: the store file is extended ahead of its slots, `PREALLOCATE` bytes at a
 time (fallocate), so that a first copy writes into allocated blocks: ext4 then skips
@@ -47,7 +56,8 @@ the file spans), `preallocated_end` (slots the file has room for), `pending_free
 (freed, not yet reusable), the table position.
 Concurrency: everything runs on the trio thread; state changes happen only in
 synchronous methods (plan, write_records, control steps between awaits); store and
-device I/O is page-cached pread/pwrite inline, fsyncs in a worker thread.
+device I/O is inline (page-cached or uncached buffered I/O, copies from a mapping
+of the device), fsyncs in a worker thread.
 """
 
 from __future__ import annotations
@@ -69,7 +79,7 @@ from sortedcontainers import SortedList
 from .. import arguments
 from ..control import read_status, require_image, send_command
 from ..copy_before_write import CopyBeforeWrite
-from ..devices import FALLOC_FL_KEEP_SIZE, BlockDevice, check_range, fallocate, loop_devices_backed_under
+from ..devices import BlockDevice, check_range, fallocate, loop_devices_backed_under
 from ..errors import EXIT_FAILED, UserError
 from ..formats import snapshot_store as fmt
 from .base import Image
@@ -231,22 +241,9 @@ class OriginImage(Image):
         # Everything read is durable once the compacted table is: no DIRTY in force.
         self.state.dirty_boot = None
         self._compact()  # a fresh region: no torn tail, room to append
-        self._allocate_table()
         self.store.file.fsync()
         self._reclaim()
         self.recovery_deferred = False
-
-    def _allocate_table(self) -> None:
-        """Allocate both table regions' blocks (best effort), so that appending a
-        record never needs a new block: on a full disk an append that failed with
-        ENOSPC would fail the origin write it protects (seen when the benchmark's
-        disk filled up)."""
-        if self.store.file.is_block_device:
-            return
-        try:
-            fallocate(self.store.file.fd, FALLOC_FL_KEEP_SIZE, 0, self.store.sb.data_start)
-        except OSError as exc:
-            log.debug("store %s: table not preallocated (%s)", self.store.path, exc.strerror)
 
     # -- the table ------------------------------------------------------------------
 
@@ -545,8 +542,8 @@ class OriginImage(Image):
         (RWF_DONTCACHE, Linux 6.14: the kernel starts writeback at once and drops the
         pages when it is done). A backup reads a copy once, much later, if at all;
         cached, every copy takes page-cache pages the machine has not used recently,
-        which cost far more than pages recycled from the previous copies (README,
-        "Snapshots"). Ordering is unchanged: when the call returns the copy is in the
+        which cost far more than pages recycled from the previous copies
+        (DEVELOPERS.md, "Snapshots"). Ordering is unchanged: when the call returns the copy is in the
         page cache or on its way to the disk, so it survives a kill -9 like any
         buffered write, and the DIRTY record covers power cuts. Without the flag (an
         older kernel, a filesystem without it) a plain write."""
