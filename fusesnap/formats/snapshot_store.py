@@ -38,7 +38,8 @@ map chunk -> slot, the change-block map chunk -> number):
     COPY     chunks [chunk, chunk + count) had their old contents copied into slots
              [slot, slot + count): every held, intact snapshot with no entry for a
              chunk gets that slot (one copy shared by all). Change map := snapshot
-             (the newest number at the time of the write).
+             (the newest number at the time of the write; a copy made ahead of a
+             sequential writer's next writes keeps the chunk's value, 0 if none).
     OWN      snapshot N's private copy of chunk(s) (a write to the snapshot); change
              map := max(change map, N).
     MAP      (compaction) snapshot N reads chunks from slots [slot, slot + count).
@@ -312,7 +313,10 @@ class StoreState:
 
     def _mark_changed(self, first: int, end: int, number: int, *, at_least: bool) -> None:
         if not at_least:
-            self.changed.assign(first, end, number)
+            if number:
+                self.changed.assign(first, end, number)
+            else:  # never written (a copy ahead of a chunk no write has marked)
+                self.changed.clear(first, end)
             return
         for chunk in range(first, end):
             if self.changed.get(chunk, 0) < number:

@@ -23,8 +23,9 @@ the origin write succeeds. `.status` warns when less than a tenth of the limit i
 left.
 
 Ordering (`fusesnap.copy_before_write` runs it; this module is the policy): copy
-into a reserved slot, write the records, then the origin write proceeds. Copies and
-records stay in the page cache, which outlives a kill -9 of the server; for power
+into a reserved slot, write the records, then the origin write proceeds. Copies (in
+the page cache until written back: RWF_DONTCACHE) and records are in the kernel's
+hands, which outlive a kill -9 of the server; for power
 cuts the store is marked DIRTY (with the kernel's boot id, fsynced) before the first
 origin write whose copy is not durable, and CLEAN after an fsync that covered every
 record (each flush of origin.img). A re-mount after a reboot that finds DIRTY in
@@ -33,7 +34,15 @@ after a power cut a snapshot is intact or reported lost, and first writes cost n
 fsync (per-write fsyncs measured 0.04 of the writes without a snapshot). A slot
 whose last reference went (release, corruption) is reused only after the record
 that freed it is durable. Takes and releases hold every chunk (no write is half done
-meanwhile) and fsync their record before returning.
+meanwhile) and fsync their record before returning. A write whose chunks are copied
+and need only change marks appends them right before it, without a round, while a
+DIRTY is durably in force (`_marks_at_once`).
+
+Sequential writers: a write that goes on where a recent one ended also copies the
+COPY_AHEAD bytes of chunks after it (`_plan_ahead`), so that the stream's next
+writes find them copied; a copy ahead keeps the chunk's change mark. A sequential
+snapshot reader asks the kernel for the store slots of the READ_AHEAD bytes after
+it (the copies are not cached).
 
 Growth: the store file is extended ahead of its slots, `PREALLOCATE` bytes at a
 time (fallocate), so that a first copy writes into allocated blocks: ext4 then skips
@@ -47,17 +56,20 @@ the file spans), `preallocated_end` (slots the file has room for), `pending_free
 (freed, not yet reusable), the table position.
 Concurrency: everything runs on the trio thread; state changes happen only in
 synchronous methods (plan, write_records, control steps between awaits); store and
-device I/O is page-cached pread/pwrite inline, fsyncs in a worker thread.
+device I/O is inline (page-cached or uncached buffered I/O, copies from a mapping
+of the device), fsyncs in a worker thread.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import errno
 import fcntl
 import json
 import logging
+import mmap
 import os
 import sys
 
@@ -78,6 +90,10 @@ MIN_CHUNK = 256 << 10
 MAX_CHUNKS = 1 << 16
 LOW_SPACE_FRACTION = 0.1
 PREALLOCATE = 32 << 20   # the store file grows this much ahead of its slots
+RWF_DONTCACHE = getattr(os, "RWF_DONTCACHE", 0x80)  # <linux/fs.h>; Python 3.14 names it
+COPY_AHEAD = 1 << 20     # a sequential write copies this much past its end
+STREAMS = 16             # how many recent ends of writes (reads) tell a sequential one
+READ_AHEAD = 4 << 20     # a snapshot read asks for the store's slots of this much after it
 FIFREEZE, FITHAW = 0xC0045877, 0xC0045878
 
 
@@ -99,6 +115,9 @@ class StoreCopy:
     number: int = 0           # the snapshot (own, corrupt) or the change-map value
     reason: int = 0           # corrupt: a snapshot_store reason code
     failed: bool = False      # copy: the store could not be written
+    ahead: bool = False       # copy: made ahead of the writes (`OriginImage._plan_ahead`)
+    # the first of a run of copies ahead: (first, end, token) of the chunks it holds
+    hold: tuple[int, int, trio.Event] | None = None
 
 
 class Store:
@@ -163,7 +182,9 @@ class OriginImage(Image):
     target = "origin"
     status_line_keys = ("size", "device", "warning")
     control_verbs = ("snapshot",)
-    handover_versions = (1,)
+    # 2: without version 1's "copy_in_kernel" (copies no longer use copy_file_range;
+    # whether RWF_DONTCACHE works each server finds out for itself), which 1 had
+    handover_versions = (2, 1)
 
     def __init__(self, device: BlockDevice, store: Store, name: str = "origin.img"):
         super().__init__(name, device.size, read_only=False)
@@ -179,9 +200,15 @@ class OriginImage(Image):
         self.preallocated_end = 0
         self.store_failed: str | None = None
         self.boot_id = fmt.current_boot_id()
-        self.dirty = False                  # a DIRTY record is in force (durable)
+        self.dirty = False                  # a DIRTY record is in force
+        self.dirty_durable = False          # ... and the fsync after it returned
+        # hints, not state: recent origin writes' ends, snapshot reads' (number, end),
+        # and per snapshot the chunk its store read-ahead reaches
+        self.write_ends: collections.deque[int] = collections.deque(maxlen=STREAMS)
+        self.read_ends = collections.deque(maxlen=STREAMS)
+        self.read_ahead_to: dict[int, int] = {}
         self.records_appended = 0
-        self.copy_in_kernel = True
+        self.copy_uncached = True           # until the kernel refuses RWF_DONTCACHE
         if store.created:
             store.create()
         loaded = fmt.load_state(store.file.pread, store.sb)
@@ -316,28 +343,50 @@ class OriginImage(Image):
         if not data:
             return 0
         first, end = offset // self.chunk_size, -(-(offset + len(data)) // self.chunk_size)
-        if self._nothing_to_do(first, end):
+        sequential = offset in self.write_ends  # it goes on where a recent write ended
+        self.write_ends.append(offset + len(data))
+        if self._needs_no_copy(first, end):
             # No await from the check to the write: nothing can change in between.
+            self._mark_at_once(range(first, end))
             self.device.pwrite(data, offset)
             return len(data)
-        async with self.cbw.writing(first, end):
+        async with self.cbw.writing(first, end, plan=self.plan_sequential if sequential else None):
             # The old contents of every chunk a snapshot needs are in the store (or
             # the snapshot is marked corrupted), and a DIRTY is durable, by now.
             self.device.pwrite(data, offset)
         return len(data)
 
-    def _nothing_to_do(self, first: int, end: int) -> bool:
-        """True if an origin write to chunks [first, end) needs no copy and no record
-        and no other write holds them (the common case once a chunk was copied)."""
-        if self.cbw.held.overlapping(first, end):
+    def _needs_no_copy(self, first: int, end: int) -> bool:
+        """True if an origin write to chunks [first, end) needs no copy and no round
+        of records (its change marks, if any, can be written at once:
+        `_mark_at_once`), and no other write holds the chunks: the common case once
+        the chunks were copied."""
+        if self.cbw.is_held(first, end):
             return False
-        newest, held = self.newest, self.state.held
+        newest, intact = self.newest, [s for s in self.state.held.values() if not s.corrupted]
         for chunk in range(first, end):
-            if newest and self.state.changed.get(chunk, 0) != newest:
+            if any(chunk not in s.map for s in intact):
                 return False
-            if any(chunk not in s.map for s in held.values() if not s.corrupted):
+            if newest and self.state.changed.get(chunk, 0) != newest and not self._marks_at_once():
                 return False
         return True
+
+    def _marks_at_once(self) -> bool:
+        """Can a change mark be appended right before its write, without a round?
+        Yes while a DIRTY is durably in force: a kill -9 keeps the mark (page cache,
+        appended before the write), and after a power cut that lost it the re-mount
+        starts a new generation of the change map anyway. Not in a clean store: the
+        origin write could reach the disk and the mark not, and the change map would
+        hide that change from an incremental backup."""
+        return self.dirty_durable and not self.store_failed
+
+    def _mark_at_once(self, chunks) -> None:
+        """Append CBT records for those of `chunks` whose change mark is not the
+        newest snapshot's (only when `_marks_at_once`; sync: the caller writes next)."""
+        newest = self.newest
+        stale = [chunk for chunk in chunks if newest and self.state.changed.get(chunk, 0) != newest]
+        if stale:
+            self._append([fmt.Record(fmt.CBT, newest, first, 0, end - first) for first, end in _runs(stale)])
 
     async def discard(self, offset: int, length: int, *, zero_range: bool) -> None:
         """A discard is a write of zeros to the snapshots' eyes: old contents first."""
@@ -357,7 +406,7 @@ class OriginImage(Image):
             # (none was appended meanwhile), and never after a failed one.
             if self.dirty and self.records_appended == appended and not self.store_failed:
                 self._append([fmt.Record(fmt.CLEAN)])
-                self.dirty = False
+                self.dirty = self.dirty_durable = False
                 await self._sync_store()
         except OSError as exc:
             await self._store_failure(exc)
@@ -368,11 +417,16 @@ class OriginImage(Image):
     def newest(self) -> int:
         return self.state.next_snapshot - 1
 
-    def plan(self, first: int, end: int) -> list[StoreCopy]:
+    def plan_sequential(self, first: int, end: int) -> list[StoreCopy]:
+        """`plan` for a write that goes on where a recent one ended: copies ahead too."""
+        return self.plan(first, end, ahead=True)
+
+    def plan(self, first: int, end: int, *, ahead: bool = False) -> list[StoreCopy]:
         """Origin writes, sync: a shared copy of each chunk some intact snapshot still
-        reads from the device; corruption where there is no room; change marks."""
+        reads from the device; corruption where there is no room; change marks; with
+        `ahead`, copies past the write (`_plan_ahead`)."""
         intact = [s for s in self.state.held.values() if not s.corrupted]
-        copies, overflowed = [], set()
+        copies, overflowed, unmarked = [], set(), []
         for chunk in range(first, end):
             needers = [s.number for s in intact if chunk not in s.map and s.number not in overflowed]
             slot = self._allocate() if needers else None
@@ -381,9 +435,43 @@ class OriginImage(Image):
                 continue
             overflowed.update(needers)
             if self.newest and self.state.changed.get(chunk, 0) != self.newest:
-                copies.append(StoreCopy("cbt", chunk, number=self.newest))
+                unmarked.append(chunk)
+        if self._marks_at_once():
+            self._mark_at_once(unmarked)
+        else:
+            copies += [StoreCopy("cbt", chunk, number=self.newest) for chunk in unmarked]
         copies += [StoreCopy("corrupt", 0, number=n, reason=fmt.OVERFLOW) for n in sorted(overflowed)]
+        if ahead and not overflowed and any(copy.kind == "copy" for copy in copies):
+            copies += self._plan_ahead(end, intact)
         return copies
+
+    def _plan_ahead(self, end: int, intact: list[fmt.HeldSnapshot]) -> list[StoreCopy]:
+        """Copies of up to COPY_AHEAD bytes of chunks past the end of a sequential
+        write (one that went on where a recent write ended: the next writes of that
+        stream need them), made and recorded with this write's, so that those writes
+        find them copied and go straight to the device. A copy ahead is not a write:
+        its record keeps the chunk's change mark. The chunks are held until recorded
+        (no write lands before its copy is), and taken only where nothing holds
+        them, with a tenth of the store to spare (never a cause of overflow); a
+        stream that stops leaves at most COPY_AHEAD copied for nothing."""
+        room = self.store.max_slots * (1 - LOW_SPACE_FRACTION) - len(self.state.refs)
+        stop_at = min(self.n_chunks, end + COPY_AHEAD // self.chunk_size, end + int(room))
+        stop = end
+        while stop < stop_at and not self.cbw.is_held(stop, stop + 1) and \
+                any(stop not in s.map for s in intact):
+            stop += 1
+        if stop == end:
+            return []
+        ahead = []
+        for chunk in range(end, stop):
+            slot = self._allocate()
+            if slot is None:
+                break
+            ahead.append(StoreCopy("copy", chunk, slot, self.state.changed.get(chunk, 0), ahead=True))
+        if ahead:
+            end_held = ahead[-1].chunk + 1
+            ahead[0].hold = (end, end_held, self.cbw.hold(end, end_held))
+        return ahead
 
     def plan_snapshot_write(self, number: int, first: int, end: int) -> list[StoreCopy]:
         """Writes to snapshot `number`, sync: a private slot for each chunk it shares
@@ -432,32 +520,51 @@ class OriginImage(Image):
                     copy.failed = True
 
     def _copy_from_device(self, chunk: int, slot: int, count: int) -> None:
-        """Device chunks [chunk, chunk + count) -> store slots from `slot` on, in the
-        kernel where it can (copy_file_range: a reflink or one in-kernel copy instead
-        of two through this process)."""
+        """Device chunks [chunk, chunk + count) -> store slots from `slot` on, in one
+        write from a mapping of the device (the kernel copies page cache to page
+        cache: a pread into a buffer first costs more than the write itself here).
+        A mapping is read only inside the write, so a device that fails to read
+        fails the write (EFAULT or EIO), never with SIGBUS."""
         start = chunk * self.chunk_size
         length = min(count * self.chunk_size, self.size - start)
+        destination = self.store.slot_offset(slot)
+        try:
+            mapped = mmap.mmap(self.device.fd, length, mmap.MAP_SHARED | mmap.MAP_POPULATE,
+                               mmap.PROT_READ, offset=start)
+        except OSError:  # a device that cannot be mapped (on a FUSE mount, say)
+            self._write_uncached(memoryview(self.device.pread(length, start)), destination)
+            return
+        with mapped, memoryview(mapped) as view:
+            self._write_uncached(view, destination)
+
+    def _write_uncached(self, data: memoryview, offset: int) -> None:
+        """Write a copy into the store without keeping it in the page cache
+        (RWF_DONTCACHE, Linux 6.14: the kernel starts writeback at once and drops the
+        pages when it is done). A backup reads a copy once, much later, if at all;
+        cached, every copy takes page-cache pages the machine has not used recently,
+        which cost far more than pages recycled from the previous copies
+        (DEVELOPERS.md, "Snapshots"). Ordering is unchanged: when the call returns the copy is in the
+        page cache or on its way to the disk, so it survives a kill -9 like any
+        buffered write, and the DIRTY record covers power cuts. Without the flag (an
+        older kernel, a filesystem without it) a plain write."""
         done = 0
-        if self.copy_in_kernel:
-            try:
-                while done < length:
-                    copied = os.copy_file_range(self.device.fd, self.store.file.fd, length - done,
-                                                start + done, self.store.slot_offset(slot) + done)
-                    if copied == 0:
-                        break
-                    done += copied
-            except OSError as exc:
-                if exc.errno not in (errno.EXDEV, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOSYS):
-                    raise
-                self.copy_in_kernel = False  # e.g. a block device: pread/pwrite from now on
-        if done < length:
-            data = self.device.pread(length - done, start + done)
-            self.store.file.pwrite(data, self.store.slot_offset(slot) + done)
+        while done < len(data):
+            if self.copy_uncached:
+                try:
+                    done += os.pwritev(self.store.file.fd, [data[done:]], offset + done, RWF_DONTCACHE)
+                    continue
+                except OSError as exc:
+                    if exc.errno != errno.EOPNOTSUPP:
+                        raise
+                    self.copy_uncached = False
+            done += os.pwrite(self.store.file.fd, data[done:], offset + done)
 
     def write_records(self, copies: list[StoreCopy]):
         records = []
         for copy in copies:
-            if copy.kind == "copy" and copy.failed:
+            if copy.kind == "copy" and copy.failed and copy.ahead:
+                self.free_slots.add(copy.slot)  # no write needed it: nothing is lost
+            elif copy.kind == "copy" and copy.failed:
                 self.free_slots.add(copy.slot)  # never named by a record
                 records += [fmt.Record(fmt.CORRUPT, s.number, count=fmt.STORE_ERROR)
                             for s in self.state.held.values()
@@ -488,13 +595,24 @@ class OriginImage(Image):
             await self._sync_store()
         except OSError as exc:
             await self._store_failure(exc)  # the origin write goes on; the snapshots are lost
+        else:
+            self.dirty_durable = self.dirty  # (unless a flush made it CLEAN meanwhile)
 
     def recorded(self, copies: list[StoreCopy]) -> None:
-        pass  # the records were applied as they were written
+        """The records were applied as they were written; copies ahead free the
+        chunks they held."""
+        self._release_held(copies)
 
     def abandoned(self, copies: list[StoreCopy], exc: BaseException) -> None:
         """Copies whose records were never written: their slots are free again."""
         self.free_slots.update(c.slot for c in copies if c.kind in ("copy", "own") and not c.failed)
+        self._release_held(copies)
+
+    def _release_held(self, copies: list[StoreCopy]) -> None:
+        for copy in copies:
+            if copy.hold is not None:
+                self.cbw.release(*copy.hold)
+                copy.hold = None
 
     async def _store_failure(self, exc: OSError) -> None:
         """The store could not be made durable: copies since its last good fsync may be
@@ -562,7 +680,33 @@ class OriginImage(Image):
 
     async def read_snapshot(self, number: int, offset: int, size: int) -> bytes:
         size = max(0, min(size, self.size - offset))
-        return self._snapshot_view(self._held(number), offset, size) if size else b""
+        if not size:
+            return b""
+        held = self._held(number)
+        data = self._snapshot_view(held, offset, size)
+        if (number, offset) in self.read_ends:  # it goes on where a recent read ended
+            self._read_ahead(held, -(-(offset + size) // self.chunk_size))
+        self.read_ends.append((number, offset + size))
+        return data
+
+    def _read_ahead(self, held: fmt.HeldSnapshot, chunk: int) -> None:
+        """For a sequential reader at `chunk`: once it is within half of READ_AHEAD
+        of where the last hint for this snapshot ended, ask the kernel to read the
+        store slots of the next READ_AHEAD bytes of chunks (POSIX_FADV_WILLNEED: it
+        starts the reads and returns). Copies are written uncached, so a backup
+        reading a snapshot in order would otherwise wait for the disk at every chunk
+        the store holds, one read at a time; the kernel's own read-ahead follows the
+        store's slots, not the snapshot's order."""
+        window = max(1, READ_AHEAD // self.chunk_size)
+        hinted = self.read_ahead_to.get(held.number, 0)
+        if chunk + window // 2 < hinted:
+            return
+        start, end = max(chunk, hinted), min(self.n_chunks, chunk + window)
+        self.read_ahead_to[held.number] = end
+        slots = sorted(slot for c in range(start, end) if (slot := held.map.get(c)) is not None)
+        for first, stop in _runs(slots):
+            os.posix_fadvise(self.store.file.fd, self.store.slot_offset(first),
+                             (stop - first) * self.chunk_size, os.POSIX_FADV_WILLNEED)
 
     async def write_snapshot(self, number: int, offset: int, data: bytes) -> int:
         check_range(self.size, offset, len(data))
@@ -616,6 +760,7 @@ class OriginImage(Image):
         async with self.cbw.exclusive(0, self.n_chunks):
             self._append([fmt.Record(fmt.RELEASE, number)])
             self.snapshots.pop(number).released = True
+            self.read_ahead_to.pop(number, None)
             # Ordering: the release is durable before its slots can take new copies.
             await self._sync_store()
         log.info("released snapshot %d", number)
@@ -641,7 +786,7 @@ class OriginImage(Image):
                 "slot_end": self.slot_end, "free_slots": _runs(self.free_slots),
                 "pending_free": self.pending_free, "dirty": self.dirty,
                 "store_failed": self.store_failed, "records_appended": self.records_appended,
-                "copy_in_kernel": self.copy_in_kernel, "idle": idle,
+                "idle": idle,
                 "figures": self._state_figures() if idle else None}
 
     def _state_figures(self) -> list:
@@ -675,7 +820,9 @@ class OriginImage(Image):
         self.free_slots = SortedList(slot for first, end in state["free_slots"] for slot in range(first, end))
         self.pending_free = list(state["pending_free"])
         self.dirty, self.records_appended = state["dirty"], state["records_appended"]
-        self.copy_in_kernel = state["copy_in_kernel"]
+        # In the pause no round runs, so a DIRTY in force had its fsync (a failed one
+        # leaves store_failed, which keeps marks in rounds).
+        self.dirty_durable = self.dirty
         self.store_failed = state["store_failed"]
         if self.store_failed:
             self._corrupt_all_unrecorded()
