@@ -44,6 +44,8 @@ import time
 from pathlib import Path
 from typing import Iterator
 
+from fusesnap.devices import FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE
+
 WRITE, FLUSH, MARK = b"W", b"F", b"M"
 _RECORD = struct.Struct("<cQI")  # kind, offset, length; then `length` bytes of data or label
 PIECE = 4096
@@ -119,6 +121,10 @@ def _serve(mountpoint: str, working_copy: str, log_path: str) -> None:
             return len(buf)
 
         async def fallocate(self, fh, mode, offset, length):
+            # Punching a hole or zeroing a range (a discard through a loop device)
+            # reads back as zeros; plain allocation changes no byte.
+            if not mode & (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE):
+                return
             zeros = bytes(min(length, max(0, self.size - offset)))
             os.pwrite(self.fd, zeros, offset)
             self.append(WRITE, offset, zeros)

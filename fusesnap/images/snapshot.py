@@ -79,7 +79,7 @@ from sortedcontainers import SortedList
 from .. import arguments
 from ..control import read_status, require_image, send_command
 from ..copy_before_write import CopyBeforeWrite
-from ..devices import BlockDevice, check_range, fallocate, loop_devices_backed_under
+from ..devices import FALLOC_FL_KEEP_SIZE, BlockDevice, check_range, fallocate, loop_devices_backed_under
 from ..errors import EXIT_FAILED, UserError
 from ..formats import snapshot_store as fmt
 from .base import Image
@@ -241,9 +241,22 @@ class OriginImage(Image):
         # Everything read is durable once the compacted table is: no DIRTY in force.
         self.state.dirty_boot = None
         self._compact()  # a fresh region: no torn tail, room to append
+        self._allocate_table()
         self.store.file.fsync()
         self._reclaim()
         self.recovery_deferred = False
+
+    def _allocate_table(self) -> None:
+        """Allocate both table regions' blocks (best effort), so that appending a
+        record never needs a new block: on a full disk an append that failed with
+        ENOSPC would fail the origin write it protects (seen when the benchmark's
+        disk filled up)."""
+        if self.store.file.is_block_device:
+            return
+        try:
+            fallocate(self.store.file.fd, FALLOC_FL_KEEP_SIZE, 0, self.store.sb.data_start)
+        except OSError as exc:
+            log.debug("store %s: table not preallocated (%s)", self.store.path, exc.strerror)
 
     # -- the table ------------------------------------------------------------------
 
