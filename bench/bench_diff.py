@@ -17,6 +17,7 @@ Then it prints, side by side with the targets:
     python bench/bench_diff.py --size-mib 128  # quicker
     python bench/bench_diff.py --sweep 16,32,64,128,256   # diff size per chunk_blocks
     python bench/bench_diff.py --pairs          # real software (bench/pairs.py) vs delta tools
+    python bench/bench_diff.py --pairs text --level-only 19   # one level vs zstd (cached)
 
 With --pairs it measures instead, on each benchmark pair from real software (ext4
 images of a Python tree whose packages were upgraded in place, bench/pairs.py), in one
@@ -264,6 +265,43 @@ def measure_pairs(names: list[str], workdir: str, memory_gib: int) -> None:
         measure_memory(workdir, memory_gib)
 
 
+def measure_level(names: list[str], workdir: str, level: int) -> None:
+    """Only `fusesnap diff --level LEVEL` on each pair, its bytes by part, beside
+    `zstd -19 --long --patch-from`'s size, measured once per pair and kept next to
+    its images (zstd is deterministic): the quick loop for tuning the high levels."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from pairs import build_pair
+    mb = 1e6
+    out = os.path.join(workdir, "out.diff")
+    zstd_label = "zstd -19 --long --patch-from"
+    for name in names:
+        old, new = map(str, build_pair(name))
+        cache = os.path.join(os.path.dirname(new), "zstd-patch-from.json")
+        version = subprocess.run(["zstd", "--version"], check=True, capture_output=True,
+                                 text=True).stdout.strip()
+        key = {"zstd": version, "old": os.path.getmtime(old), "new": os.path.getmtime(new)}
+        cached = {}
+        if os.path.exists(cache):
+            with open(cache) as f:
+                cached = json.load(f)
+        if cached.get("key") != key:
+            cached = {"key": key, "size": run_tool(PEERS[zstd_label](old, new, out), out)["size"]}
+            with open(cache, "w") as f:
+                json.dump(cached, f)
+        elapsed, cpu, rss = time_cmd(fusesnap_diff(["--format", "v1", "--level", str(level)],
+                                                   old, new, out))
+        with DiffFile.open(out) as d:
+            chunks = sum(d.chunk_extent(c)[1] for c in range(d.n_chunks))
+            directory = d.superblock.dir_compressed_size
+            size = d.file_size
+        os.unlink(out)
+        print(f"pair {name}: fusesnap diff --level {level} {size / mb:.3f} MB (chunks "
+              f"{chunks / mb:.3f}, directory {directory / mb:.3f}, superblock and trailer "
+              f"{(size - chunks - directory) / mb:.3f}) "
+              f"in {elapsed:.1f} s, CPU {cpu:.1f} s, peak RSS {rss / 2**20:.0f} MiB; "
+              f"{zstd_label} {cached['size'] / mb:.3f} MB (cached): {size / cached['size']:.3f}")
+
+
 DENSE_FRACTION = 0.3     # of the synthetic large pair's blocks that hold data
 EXTENT = 64 << 20        # its data sits in extents this long
 
@@ -369,12 +407,18 @@ def main() -> int:
                     "(with --pairs: 10 GiB by default, 0 to skip)")
     ap.add_argument("--sweep", default=None,
                     help="comma-separated chunk_blocks values: print diff size and time for each")
+    ap.add_argument("--level-only", type=int, default=None, metavar="LEVEL",
+                    help="with --pairs: only v1 at this level, beside zstd --patch-from's size "
+                    "(measured once, cached next to the pair)")
     args = ap.parse_args()
     if args.pairs and args.memory_gib is None:
         args.memory_gib = 10
     size = args.size_mib << 20
     workdir = tempfile.mkdtemp(prefix="bench-diff-", dir=args.dir)
     try:
+        if args.pairs and args.level_only is not None:
+            measure_level(args.pairs.split(","), workdir, args.level_only)
+            return 0
         if args.pairs:
             measure_pairs(args.pairs.split(","), workdir, args.memory_gib)
             return 0
