@@ -315,37 +315,47 @@ class StagingFile:
     STAGED = 0x53544744
 
     def __init__(self, path: str, block_size: int, size: int):
+        """`size` bytes of room (0: nothing is staged; `recover` still reads what
+        an earlier server staged)."""
         self.path = path
         self.block_size = block_size
         self.slots = size // block_size
-        self.data_start = -(-(4096 + self.slots * self.SLOT_SIZE) // block_size) * block_size
+        self.data_start = self._data_start(self.slots, block_size)
         self.fd = -1
         self.used = bytearray(self.slots)  # 1 = the slot holds a staged write
         self.next_slot = 0
+
+    @classmethod
+    def _data_start(cls, slots: int, block_size: int) -> int:
+        return -(-(4096 + slots * cls.SLOT_SIZE) // block_size) * block_size
 
     def _header(self) -> bytes:
         body = self.HEADER.pack(self.MAGIC, boot_id(), self.block_size, self.slots)
         return body + struct.pack("<I", zlib.crc32(body))
 
     def recover(self) -> list[tuple[int, bytes]]:
-        """The staged writes a server of this boot left (device block, data), read
-        from the file as it is now; none if it is missing, of another boot or of
-        another layout."""
+        """The staged writes a server of this boot left (byte offset on the device,
+        data), read from the file as it is now, in the layout its header gives (an
+        earlier mount's --bow-staging); none if it is missing or of another boot."""
         try:
             with open(self.path, "rb") as f:
-                if f.read(self.HEADER.size + 4) != self._header():
+                head = f.read(self.HEADER.size + 4)
+                if len(head) < self.HEADER.size + 4 or zlib.crc32(head[:-4]) != struct.unpack("<I", head[-4:])[0]:
                     return []
-                table = os.pread(f.fileno(), self.slots * self.SLOT_SIZE, 4096)
+                magic, boot, block_size, slots = self.HEADER.unpack(head[:-4])
+                if magic != self.MAGIC or boot != boot_id():
+                    return []
+                table = os.pread(f.fileno(), slots * self.SLOT_SIZE, 4096)
+                data_start = self._data_start(slots, block_size)
                 found = []
-                for slot in range(self.slots):
+                for slot in range(slots):
                     at = slot * self.SLOT_SIZE
                     body = table[at:at + self.SLOT.size]
                     magic, blocks, device_block = self.SLOT.unpack(body)
                     if magic != self.STAGED or struct.unpack_from("<I", table, at + 16)[0] != zlib.crc32(body):
                         continue
-                    data = os.pread(f.fileno(), blocks * self.block_size,
-                                    self.data_start + slot * self.block_size)
-                    found.append((device_block, data))
+                    data = os.pread(f.fileno(), blocks * block_size, data_start + slot * block_size)
+                    found.append((device_block * block_size, data))
                 return found
         except FileNotFoundError:
             return []
@@ -1130,7 +1140,8 @@ class BowImage(Image):
         if self.staging is not None:
             if self.staging.fd < 0:
                 await self._replay_staged()
-            nursery.start_soon(self.cbw.drive_staged)
+            if self.staging.slots:
+                nursery.start_soon(self.cbw.drive_staged)
         if self.on_low_space == "commit":
             nursery.start_soon(self._commit_when_low)
 
@@ -1144,8 +1155,8 @@ class BowImage(Image):
             log.info("%s: applying %d writes a stopped server had staged", self.name, len(found))
             try:
                 async with trio.open_nursery() as nursery:  # concurrent: they share rounds
-                    for block, data in found:
-                        nursery.start_soon(self.write, block * self.block_size, data)
+                    for offset, data in found:
+                        nursery.start_soon(self.write, offset, data)
                 await self.flush()
             except OSError as exc:
                 raise UserError(f"{self.device.path}: cannot apply the writes staged in "
@@ -1327,9 +1338,9 @@ def images_from_args(args: argparse.Namespace) -> list[Image]:
         if device.size < 4 * block_size:
             raise UserError(f"{device.path} is too small for bow.img ({device.size} bytes)")
         journal = MapJournal(map_path, device_identity(device, block_size))
-        staging = None
-        if args.bow_staging >= block_size and not args.bow_naive_commit:
-            staging = StagingFile(staging_path(map_path), block_size, args.bow_staging)
+        # Always there: a re-mount with less room (or none) still applies what was staged.
+        staging = StagingFile(staging_path(map_path), block_size,
+                              0 if args.bow_naive_commit else args.bow_staging)
         try:
             return [BowImage(device, journal, block_size=block_size, low_space=args.bow_low_space,
                              on_low_space=args.bow_on_low_space,
