@@ -10,6 +10,7 @@ never wait for a barrier, so every first write is still staged, none applied."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import random
 import shutil
@@ -21,6 +22,7 @@ import pytest
 from fusesnap.devices import BlockDevice
 from fusesnap.formats import bow_log
 from fusesnap.images.bow import StagingFile
+from bow_helpers import discard
 from harness import fusesnap
 
 pytestmark = pytest.mark.mount
@@ -133,3 +135,30 @@ def test_restore_removes_the_staging_file(killed_with_staged_writes, tmp_path):
     finally:
         device.close()
     assert (tmp_path / "dev.img").read_bytes()[:FREE_FROM] == (tmp_path / "checkpoint.img").read_bytes()[:FREE_FROM]
+
+
+def test_a_full_staging_file_makes_writes_wait_for_their_backups(tmp_path, monkeypatch, mount):
+    """Room for two blocks: concurrent first writes stage while there is room and
+    otherwise wait for their backups as without staging (a 64 KiB write never fits);
+    every write lands, and restore gives the checkpoint."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "dev.img").write_bytes(random.Random(2).randbytes(SIZE))
+    m = mount("--bow", "dev.img", "--bow-map", "dev.map", "--bow-staging", "8K")
+    with open(m / "bow.img", "r+b", buffering=0) as image:
+        discard(image.fileno(), FREE_FROM, SIZE - FREE_FROM)
+        fusesnap("bow", "checkpoint", m.mountpoint)
+        checkpoint = (m / "bow.img").read_bytes()
+        rng = random.Random(3)
+        writes = [(block * BLOCK, rng.randbytes(BLOCK)) for block in rng.sample(range(1, 900), 120)]
+        writes += [(960 * BLOCK, rng.randbytes(16 * BLOCK))]
+        with concurrent.futures.ThreadPoolExecutor(16) as pool:
+            list(pool.map(lambda write: os.pwrite(image.fileno(), write[1], write[0]), writes))
+        expected = bytearray(checkpoint)
+        for offset, data in writes:
+            expected[offset:offset + len(data)] = data
+        assert (m / "bow.img").read_bytes() == expected
+        os.fsync(image.fileno())
+    status = m.status()["bow.img"]
+    assert 0 < status["staged"] < len(writes), status
+    fusesnap("umount", m.mountpoint)
+    assert restored(tmp_path, "after.img") == checkpoint[:FREE_FROM]
