@@ -745,9 +745,9 @@ class BowImage(Image):
             try:
                 self._overwrite(staged.first * self.block_size, staged.data)
                 self.staging.clear(staged.slot, len(staged.data) // self.block_size)
+                self.journal.write_out()
             except OSError as exc:
                 error = exc
-            self.journal.write_out()
         if error is not None or self.failed is not None:
             # Acknowledged, but it must not reach the device without its backup: it
             # stays in the staging file (a re-mount replays it) and in `staged` (reads).
@@ -941,6 +941,12 @@ class BowImage(Image):
         self._check_low_space()
 
     def abandoned(self, copies: list[BowCopy], exc: BaseException) -> None:
+        # What they wrote must not be rewritten by a later barrier (`_sync_ranges`)
+        # once their destinations hold other copies.
+        bs = self.block_size
+        gone = [(copy.dest * bs, (copy.dest + copy.blocks) * bs) for copy in copies]
+        self.unsynced = [(offset, data) for offset, data in self.unsynced
+                         if not any(offset < end and start < offset + len(data) for start, end in gone)]
         for copy in copies:
             self.blocks.assign(copy.dest, copy.dest + copy.blocks, FREE)
             self.cbw.release(copy.dest, copy.dest + copy.blocks, copy.hold)
