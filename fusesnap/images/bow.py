@@ -633,7 +633,7 @@ class BowImage(Image):
             return b""
         bs = self.block_size
         first, stop = offset // bs, (end - 1) // bs + 1
-        if not (self.state == CHECKPOINT and offset < bs) and not self._staged_in(first, stop) \
+        if not (self.state == CHECKPOINT and offset < bs) and not (self.staged and self._staged_in(first, stop)) \
                 and not any(kind in READS_AS_ZEROS for _, _, kind in self.blocks.overlapping(first, stop)):
             return self.device.pread(end - offset, offset)  # all of it is on the device: one pread
         return self._view(offset, end - offset)
