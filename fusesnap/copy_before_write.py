@@ -104,7 +104,7 @@ Concurrency contract: everything runs on one trio thread; the module's own state
 (held chunks, pending copies) changes only between awaits. Policy map changes happen
 only in the synchronous methods, so each is atomic. Figures for `.status` and the
 benchmark: `rounds`, `barriers`, `barrier_seconds` (their total time as the round
-saw it), `copies_recorded`, `staged` (writes staged so far).
+saw it), `copies_recorded`; `staged_count` counts writes staged so far.
 """
 
 from __future__ import annotations
@@ -424,4 +424,4 @@ class CopyBeforeWrite:
     def status(self) -> dict:
         return {"rounds": self.rounds, "barriers": self.barriers,
                 "barrier_seconds": round(self.barrier_seconds, 3),
-                "copies_recorded": self.copies_recorded, "staged": self.staged_count}
+                "copies_recorded": self.copies_recorded}

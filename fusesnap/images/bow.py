@@ -1199,7 +1199,7 @@ class BowImage(Image):
                 "warning": "low-space" if low else "", "low_space": low,
                 "low_space_threshold": self.low_space, "block_size": self.block_size,
                 "device": self.device.path, "map": self.journal.path, "error": self.error,
-                "staged_now": len(self.cbw.unfinished), **self.cbw.status()}
+                "staged": self.cbw.staged_count, "staged_now": len(self.cbw.unfinished), **self.cbw.status()}
 
     # -- live upgrade ------------------------------------------------------------------
 
