@@ -462,7 +462,9 @@ class BowImage(Image):
         self.cbw = CopyBeforeWrite(self, group_commit=group_commit)
         self.staging = staging
         self.staged: dict[int, StagedWrite] = {}    # device block -> its staged write, not yet in place
-        self.committing: trio.Event | None = None    # set when a commit waiting for staged writes is done
+        self.committing: trio.Event | None = None    # a commit is due or waits for staged writes: set when done
+        self.commit_running = False
+        self.commits_when_low = False               # `_commit_when_low` runs
         self.failed: str | None = None              # a staged write could not be applied: EIO from now on
         self.map_was_missing = False
         self.low_space_event = trio.Event()
@@ -1078,10 +1080,13 @@ class BowImage(Image):
         """`commit` once no write is staged: pass-through writes after it take no
         locks, so none may overtake a staged write. New writes wait meanwhile (and
         do not use up free space: `--bow-on-low-space commit`)."""
-        if self.state != CHECKPOINT or self.committing is not None:
-            raise OSError(errno.EPERM, f"cannot commit in {self.state} state" if self.state != CHECKPOINT
-                          else "a commit is under way")
-        self.committing = trio.Event()
+        while self.commit_running:  # another one (low space, a command): then this one is late
+            await self.committing.wait()
+        if self.state != CHECKPOINT:
+            raise OSError(errno.EPERM, f"cannot commit in {self.state} state")
+        self.commit_running = True
+        if self.committing is None:  # else `_note_low_space` made writes wait already
+            self.committing = trio.Event()
         try:
             while self.staged and self.failed is None:
                 await self.cbw.settled()
@@ -1089,6 +1094,7 @@ class BowImage(Image):
                 await self.cbw.round_done.wait()
             self.commit()
         finally:
+            self.commit_running = False
             self.committing.set()
             self.committing = None
 
@@ -1129,6 +1135,10 @@ class BowImage(Image):
     # -- low space ----------------------------------------------------------------------
 
     def _note_low_space(self) -> None:
+        if self.commits_when_low and self.state == CHECKPOINT and self.committing is None:
+            # Writes wait from the next one on: staged writes return without an await,
+            # so many could use up the rest before the commit task runs.
+            self.committing = trio.Event()
         self.low_space_event.set()
 
     def _check_low_space(self) -> None:
@@ -1174,17 +1184,27 @@ class BowImage(Image):
 
     async def _commit_when_low(self) -> None:
         """Android's vold polls the free space and commits when it runs low."""
-        while True:
-            await self.low_space_event.wait()
-            self.low_space_event = trio.Event()
-            if self.state == CHECKPOINT and self.free_bytes < self.low_space:
-                log.warning("%s: free space %d bytes below %d: committing", self.name,
-                            self.free_bytes, self.low_space)
-                try:
-                    await self.settled_commit()
-                except OSError as exc:
-                    self.error = f"automatic commit failed: {exc}"
-                    log.error("%s: %s", self.name, self.error)
+        self.commits_when_low = True
+        try:
+            while True:
+                await self.low_space_event.wait()
+                self.low_space_event = trio.Event()
+                if self.state == CHECKPOINT and self.free_bytes < self.low_space:
+                    log.warning("%s: free space %d bytes below %d: committing", self.name,
+                                self.free_bytes, self.low_space)
+                    try:
+                        await self.settled_commit()
+                    except OSError as exc:
+                        self.error = f"automatic commit failed: {exc}"
+                        log.error("%s: %s", self.name, self.error)
+                elif self.committing is not None and not self.commit_running:  # no longer due
+                    self.committing.set()
+                    self.committing = None
+        finally:
+            self.commits_when_low = False
+            if self.committing is not None and not self.commit_running:  # due, but nobody will
+                self.committing.set()
+                self.committing = None
 
     # -- status, teardown -----------------------------------------------------------
 
