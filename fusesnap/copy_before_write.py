@@ -66,6 +66,23 @@ Group commit and the ordering it guarantees
     ``group_commit=False`` gives the naive order for comparison (bench/bench_bow.py):
     each first write runs its own barrier, records, barrier.
 
+Staged first writes (optional)
+    Waiting for two rounds bounds a writer's throughput by its queue depth over two
+    barriers. An image that can keep a write's new data somewhere that outlives the
+    server passes ``writing(..., stage=s)``: once the copies are written (3), ``s()``
+    (sync) stages the new data and returns ``finish(error)``, or None when it has no
+    room (then the write waits for its rounds as above: backpressure). The block is
+    then entered with ``True`` (the write is done as far as its caller knows: the
+    body must not overwrite), and the chunks *stay held* until the copies are
+    durably recorded; then ``finish(None)`` applies the staged data in place and the
+    chunks are released (``finish(exc)`` if the round failed: the image must not
+    apply it). So a later write to a staged chunk waits for it, and the overwrite
+    still comes after its record. Nobody waits for those rounds: `drive_staged`, a
+    background task the image starts, runs them; staging happens only while it
+    runs, and when it is cancelled it stops staging and finishes what is staged
+    (shielded) before it returns. `settled()` waits until every write staged before
+    the call is finished (an image's flush).
+
     An exception from `write_records` fails the writers of the copies it was given
     (they are abandoned, so it must raise only before recording any of them); one from `recorded` fails the writers of those copies
     (their records are durable: the copies count as recorded). Nobody waits forever.
@@ -87,7 +104,7 @@ Concurrency contract: everything runs on one trio thread; the module's own state
 (held chunks, pending copies) changes only between awaits. Policy map changes happen
 only in the synchronous methods, so each is atomic. Figures for `.status` and the
 benchmark: `rounds`, `barriers`, `barrier_seconds` (their total time as the round
-saw it), `copies_recorded`.
+saw it), `copies_recorded`; `staged_count` counts writes staged so far.
 """
 
 from __future__ import annotations
@@ -121,13 +138,26 @@ class _Waiter:
     remaining: int
     done: trio.Event = field(default_factory=trio.Event)
     error: BaseException | None = None
+    on_done: Callable[["_Waiter"], None] | None = None  # a staged write: apply it then
 
     def finish(self, error: BaseException | None = None) -> None:
         if error is not None and self.error is None:
             self.error = error
         self.remaining -= 1
-        if self.remaining <= 0 or error is not None:
+        if (self.remaining <= 0 or error is not None) and not self.done.is_set():
             self.done.set()
+            if self.on_done is not None:
+                self.on_done(self)
+
+
+@dataclass(eq=False)
+class _Staged:
+    """A staged write: its chunks stay held until `finish` has run."""
+    sequence: int
+    first: int
+    end: int
+    released: trio.Event
+    finish: Callable[[BaseException | None], None]
 
 
 class CopyBeforeWrite:
@@ -149,29 +179,39 @@ class CopyBeforeWrite:
         self.barriers = 0
         self.barrier_seconds = 0.0  # time spent in barriers (to the caller: thread hand-off included)
         self.copies_recorded = 0
+        self.staging = False  # `drive_staged` runs: writers may stage
+        self.staged_count = 0
+        self.unfinished: dict[int, _Staged] = {}  # sequence -> staged write, oldest first
+        self.staged_work = trio.Event()      # set when a staged write needs rounds
+        self.staged_finished = trio.Event()  # set (and replaced) whenever one finishes
 
     # -- the public entry -------------------------------------------------------
 
     @contextlib.asynccontextmanager
     async def writing(self, first: int, end: int, *, before_plan: Callable[[], None] | None = None,
-                      plan: Callable[[int, int], list[Any]] | None = None):
+                      plan: Callable[[int, int], list[Any]] | None = None,
+                      stage: Callable[[], Callable[[BaseException | None], None] | None] | None = None):
         """Hold chunks [first, end) and make their old contents durably copied
-        (where the policy says so) before the body overwrites them.
+        (where the policy says so) before the body overwrites them. Yields whether
+        the write was staged instead (see "Staged first writes").
 
         `before_plan` (sync) runs once the chunks are held and before `plan`: the
         place for a read-modify-write to read what the chunks hold now. `plan`
         (sync) replaces ``policy.plan`` for this write."""
         released = await self._lock(first, end)
+        staged = None
         try:
             if before_plan is not None:
                 before_plan()
             copies = (plan or self.policy.plan)(first, end)
             if copies:
-                await self._copy_and_commit(copies)
-            yield
+                staged = await self._copy_and_commit(copies, stage, first, end, released)
+            yield staged is not None
         finally:
-            self.held.clear(first, end)
-            released.set()
+            if staged is None:
+                self.held.clear(first, end)
+                released.set()
+            # else the chunks are released when the staged write is finished
 
     @contextlib.asynccontextmanager
     async def exclusive(self, first: int, end: int):
@@ -218,22 +258,81 @@ class CopyBeforeWrite:
 
     # -- copy, then commit --------------------------------------------------------
 
-    async def _copy_and_commit(self, copies: list[Any]) -> None:
+    async def _copy_and_commit(self, copies, stage, first, end, released) -> _Staged | None:
         try:
             await self.policy.copy(copies)
         except BaseException as exc:
             self.policy.abandoned(copies, exc)
             raise
+        # No await from here to the hand-over: `drive_staged` is still running when
+        # it sees the staged write.
+        try:
+            finish = stage() if stage is not None and self.staging and self.group_commit else None
+        except BaseException as exc:
+            self.policy.abandoned(copies, exc)
+            raise
+        if finish is not None:
+            staged = _Staged(self.staged_count, first, end, released, finish)
+            self.staged_count += 1
+            self.unfinished[staged.sequence] = staged
+            self._queue(copies, _Waiter(len(copies), on_done=lambda waiter: self._finish_staged(staged, waiter)))
+            self.staged_work.set()
+            return staged
         if self.group_commit:
             await self._commit_grouped(copies)
         else:
             await self._commit_naively(copies)
+        return None
 
-    async def _commit_grouped(self, copies: list[Any]) -> None:
-        waiter = _Waiter(len(copies))
+    def _queue(self, copies: list[Any], waiter: _Waiter) -> None:
         for copy in copies:
             self.waiter_of[id(copy)] = waiter
         self.written.extend(copies)
+
+    def _finish_staged(self, staged: _Staged, waiter: _Waiter) -> None:
+        """The staged write's copies are recorded (or failed): the image applies it,
+        then its chunks are free."""
+        try:
+            staged.finish(waiter.error)
+        finally:
+            del self.unfinished[staged.sequence]
+            self.held.clear(staged.first, staged.end)
+            staged.released.set()
+            self.staged_finished.set()
+            self.staged_finished = trio.Event()
+
+    async def drive_staged(self) -> None:
+        """Background task: while it runs, writers may stage, and it runs the rounds
+        their copies wait for. Cancelled, it stops staging and finishes every staged
+        write first (shielded)."""
+        self.staging = True
+        try:
+            while True:
+                await self.staged_work.wait()
+                self.staged_work = trio.Event()
+                await self._run_rounds_until_finished()
+        finally:
+            self.staging = False
+            with trio.CancelScope(shield=True):
+                await self._run_rounds_until_finished()
+
+    async def _run_rounds_until_finished(self) -> None:
+        while self.unfinished:
+            if self.round_running:
+                await self.round_done.wait()
+            else:
+                with trio.CancelScope(shield=True):  # a half-run round would strand others
+                    await self._run_round()
+
+    async def settled(self) -> None:
+        """Wait until every write staged before this call is finished."""
+        mark = self.staged_count
+        while self.unfinished and next(iter(self.unfinished)) < mark:
+            await self.staged_finished.wait()
+
+    async def _commit_grouped(self, copies: list[Any]) -> None:
+        waiter = _Waiter(len(copies))
+        self._queue(copies, waiter)
         while not waiter.done.is_set():
             if self.round_running:
                 await self.round_done.wait()
@@ -320,7 +419,7 @@ class CopyBeforeWrite:
         """No chunk held, no copy waiting for a round, no round running: every copy
         made so far is recorded (true once every writer is done, as in a live
         upgrade's pause)."""
-        return not (self.round_running or self.durable or self.written or self.held)
+        return not (self.round_running or self.durable or self.written or self.held or self.unfinished)
 
     def status(self) -> dict:
         return {"rounds": self.rounds, "barriers": self.barriers,

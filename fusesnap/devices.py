@@ -50,6 +50,33 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
         raise OSError(err, os.strerror(err))
 
 
+_libc.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+_SYNC_FILE_RANGE_ALL = 1 | 2 | 4  # WAIT_BEFORE | WRITE | WAIT_AFTER
+
+
+#: Filesystems whose fsync of a range (an RWF_DSYNC write) commits all of the file's
+#: metadata and flushes the disk cache (statfs f_type): ext2/3/4, XFS
+RANGE_SYNC_FILESYSTEMS = frozenset((0xEF53, 0x58465342))
+
+
+def filesystem_type(fd: int) -> int:
+    """statfs(2) f_type of the filesystem holding `fd` (Python's os.fstatvfs lacks it)."""
+    buffer = ctypes.create_string_buffer(256)
+    if _libc.fstatfs(fd, buffer) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return ctypes.c_long.from_buffer(buffer).value
+
+
+def write_back(fd: int, offset: int, length: int) -> None:
+    """Write the range's dirty pages to the device and wait (sync_file_range(2)).
+    Not durable by itself: no metadata, no cache flush; a later fsync of a range of
+    the same file (an RWF_DSYNC write) commits the file's metadata and flushes."""
+    if _libc.sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_ALL) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
 #: Descriptors handed over by a live upgrade, by path (`fusesnap.upgrade`): a
 #: BlockDevice for one of these paths takes the descriptor instead of opening the
 #: path, because a block device opened O_EXCL cannot be opened a second time.

@@ -82,6 +82,7 @@ def test_a_server_crash_mid_workload_loses_nothing_and_restore_still_works(mount
             churn(root, rng, 500)
             os.sync()
             acknowledged = file_hashes(root)
+            assert bow_status(m)["staged"] > 0, "first writes should have been staged"
             m.kill_server()
         finally:
             run(["umount", str(root)], check=False)  # the device is gone: errors are expected

@@ -4,6 +4,7 @@ driven by an in-memory policy that logs every step (no FUSE, no disk)."""
 from __future__ import annotations
 
 import errno
+import functools
 
 import pytest
 import trio
@@ -334,3 +335,115 @@ def test_a_policy_error_fails_its_writers_and_nobody_hangs(fail_in):
     trio.run(main)
     assert failures and all(code in (errno.ENOSPC, errno.EIO) for code in failures)
     check_order(policy.steps)
+
+
+# -- staged first writes -------------------------------------------------------------
+
+class StagingPolicy(LoggingPolicy):
+    """LoggingPolicy whose image stages first writes: `room` staged writes at a time;
+    `finish` logs the overwrite (or, failed, a "lost" step)."""
+
+    def __init__(self, *, room: int = 1000, **kwargs):
+        super().__init__(**kwargs)
+        self.room = room
+        self.staged_now = 0
+
+    def stage_for(self, chunk):
+        def stage():
+            if self.staged_now >= self.room:
+                return None
+            self.staged_now += 1
+            self.steps.append(("staged", chunk))
+
+            def finish(error):
+                self.staged_now -= 1
+                self.steps.append(("overwrite", chunk) if error is None else ("lost", chunk))
+            return finish
+        return stage
+
+
+async def staged_writes(cbw, policy, chunks, *, then=None):
+    """Writes with staging, `drive_staged` running; returns what each write yielded."""
+    yielded = {}
+
+    async def one(chunk):
+        async with cbw.writing(chunk, chunk + 1, stage=policy.stage_for(chunk)) as staged:
+            yielded[chunk] = staged
+            if not staged:
+                policy.steps.append(("overwrite", chunk))
+
+    async with trio.open_nursery() as background:
+        background.start_soon(cbw.drive_staged)
+        await trio.sleep(0)
+        async with trio.open_nursery() as nursery:
+            for chunk in chunks:
+                nursery.start_soon(one, chunk)
+        policy.steps.append(("acknowledged",))
+        if then is not None:
+            await then()
+        await cbw.settled()
+        policy.steps.append(("settled",))
+        background.cancel_scope.cancel()
+    return yielded
+
+
+def test_a_staged_write_returns_before_its_copy_is_durable_and_is_applied_after_its_record():
+    policy = StagingPolicy()
+    cbw = CopyBeforeWrite(policy)
+    yielded = trio.run(staged_writes, cbw, policy, [3, 4, 5])
+    assert yielded == {3: True, 4: True, 5: True}
+    acknowledged = policy.steps.index(("acknowledged",))
+    assert not any(step[0] in ("barrier", "overwrite") for step in policy.steps[:acknowledged])
+    check_order(policy.steps)
+    assert policy.steps[-1] == ("settled",) and cbw.idle
+    assert cbw.barriers == 2, "three staged writes share both barriers"
+
+
+def test_a_later_write_to_a_staged_chunk_waits_until_it_is_applied():
+    policy = StagingPolicy()
+    cbw = CopyBeforeWrite(policy)
+
+    async def rewrite():
+        async with cbw.writing(3, 4, stage=policy.stage_for(3)) as staged:
+            assert not staged  # copied already: nothing to stage
+            policy.steps.append(("rewrite", 3))
+
+    trio.run(functools.partial(staged_writes, cbw, policy, [3], then=rewrite))
+    assert policy.steps.index(("overwrite", 3)) < policy.steps.index(("rewrite", 3))
+
+
+def test_without_room_a_write_waits_for_its_rounds_as_without_staging():
+    policy = StagingPolicy(room=2)
+    cbw = CopyBeforeWrite(policy)
+    yielded = trio.run(staged_writes, cbw, policy, range(6))
+    assert sorted(yielded.values()) == [False] * 4 + [True] * 2
+    check_order(policy.steps)
+
+
+def test_settled_waits_for_staged_writes_and_stopping_the_driver_finishes_them():
+    policy = StagingPolicy()
+    cbw = CopyBeforeWrite(policy)
+
+    async def main():
+        async with trio.open_nursery() as background:
+            background.start_soon(cbw.drive_staged)
+            await trio.sleep(0)
+            async with cbw.writing(1, 2, stage=policy.stage_for(1)) as staged:
+                assert staged
+            background.cancel_scope.cancel()  # at once: the driver finishes it first
+        assert ("overwrite", 1) in policy.steps and cbw.idle and not cbw.staging
+        async with cbw.writing(2, 3, stage=policy.stage_for(2)) as staged:
+            assert not staged, "no driver: no staging"
+            policy.steps.append(("overwrite", 2))
+
+    trio.run(main)
+    check_order(policy.steps)
+
+
+def test_a_failed_barrier_tells_a_staged_write_not_to_apply_it():
+    policy = StagingPolicy()
+    cbw = CopyBeforeWrite(policy)
+    policy.fail_next_barrier = True
+    trio.run(staged_writes, cbw, policy, [8])
+    assert ("lost", 8) in policy.steps and ("overwrite", 8) not in policy.steps
+    assert policy.abandoned_chunks == [8] and cbw.idle

@@ -42,8 +42,27 @@ the authority for backups: a re-mount applies log entries the journal has not se
 (the journal is written after the log, see `recorded`). The device alone is enough
 for `bow restore`.
 
+Staged first writes (`--bow-staging`, default 64 MiB; 0: off): a first write in
+checkpoint state is acknowledged once its backup is written (page cache) and its new
+data is *staged*: written to `<map>.stage` (`StagingFile`, page cache) and kept in
+`staged` (block -> StagedWrite, so reads see it). Its blocks stay held (later writes
+to them wait), and it is applied in place only after group commit has made its
+backup and log entry durable (`_apply_staged`), then its slots are cleared. So no
+overwrite reaches the device before its backup and log entry are durable, and one
+barrier covers every write staged since the last, however many. Flush waits until
+every write acknowledged before it is applied in place, then syncs the device: a
+flushed write never lives only in the staging file. After a kill -9 a re-mount in
+the same boot replays the staging file through the write path (backups first)
+before it serves (`_replay_staged`); after a reboot it is ignored (unflushed writes
+may be lost in a power cut; the device holds no overwrite whose backup is not
+durable). No room in the staging file: the write waits for its backup as without
+staging (backpressure). A staged write whose backup fails leaves the image failed:
+every later write and flush fails with EIO, reads still see the staged data, and
+its record stays for a re-mount to replay.
+
 Concurrency: `fusesnap.copy_before_write` holds per-block locks and runs the group
-commit (copy, barrier, log, barrier, overwrite). Everything runs on the trio thread;
+commit (copy, barrier, log, barrier, overwrite); its `drive_staged` runs the rounds
+of staged writes as a background task. Everything runs on the trio thread;
 page-cached preads/pwrites run inline, fsyncs in a worker thread. Map changes happen
 only in synchronous methods (`plan`, `write_records`, `recorded`, `abandoned`,
 discard and state changes), never across an await. In trim and committed state a
@@ -70,7 +89,7 @@ import trio
 from .. import arguments
 from ..control import read_status, require_image, send_command
 from ..copy_before_write import CopyBeforeWrite
-from ..devices import BlockDevice, check_range
+from ..devices import RANGE_SYNC_FILESYSTEMS, BlockDevice, check_range, filesystem_type, write_back
 from ..errors import EXIT_FAILED, UserError
 from ..formats import bow_log
 from ..formats.bow_log import SECTOR, BowLogError, LogBlock, LogEntry
@@ -91,10 +110,23 @@ STATE_CODES = {TRIM: 0, CHECKPOINT: 1, COMMITTED: 2}
 
 DEFAULT_BLOCK_SIZE = 4096
 DEFAULT_LOW_SPACE = 100 << 20
+DEFAULT_STAGING = 64 << 20
 MAP_DIR = "/var/lib/fusesnap/bow"
 # Free blocks kept back from backups of data for rolling the log over, so that a
 # full log block can always be backed up.
 LOG_RESERVE = 2
+
+
+@dataclasses.dataclass(eq=False)
+class StagedWrite:
+    """A first write acknowledged before its backup is durable: whole blocks from
+    device block `first`, in the staging file from `slot`."""
+    first: int
+    data: bytes
+    slot: int
+
+    def blocks(self, block_size: int) -> range:
+        return range(self.first, self.first + len(self.data) // block_size)
 
 
 @dataclasses.dataclass(eq=False)
@@ -248,6 +280,128 @@ class MapJournal:
             self.fd = -1
 
 
+# -- the staging file ----------------------------------------------------------------
+
+def boot_id() -> bytes:
+    """This boot's id (it changes with every boot, so also after a power cut)."""
+    with open("/proc/sys/kernel/random/boot_id", "rb") as f:
+        return f.read().strip()[:36].ljust(36, b" ")
+
+
+class StagingFile:
+    """New data of first writes acknowledged before their backups are durable (see
+    "Staged first writes" in the module docstring), in the page cache of a file
+    beside the map, `<map>.stage`, never synced.
+
+    Layout: a 4096-byte header (b"FSBOWSTG", the boot id it was written in, block
+    size, slots, CRC-32), a table of one 24-byte slot header per slot, then the
+    slots, a block each, from `data_start`. A staged write of n blocks takes n
+    consecutive slots, allocated as a ring (writes are applied about in the order
+    they came); its header is at its first slot: u32 STAGED, u32 n, u64 device
+    block, u32 CRC-32 of those 16 bytes, 4 pad. Every other slot header is zeros
+    (`clear` zeroes it again). The data is written before its header: a slot with a
+    valid header holds its data.
+
+    Only a re-mount in the same boot replays it (`recover`): after a kill -9 the
+    page cache holds every record as written. After a reboot it is ignored: what a
+    power cut left of it is not to be trusted, and nothing a flush covered lives
+    only here (flush applies staged writes in place first).
+    """
+
+    MAGIC = b"FSBOWSTG"
+    HEADER = struct.Struct("<8s36sII")
+    SLOT = struct.Struct("<IIQ")
+    SLOT_SIZE = 24
+    STAGED = 0x53544744
+
+    def __init__(self, path: str, block_size: int, size: int):
+        """`size` bytes of room (0: nothing is staged; `recover` still reads what
+        an earlier server staged)."""
+        self.path = path
+        self.block_size = block_size
+        self.slots = size // block_size
+        self.data_start = self._data_start(self.slots, block_size)
+        self.fd = -1
+        self.used = bytearray(self.slots)  # 1 = the slot holds a staged write
+        self.next_slot = 0
+
+    @classmethod
+    def _data_start(cls, slots: int, block_size: int) -> int:
+        return -(-(4096 + slots * cls.SLOT_SIZE) // block_size) * block_size
+
+    def _header(self) -> bytes:
+        body = self.HEADER.pack(self.MAGIC, boot_id(), self.block_size, self.slots)
+        return body + struct.pack("<I", zlib.crc32(body))
+
+    def recover(self) -> list[tuple[int, bytes]]:
+        """The staged writes a server of this boot left (byte offset on the device,
+        data), read from the file as it is now, in the layout its header gives (an
+        earlier mount's --bow-staging); none if it is missing or of another boot."""
+        try:
+            with open(self.path, "rb") as f:
+                head = f.read(self.HEADER.size + 4)
+                if len(head) < self.HEADER.size + 4 or zlib.crc32(head[:-4]) != struct.unpack("<I", head[-4:])[0]:
+                    return []
+                magic, boot, block_size, slots = self.HEADER.unpack(head[:-4])
+                if magic != self.MAGIC or boot != boot_id():
+                    return []
+                table = os.pread(f.fileno(), slots * self.SLOT_SIZE, 4096)
+                data_start = self._data_start(slots, block_size)
+                found = []
+                for slot in range(slots):
+                    at = slot * self.SLOT_SIZE
+                    body = table[at:at + self.SLOT.size]
+                    magic, blocks, device_block = self.SLOT.unpack(body)
+                    if magic != self.STAGED or struct.unpack_from("<I", table, at + 16)[0] != zlib.crc32(body):
+                        continue
+                    data = os.pread(f.fileno(), blocks * block_size, data_start + slot * block_size)
+                    found.append((device_block * block_size, data))
+                return found
+        except FileNotFoundError:
+            return []
+        except OSError as exc:
+            raise UserError(f"cannot read the staged writes {self.path}: {exc.strerror}") from None
+
+    def reset(self) -> None:
+        """Start empty (blocking; nothing synced: see the class docstring)."""
+        self.close()
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, self._header(), 0)
+        os.ftruncate(self.fd, self.data_start + self.slots * self.block_size)
+        self.used = bytearray(self.slots)
+        self.next_slot = 0
+
+    def put(self, device_block: int, data) -> int | None:
+        """Stage `data` (whole blocks) for device block `device_block`: its first
+        slot, or None if there is no room (nothing written then). OSError if it was
+        written but could not be cleared again."""
+        n = len(data) // self.block_size
+        slot = self.next_slot if self.next_slot + n <= self.slots else 0
+        if self.fd < 0 or n > self.slots or self.used.find(1, slot, slot + n) >= 0:
+            return None
+        self.used[slot:slot + n] = b"\1" * n
+        try:
+            os.pwrite(self.fd, data, self.data_start + slot * self.block_size)
+            body = self.SLOT.pack(self.STAGED, n, device_block)
+            os.pwrite(self.fd, body + struct.pack("<I4x", zlib.crc32(body)), 4096 + slot * self.SLOT_SIZE)
+        except OSError:
+            self.clear(slot, n)  # if this fails too, the write fails: a stale record must not stay
+            return None
+        self.next_slot = slot + n
+        return slot
+
+    def clear(self, slot: int, n: int) -> None:
+        """The staged write is in place (or was never acknowledged): its slots are free."""
+        os.pwrite(self.fd, bytes(self.SLOT_SIZE), 4096 + slot * self.SLOT_SIZE)
+        self.used[slot:slot + n] = bytes(n)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
 def default_map_path(device_path: str) -> str:
     return os.path.join(MAP_DIR, os.path.realpath(device_path).strip("/").replace("/", "-") + ".map")
 
@@ -282,7 +436,7 @@ class BowImage(Image):
 
     def __init__(self, device: BlockDevice, journal: MapJournal, *, block_size: int = DEFAULT_BLOCK_SIZE,
                  low_space: int = DEFAULT_LOW_SPACE, on_low_space: str = "warn",
-                 group_commit: bool = True, name: str = "bow.img"):
+                 group_commit: bool = True, staging: StagingFile | None = None, name: str = "bow.img"):
         size = device.size // block_size * block_size
         super().__init__(name, size, read_only=device.read_only)
         self.device = device
@@ -300,7 +454,19 @@ class BowImage(Image):
         self.log_copy_pending = False             # a full log block is being backed up
         self.free_cursor = 0                      # next-fit start for backup destinations
         self.punch_supported = True
+        self.unsynced: list[tuple[int, bytes]] = []  # (offset, data) the next barrier makes durable
+        # Barriers sync only what they cover where a ranged fsync is known to commit
+        # the file's metadata and flush the cache (see _sync_ranges); elsewhere (a
+        # device on FUSE, say, which ignores RWF_DSYNC) they fdatasync.
+        self.range_barriers = device.is_block_device or filesystem_type(device.fd) in RANGE_SYNC_FILESYSTEMS
         self.cbw = CopyBeforeWrite(self, group_commit=group_commit)
+        self.staging = staging
+        self.staged: dict[int, StagedWrite] = {}    # device block -> its staged write, not yet in place
+        self.committing: trio.Event | None = None    # a commit is due or waits for staged writes: set when done
+        self.commit_running = False
+        self.commits_when_low = False               # `_commit_when_low` runs
+        self.failed: str | None = None              # a staged write could not be applied: EIO from now on
+        self.map_was_missing = False
         self.low_space_event = trio.Event()
         self.error: str | None = None
         # Opened with a previous server's descriptor (live upgrade): it may still be
@@ -317,6 +483,7 @@ class BowImage(Image):
 
     def _load(self, upto: int | None = None) -> None:
         records = self.journal.load(upto)
+        self.map_was_missing = records is None  # then a staging file is not this device's
         device_log = bow_log.read_header(self.device)  # BowLogError: refused by the caller
         if device_log is not None and device_log.magic == bow_log.PARTIAL_RESTORE_MAGIC:
             raise UserError(f"{self.device.path}: a restore was interrupted; finish it with "
@@ -449,15 +616,27 @@ class BowImage(Image):
             if kind in READS_AS_ZEROS or kind == LOG:
                 continue  # zeros already
             self.device.pread_into(memoryview(out)[lo - offset:hi - offset], lo)
+        for block, staged in self._staged_in(offset // bs, (end - 1) // bs + 1):
+            lo, hi = max(offset, block * bs), min(end, (block + 1) * bs)
+            at = lo - staged.first * bs
+            out[lo - offset:hi - offset] = staged.data[at:at + hi - lo]
         return out
+
+    def _staged_in(self, first: int, end: int) -> list[tuple[int, StagedWrite]]:
+        """Blocks of [first, end) with a staged write (per block: staged writes are
+        small, and in trim state there are none)."""
+        if not self.staged:
+            return []
+        return [(block, self.staged[block]) for block in range(first, end) if block in self.staged]
 
     async def read(self, offset: int, size: int) -> bytes:
         end = min(offset + size, self.size)
         if offset >= end:
             return b""
         bs = self.block_size
-        if not (self.state == CHECKPOINT and offset < bs) and not any(
-                kind in READS_AS_ZEROS for _, _, kind in self.blocks.overlapping(offset // bs, (end - 1) // bs + 1)):
+        first, stop = offset // bs, (end - 1) // bs + 1
+        if not (self.state == CHECKPOINT and offset < bs) and not (self.staged and self._staged_in(first, stop)) \
+                and not any(kind in READS_AS_ZEROS for _, _, kind in self.blocks.overlapping(first, stop)):
             return self.device.pread(end - offset, offset)  # all of it is on the device: one pread
         return self._view(offset, end - offset)
 
@@ -467,6 +646,9 @@ class BowImage(Image):
         check_range(self.size, offset, len(data))
         if not data:
             return 0
+        self._check_failed()
+        while self.committing is not None:  # it waits for staged writes: later ones wait for it
+            await self.committing.wait()
         bs = self.block_size
         try:
             if self.state == CHECKPOINT and offset < bs:
@@ -522,14 +704,66 @@ class BowImage(Image):
         merged = []
 
         def read_edges():
+            self._check_failed()  # a write that waited for a staged one that failed
             merged.append(self._merged(offset, data))
 
-        async with self.cbw.writing(first, end, before_plan=read_edges):
-            if self.state == CHECKPOINT or not self.blocks.overlapping(first, end):
-                where, whole = merged[0]
-                self.device.pwrite(whole, where)
-            else:  # committed while we waited for the backup
-                self._write_pass_through(*merged[0])
+        def stage():
+            return self._stage(*merged[0])
+
+        async with self.cbw.writing(first, end, before_plan=read_edges,
+                                    stage=stage if self.staging is not None else None) as staged:
+            if not staged:
+                self._overwrite(*merged[0])
+
+    def _overwrite(self, where: int, whole) -> None:
+        """The in-place write of whole blocks, their backups durable (or none needed)."""
+        bs = self.block_size
+        if self.state == CHECKPOINT or not self.blocks.overlapping(where // bs, (where + len(whole)) // bs):
+            self.device.pwrite(whole, where)
+        else:  # committed while we waited for the backup
+            self._write_pass_through(where, whole)
+
+    def _stage(self, where: int, whole):
+        """Sync, the backups written (page cache): stage the write, or None (no room,
+        or a commit waits for staged writes to finish)."""
+        if self.committing is not None or self.state != CHECKPOINT:
+            return None
+        bs = self.block_size
+        first = where // bs
+        slot = self.staging.put(first, whole)
+        if slot is None:
+            return None
+        staged = StagedWrite(first, bytes(whole), slot)
+        for block in staged.blocks(bs):
+            self.staged[block] = staged
+        return lambda error: self._apply_staged(staged, error)
+
+    def _apply_staged(self, staged: StagedWrite, error: BaseException | None) -> None:
+        """Its backups and log entries are durable (error None): in place, then out
+        of the staging file (a kill -9 between the two applies it again: same data,
+        and no later write to its blocks ran, they were held). Never raises: it runs
+        in a group-commit round."""
+        if error is None and self.failed is None:
+            try:
+                self._overwrite(staged.first * self.block_size, staged.data)
+                self.staging.clear(staged.slot, len(staged.data) // self.block_size)
+                self.journal.write_out()
+            except OSError as exc:
+                error = exc
+        if error is not None or self.failed is not None:
+            # Acknowledged, but it must not reach the device without its backup: it
+            # stays in the staging file (a re-mount replays it) and in `staged` (reads).
+            if self.failed is None:
+                self.failed = f"a staged write could not be applied: {error}"
+                self.error = self.failed
+                log.error("%s: %s; writes and flushes fail until a re-mount", self.name, self.failed)
+            return
+        for block in staged.blocks(self.block_size):
+            del self.staged[block]
+
+    def _check_failed(self) -> None:
+        if self.failed is not None:
+            raise OSError(errno.EIO, self.failed)
 
     async def _write_block0(self, offset: int, data) -> None:
         """Image block 0 lives in sector0_block; it needs no backup (the original
@@ -537,6 +771,7 @@ class BowImage(Image):
         while True:
             where = self.sector0_block
             async with self.cbw.exclusive(where, where + 1):
+                self._check_failed()
                 if self.state != CHECKPOINT:
                     self._write_pass_through(offset, data)
                     return
@@ -575,6 +810,8 @@ class BowImage(Image):
                     dest, n = self._allocate(e - s)
                     copies.append(self._reserve(BowCopy(s, dest, n, "data")))
                     s += n
+        if copies:
+            self._check_low_space()  # now, not when recorded: staged writes run ahead
         return copies
 
     def _allocate(self, wanted: int) -> tuple[int, int]:
@@ -598,7 +835,7 @@ class BowImage(Image):
             data = self.device.pread(copy.blocks * bs, copy.source * bs)
             if copy.kind == "data":
                 copy.checksum = bow_log.block_checksum(copy.source * self.sectors_per_block, data, bs)
-            self.device.pwrite(data, copy.dest * bs)
+            self._write_for_barrier(data, copy.dest * bs)
 
     def write_records(self, copies: list[BowCopy]):
         """Sync. Append log entries for durable copies and write the log block; a full
@@ -628,7 +865,7 @@ class BowImage(Image):
                 log_copy = self._reserve(BowCopy(0, dest, 1, "log"))
                 data = self.log.pack()
                 log_copy.checksum = bow_log.block_checksum(0, data, self.block_size)
-                self.device.pwrite(data, dest * self.block_size)
+                self._write_for_barrier(data, dest * self.block_size)
                 self.log_copy_pending = True
                 injected.append(log_copy)
                 deferred.append(copy)
@@ -642,13 +879,45 @@ class BowImage(Image):
         if changed:
             # Ordering: these copies were made durable by an earlier barrier; the next
             # barrier makes this log block durable before any overwrite proceeds.
-            self.device.pwrite(self.log.pack(), 0)
+            self._write_for_barrier(self.log.pack(), 0)
         return recorded, deferred, injected
 
+    def _write_for_barrier(self, data: bytes, offset: int) -> None:
+        self.device.pwrite(data, offset)
+        self.unsynced.append((offset, data))
+
     async def barrier(self) -> None:
-        # fdatasync: the device's size never changes, and its timestamps need not be
-        # durable; what the data needs (block allocation in a file) is flushed too.
-        await trio.to_thread.run_sync(os.fdatasync, self.device.fd)
+        """Make durable what copies and log writes wrote since the last barrier, and
+        only that: an fdatasync would also write back every overwrite since (the
+        in-place writes of a whole round: random writes, many times the cost)."""
+        pending, self.unsynced = self.unsynced, []
+        if not (self.cbw.group_commit and self.range_barriers):
+            # (The naive order's barriers run concurrently with other writers' log
+            # writes, so `_sync_ranges` could rewrite an older log block.) fdatasync:
+            # the device's size never changes, its timestamps need not be durable.
+            await trio.to_thread.run_sync(os.fdatasync, self.device.fd)
+        elif pending:
+            await trio.to_thread.run_sync(self._sync_ranges, pending)
+
+    def _sync_ranges(self, pending: list[tuple[int, bytes]]) -> None:
+        """(Worker thread.) Every range is written back, then one of them is written
+        again with RWF_DSYNC: a datasync of that range, which commits the file's
+        metadata (blocks allocated for the others included) and flushes the
+        device's cache, so the ranges written back before it are durable too. The
+        rewrite is of the same bytes, to a block nobody else writes meanwhile: a
+        copy's destination (held until recorded) if there is one, else block 0, the
+        log, which group commit writes only between barriers (and a commit waits
+        for the round: `settled_commit`)."""
+        runs: list[list[int]] = []
+        for offset, data in sorted(pending, key=lambda item: item[0]):
+            if runs and offset <= runs[-1][1]:
+                runs[-1][1] = max(runs[-1][1], offset + len(data))
+            else:
+                runs.append([offset, offset + len(data)])
+        for start, end in runs:
+            write_back(self.device.fd, start, end - start)
+        offset, data = min(pending, key=lambda item: (item[0] == 0, len(item[1])))
+        os.pwritev(self.device.fd, [data], offset, os.RWF_DSYNC)
 
     def recorded(self, copies: list[BowCopy]) -> None:
         """Sync. The log entries are durable: sources may be overwritten now. The
@@ -674,6 +943,12 @@ class BowImage(Image):
         self._check_low_space()
 
     def abandoned(self, copies: list[BowCopy], exc: BaseException) -> None:
+        # What they wrote must not be rewritten by a later barrier (`_sync_ranges`)
+        # once their destinations hold other copies.
+        bs = self.block_size
+        gone = [(copy.dest * bs, (copy.dest + copy.blocks) * bs) for copy in copies]
+        self.unsynced = [(offset, data) for offset, data in self.unsynced
+                         if not any(offset < end and start < offset + len(data) for start, end in gone)]
         for copy in copies:
             self.blocks.assign(copy.dest, copy.dest + copy.blocks, FREE)
             self.cbw.release(copy.dest, copy.dest + copy.blocks, copy.hold)
@@ -685,6 +960,7 @@ class BowImage(Image):
     async def discard(self, offset: int, length: int, *, zero_range: bool) -> None:
         """Both kinds read back as zeros (a loop device sends write-zeroes as punches)."""
         check_range(self.size, offset, length)
+        self._check_failed()
         bs = self.block_size
         first, end = -(-offset // bs), (offset + length) // bs
         try:
@@ -702,6 +978,7 @@ class BowImage(Image):
                 await self.write(0, bytes(bs))  # block 0 lives in sector0_block
                 first = 1
             async with self.cbw.exclusive(first, end):
+                self._check_failed()
                 self._discard_blocks(first, end)
         finally:
             self.journal.write_out()
@@ -732,10 +1009,14 @@ class BowImage(Image):
             self.punch_supported = False
 
     async def flush(self) -> None:
+        # Staged writes acknowledged so far are applied in place first: a flushed
+        # write never lives only in the staging file (see the module docstring).
+        await self.cbw.settled()
+        self._check_failed()
         self.journal.write_out()
 
         def sync_both():
-            os.fdatasync(self.device.fd)  # see barrier()
+            os.fdatasync(self.device.fd)  # the size never changes; timestamps need not be durable
             self.journal.fsync()
 
         await trio.to_thread.run_sync(sync_both)
@@ -744,11 +1025,11 @@ class BowImage(Image):
 
     # -- state changes ------------------------------------------------------------------
 
-    def control(self, verb: str, args: list[str]) -> str:
+    async def control(self, verb: str, args: list[str]) -> str:
         if args == ["checkpoint"]:
             self.checkpoint()
         elif args == ["commit"]:
-            self.commit()
+            await self.settled_commit()
         else:
             raise ValueError(f"bow takes checkpoint or commit, not {' '.join(args)!r}")
         return self.state
@@ -795,10 +1076,35 @@ class BowImage(Image):
         self._check_low_space()
         log.info("%s: checkpoint; block 0 lives in block %d", self.name, live)
 
-    def commit(self) -> None:
-        """checkpoint -> committed: block 0 goes back; the device is a pass-through."""
+    async def settled_commit(self) -> None:
+        """`commit` once no write is staged: pass-through writes after it take no
+        locks, so none may overtake a staged write. New writes wait meanwhile (and
+        do not use up free space: `--bow-on-low-space commit`)."""
+        while self.commit_running:  # another one (low space, a command): then this one is late
+            await self.committing.wait()
         if self.state != CHECKPOINT:
             raise OSError(errno.EPERM, f"cannot commit in {self.state} state")
+        self.commit_running = True
+        if self.committing is None:  # else `_note_low_space` made writes wait already
+            self.committing = trio.Event()
+        try:
+            while self.staged and self.failed is None:
+                await self.cbw.settled()
+            while self.cbw.round_running:  # its barrier may rewrite the log block: see _sync_ranges
+                await self.cbw.round_done.wait()
+            self.commit()
+        finally:
+            self.commit_running = False
+            self.committing.set()
+            self.committing = None
+
+    def commit(self) -> None:
+        """checkpoint -> committed: block 0 goes back; the device is a pass-through.
+        No write may be staged (`settled_commit`)."""
+        if self.state != CHECKPOINT:
+            raise OSError(errno.EPERM, f"cannot commit in {self.state} state")
+        self._check_failed()
+        assert not self.staged, "commit with staged writes"
         bs = self.block_size
         block0 = self.device.pread(bs, self.sector0_block * bs)
         # Ordering: the device is made durable first (writes before the commit stay
@@ -829,6 +1135,10 @@ class BowImage(Image):
     # -- low space ----------------------------------------------------------------------
 
     def _note_low_space(self) -> None:
+        if self.commits_when_low and self.state == CHECKPOINT and self.committing is None:
+            # Writes wait from the next one on: staged writes return without an await,
+            # so many could use up the rest before the commit task runs.
+            self.committing = trio.Event()
         self.low_space_event.set()
 
     def _check_low_space(self) -> None:
@@ -840,24 +1150,61 @@ class BowImage(Image):
         return self.blocks.length_of(FREE) * self.block_size
 
     async def start(self, nursery: trio.Nursery) -> None:
+        """Called before the mount serves (again after a refused upgrade)."""
         if self.recovery_deferred:
             self._finish_recovery()
+        if self.staging is not None:
+            if self.staging.fd < 0:
+                await self._replay_staged()
+            if self.staging.slots:
+                nursery.start_soon(self.cbw.drive_staged)
         if self.on_low_space == "commit":
             nursery.start_soon(self._commit_when_low)
 
+    async def _replay_staged(self) -> None:
+        """Writes a killed server staged (acknowledged, maybe not yet backed up) go
+        through the write path now, backups first, before anything is served (no
+        two of them share a block: a staged write held its blocks). Then the
+        staging file starts empty; a kill -9 before that replays them again."""
+        found = [] if self.map_was_missing else self.staging.recover()
+        if found:
+            log.info("%s: applying %d writes a stopped server had staged", self.name, len(found))
+            try:
+                async with trio.open_nursery() as nursery:  # concurrent: they share rounds
+                    for offset, data in found:
+                        nursery.start_soon(self.write, offset, data)
+                await self.flush()
+            except OSError as exc:
+                raise UserError(f"{self.device.path}: cannot apply the writes staged in "
+                                f"{self.staging.path}: {exc.strerror or exc}", EXIT_FAILED) from None
+        try:
+            self.staging.reset()
+        except OSError as exc:
+            raise UserError(f"cannot keep staged writes in {self.staging.path}: {exc.strerror}") from None
+
     async def _commit_when_low(self) -> None:
         """Android's vold polls the free space and commits when it runs low."""
-        while True:
-            await self.low_space_event.wait()
-            self.low_space_event = trio.Event()
-            if self.state == CHECKPOINT and self.free_bytes < self.low_space:
-                log.warning("%s: free space %d bytes below %d: committing", self.name,
-                            self.free_bytes, self.low_space)
-                try:
-                    self.commit()
-                except OSError as exc:
-                    self.error = f"automatic commit failed: {exc}"
-                    log.error("%s: %s", self.name, self.error)
+        self.commits_when_low = True
+        try:
+            while True:
+                await self.low_space_event.wait()
+                self.low_space_event = trio.Event()
+                if self.state == CHECKPOINT and self.free_bytes < self.low_space:
+                    log.warning("%s: free space %d bytes below %d: committing", self.name,
+                                self.free_bytes, self.low_space)
+                    try:
+                        await self.settled_commit()
+                    except OSError as exc:
+                        self.error = f"automatic commit failed: {exc}"
+                        log.error("%s: %s", self.name, self.error)
+                elif self.committing is not None and not self.commit_running:  # no longer due
+                    self.committing.set()
+                    self.committing = None
+        finally:
+            self.commits_when_low = False
+            if self.committing is not None and not self.commit_running:  # due, but nobody will
+                self.committing.set()
+                self.committing = None
 
     # -- status, teardown -----------------------------------------------------------
 
@@ -872,7 +1219,7 @@ class BowImage(Image):
                 "warning": "low-space" if low else "", "low_space": low,
                 "low_space_threshold": self.low_space, "block_size": self.block_size,
                 "device": self.device.path, "map": self.journal.path, "error": self.error,
-                **self.cbw.status()}
+                "staged": self.cbw.staged_count, "staged_now": len(self.cbw.unfinished), **self.cbw.status()}
 
     # -- live upgrade ------------------------------------------------------------------
 
@@ -892,7 +1239,8 @@ class BowImage(Image):
                 "state": self.state, "sector0_block": self.sector0_block,
                 "block0_backup": self.block0_backup, "free_cursor": self.free_cursor,
                 "log_copy_pending": self.log_copy_pending, "punch_supported": self.punch_supported,
-                "error": self.error, "idle": idle, "figures": self._map_figures() if idle else None}
+                "error": self.error, "idle": idle, "figures": self._map_figures() if idle else None,
+                "staged": len(self.cbw.unfinished)}
 
     def _map_figures(self) -> list[int]:
         """A cheap fingerprint of the map, compared after a hand-over."""
@@ -900,6 +1248,9 @@ class BowImage(Image):
 
     def restore_handover_state(self, state: dict) -> None:
         self.check_handover_state(state)
+        if state.get("staged"):  # stopping background tasks finishes them, unless the device failed
+            raise ValueError(f"{self.name}: {state['staged']} staged writes could not be applied; "
+                             "unmount and mount again")
         if (state["device"], state["map"]) != (self.device.path, self.journal.path):
             raise ValueError(f"{self.name}: handed over for {state['device']} with map {state['map']}, "
                              f"but opened {self.device.path} with {self.journal.path}")
@@ -931,6 +1282,8 @@ class BowImage(Image):
         finally:
             self.journal.close()
             self.device.close()
+            if self.staging is not None:
+                self.staging.close()
 
 
 # -- the command line --------------------------------------------------------------
@@ -957,12 +1310,19 @@ def add_mount_arguments(parser: argparse.ArgumentParser) -> None:
                        help="warn (or commit) when free space for backups falls below SIZE (default 100M)")
     group.add_argument("--bow-on-low-space", choices=("warn", "commit"), default="warn",
                        help="what to do below --bow-low-space in checkpoint state (default warn)")
+    group.add_argument("--bow-staging", type=arguments.size, default=DEFAULT_STAGING, metavar="SIZE",
+                       help="room for first writes acknowledged before their backups are durable, "
+                       "kept beside the map (default 64M; 0: every first write waits for its backup)")
     # For bench/bench_bow.py: two syncs per first write instead of group commit.
     group.add_argument("--bow-naive-commit", action="store_true", help=argparse.SUPPRESS)
 
 
 def _map_path(args, device_path: str) -> str:
     return args.bow_map or default_map_path(device_path)
+
+
+def staging_path(map_path: str) -> str:
+    return map_path + ".stage"
 
 
 def _block_size_of(device: BlockDevice, map_path: str, wanted: int | None) -> int:
@@ -1004,10 +1364,13 @@ def images_from_args(args: argparse.Namespace) -> list[Image]:
         if device.size < 4 * block_size:
             raise UserError(f"{device.path} is too small for bow.img ({device.size} bytes)")
         journal = MapJournal(map_path, device_identity(device, block_size))
+        # Always there: a re-mount with less room (or none) still applies what was staged.
+        staging = StagingFile(staging_path(map_path), block_size,
+                              0 if args.bow_naive_commit else args.bow_staging)
         try:
             return [BowImage(device, journal, block_size=block_size, low_space=args.bow_low_space,
                              on_low_space=args.bow_on_low_space,
-                             group_commit=not args.bow_naive_commit)]
+                             group_commit=not args.bow_naive_commit, staging=staging)]
         except BowLogError as exc:
             raise UserError(f"{device.path}: damaged backup-on-write log: {exc}", EXIT_FAILED) from None
         except OSError as exc:
@@ -1112,10 +1475,11 @@ def cmd_restore(args) -> int:
     finally:
         device.close()
     map_path = _map_path(args, device.path)
-    try:
-        os.unlink(map_path)  # the map described the device after the checkpoint
-    except FileNotFoundError:
-        pass
+    for path in (map_path, staging_path(map_path)):
+        try:
+            os.unlink(path)  # they described the device after the checkpoint
+        except FileNotFoundError:
+            pass
     print(f"{device.path}: restored to its checkpoint ({summary.entries} backups, {total} bytes, "
           f"in {time.monotonic() - started:.2f} s)")
     return 0
