@@ -382,6 +382,9 @@ class StagingFile:
             return None
         self.used[slot:slot + n] = b"\1" * n
         try:
+            # Ordering: the data before the header that names it, so a kill -9 between
+            # the two leaves no header (the write was not acknowledged) and a valid
+            # header always has its data. Page cache only: a reboot ignores the file.
             os.pwrite(self.fd, data, self.data_start + slot * self.block_size)
             body = self.SLOT.pack(self.STAGED, n, device_block)
             os.pwrite(self.fd, body + struct.pack("<I4x", zlib.crc32(body)), 4096 + slot * self.SLOT_SIZE)
