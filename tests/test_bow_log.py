@@ -39,10 +39,12 @@ class MemoryDevice:
         self.unsynced: list[tuple[int, bytes]] = []
         self.size = len(data)
         self.writes = 0
+        self.reads = 0
         self.steps = 0  # fsyncs so far (writes are counted in `writes`)
         self.steps_left: int | None = None  # the power goes before write or fsync number N+1
 
     def pread(self, size, offset):
+        self.reads += 1
         return bytes(self.data[offset:offset + size])
 
     def _step(self):
@@ -231,6 +233,18 @@ def test_a_log_is_restored_directly_unless_a_backup_was_backed_up_again(moves):
     assert_is_checkpoint(device, checkpoint, 4096)
     if not moves:
         assert device.steps - fsyncs_before == 2
+
+
+def test_validating_a_log_reads_each_run_of_adjacent_backups_at_once():
+    """The usual log (no backup moved) is validated with a read per log block and one
+    per run of backups lying side by side, not one per entry."""
+    device, _, _ = checkpointed_device(4096, blocks=512, writes=400, seed=11, moves=False)
+    device.reads = 0
+    summary = bow_log.validate(device)
+    dests = sorted(entry.dest for block in summary.blocks for entry in block.entries if entry.checksum)
+    runs = 1 + sum(1 for a, b in zip(dests, dests[1:]) if b != a + 4096 // SECTOR)
+    assert runs < summary.entries // 2
+    assert device.reads <= 2 + len(summary.blocks) + runs
 
 
 @pytest.mark.parametrize("moves", [True, False])

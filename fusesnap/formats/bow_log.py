@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import functools
 import struct
 import zlib
 from typing import Callable
@@ -156,6 +157,9 @@ def read_header(device) -> LogBlock | None:
 
 # -- validation: the restore simulated on a relocation map ----------------------------
 
+# The most bytes read (or, restoring directly, written) at once.
+DIRECT_IO_BYTES = 8 << 20
+
 class _Relocations:
     """Where each sector's restored data would be read from: sector s reads device
     sector s + delta (RangeMap sector -> delta; unmapped = in place)."""
@@ -195,6 +199,11 @@ class LogSummary:
     def backed_up_bytes(self) -> int:
         return sum(e.size for b in self.blocks for e in b.entries)
 
+    @functools.cached_property
+    def direct(self) -> tuple[list[LogEntry], LogEntry] | None:
+        """`direct_plan(self)`, worked out once."""
+        return direct_plan(self)
+
 
 def _check_entry(entry: LogEntry, block_size: int, device_size: int, where: str) -> None:
     if entry.size < block_size or entry.size % block_size:
@@ -209,16 +218,53 @@ def _check_entry(entry: LogEntry, block_size: int, device_size: int, where: str)
 
 
 def validate(device) -> LogSummary:
-    """Check the whole log without writing: BowLogError on the first violation."""
+    """Check the whole log without writing: BowLogError on the first violation.
+
+    The restore is simulated on a relocation map (`_Relocations`), which costs a
+    range-map update per entry. The usual log needs none of it: when no backup sits
+    where another entry's data is restored to (`direct_plan`), every backup is read
+    where it lies and only block 0 moves, so the log is first walked that way
+    (`_Block0Chain`) and its checksums read in runs. If that walk finds anything
+    wrong, or the log is not direct, the full simulation runs and has the last word
+    (it names the first violation)."""
     top = read_header(device)
     if top is None:
         raise BowLogError("no backup-on-write log on this device (block 0 has no BOW magic)")
+    per_block = top.block_size // SECTOR
+    if top.sector0 % per_block or top.sector0 * SECTOR + top.block_size > device.size or top.sector0 == 0:
+        raise BowLogError(f"block 0: sector0 {top.sector0} is not a block of the device")
+    try:
+        summary = _walk(device, top, _Block0Chain(), check_backups=False)
+        if summary.direct is not None and _backups_match(device, summary):
+            return summary
+    except BowLogError:
+        pass
+    return _walk(device, top, _Relocations(), check_backups=True)
+
+
+class _Block0Chain:
+    """The relocations of a direct log (`direct_plan`): no entry's source overlaps a
+    backup, so backups are read in place and only block 0 moves, to the backup of
+    the newest block-0 entry walked so far (a later log block's entry 0)."""
+
+    def __init__(self):
+        self.block0_at = 0
+
+    def relocate(self, source: int, dest: int, count: int) -> None:
+        if source == 0:
+            self.block0_at = dest
+
+    def read(self, device, sector: int, size: int) -> bytes:
+        assert sector == 0, "only log blocks are read while walking a direct log"
+        return device.pread(size, self.block0_at * SECTOR)
+
+
+def _walk(device, top: LogBlock, relocations, *, check_backups: bool) -> LogSummary:
+    """Every log block newest first, each read where the restore so far would have
+    put block 0, and every entry checked (its backup's checksum if `check_backups`),
+    the restore simulated on `relocations`."""
     resuming = top.magic == PARTIAL_RESTORE_MAGIC
     block_size = top.block_size
-    per_block = block_size // SECTOR
-    if top.sector0 % per_block or top.sector0 * SECTOR + block_size > device.size or top.sector0 == 0:
-        raise BowLogError(f"block 0: sector0 {top.sector0} is not a block of the device")
-    relocations = _Relocations()
     blocks = []
     for sequence in range(top.sequence, -1, -1):
         where = f"log block {sequence}"
@@ -236,7 +282,7 @@ def validate(device) -> LogSummary:
             if sequence > 0 and index == 0 and entry.source != 0:
                 raise BowLogError(f"{entry_where}: the first entry of a later log block must back up "
                                   f"block 0, not sector {entry.source}")
-            if entry.checksum:
+            if check_backups and entry.checksum:
                 data = relocations.read(device, entry.dest, entry.size)
                 actual = block_checksum(entry.source, data, block_size)
                 if actual != entry.checksum:
@@ -247,10 +293,38 @@ def validate(device) -> LogSummary:
     return LogSummary(blocks, resuming)
 
 
-# -- restore ----------------------------------------------------------------------------
+def _backups_match(device, summary: LogSummary) -> bool:
+    """Every backup of a direct log, read in place in dest order (contiguous ones
+    together), has its entry's checksum."""
+    block_size = summary.blocks[0].block_size
+    checked = sorted((entry for block in summary.blocks for entry in block.entries if entry.checksum),
+                     key=lambda entry: entry.dest)
+    for run in _contiguous_backups(checked):
+        data = memoryview(device.pread(run[-1].dest * SECTOR + run[-1].size - run[0].dest * SECTOR,
+                                       run[0].dest * SECTOR))
+        for entry in run:
+            at = (entry.dest - run[0].dest) * SECTOR
+            if block_checksum(entry.source, data[at:at + entry.size], block_size) != entry.checksum:
+                return False
+    return True
 
-# The most bytes the direct restore reads or writes at once.
-DIRECT_IO_BYTES = 8 << 20
+
+def _contiguous_backups(entries: list[LogEntry]):
+    """`entries` (sorted by dest) in runs whose backups follow each other on the
+    device, each at most DIRECT_IO_BYTES: one read each."""
+    start = 0
+    while start < len(entries):
+        stop = start + 1
+        end = entries[start].dest * SECTOR + entries[start].size
+        while (stop < len(entries) and entries[stop].dest * SECTOR == end
+               and end + entries[stop].size - entries[start].dest * SECTOR <= DIRECT_IO_BYTES):
+            end += entries[stop].size
+            stop += 1
+        yield entries[start:stop]
+        start = stop
+
+
+# -- restore ----------------------------------------------------------------------------
 
 
 def restore(device, *, validated: LogSummary | None = None,
@@ -267,7 +341,7 @@ def restore(device, *, validated: LogSummary | None = None,
     interruption would.
     """
     summary = validated or validate(device)
-    plan = direct_plan(summary)
+    plan = summary.direct
     if plan is not None:
         _restore_directly(device, summary, *plan, progress=progress, stop_after=stop_after)
     else:
@@ -317,32 +391,25 @@ def _restore_directly(device, summary: LogSummary, entries: list[LogEntry], bloc
     block_size = summary.blocks[0].block_size
     ordered = sorted(entries, key=lambda entry: (entry.dest, entry.source))
     done = done_bytes = 0
-    index = 0
-    while index < len(ordered):
-        # A run of backups contiguous on the device: one read.
-        first = ordered[index]
-        stop = index + 1
-        read_end = first.dest * SECTOR + first.size
-        while (stop < len(ordered) and ordered[stop].dest * SECTOR == read_end
-               and read_end + ordered[stop].size - first.dest * SECTOR <= DIRECT_IO_BYTES):
-            read_end += ordered[stop].size
-            stop += 1
-        data = memoryview(device.pread(read_end - first.dest * SECTOR, first.dest * SECTOR))
-        for entry in ordered[index:stop]:
-            _check_backup(entry, data[(entry.dest - first.dest) * SECTOR:][:entry.size], block_size)
-        # Within it, backups whose sources are contiguous too: one write.
-        while index < stop:
-            run = index + 1
-            while run < stop and ordered[run].source == ordered[run - 1].source + ordered[run - 1].size // SECTOR:
-                run += 1
-            start = (ordered[index].dest - first.dest) * SECTOR
-            length = sum(entry.size for entry in ordered[index:run])
-            device.pwrite(data[start:start + length], ordered[index].source * SECTOR)
+    for run in _contiguous_backups(ordered):
+        at = run[0].dest * SECTOR
+        data = memoryview(device.pread(run[-1].dest * SECTOR + run[-1].size - at, at))
+        for entry in run:
+            _check_backup(entry, data[entry.dest * SECTOR - at:][:entry.size], block_size)
+        # Within the run, backups whose sources are contiguous too: one write.
+        index = 0
+        while index < len(run):
+            stop = index + 1
+            while stop < len(run) and run[stop].source == run[stop - 1].source + run[stop - 1].size // SECTOR:
+                stop += 1
+            length = sum(entry.size for entry in run[index:stop])
+            start = run[index].dest * SECTOR - at
+            device.pwrite(data[start:start + length], run[index].source * SECTOR)
             if progress:
                 progress(length)
-            done += run - index
+            done += stop - index
             done_bytes += length
-            index = run
+            index = stop
             if stop_after is not None and done >= stop_after:
                 return
     if stop_after is not None and stop_after < summary.entries:
