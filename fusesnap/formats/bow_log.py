@@ -40,7 +40,7 @@ import dataclasses
 import functools
 import struct
 import zlib
-from typing import Callable
+from typing import Callable, NamedTuple
 
 from ..rangemap import RangeMap
 
@@ -77,8 +77,8 @@ def block_checksum(source_sector: int, data, block_size: int) -> int:
     return zlib.crc32(data, (seed & 0xFFFFFFFF) ^ 0xFFFFFFFF) ^ 0xFFFFFFFF
 
 
-@dataclasses.dataclass(frozen=True)
-class LogEntry:
+class LogEntry(NamedTuple):
+    """One backup (a tuple: a log holds thousands, built and sorted by the restore)."""
     source: int     # sector of the data that was overwritten
     dest: int       # sector of its backup copy
     size: int       # bytes
@@ -137,7 +137,7 @@ class LogBlock:
         most = (block_size - header_size) // ENTRY_SIZE
         if not 1 <= count <= most:
             raise BowLogError(f"{where}: invalid entry count {count} (1..{most})")
-        entries = [LogEntry(*_ENTRY.unpack_from(data, header_size + i * ENTRY_SIZE)) for i in range(count)]
+        entries = list(map(LogEntry._make, _ENTRY.iter_unpack(data[header_size:header_size + count * ENTRY_SIZE])))
         return cls(block_size, sequence, sector0, entries, magic, version, header_size)
 
 
