@@ -122,7 +122,7 @@ class StagedWrite:
     """A first write acknowledged before its backup is durable: whole blocks from
     device block `first`, in the staging file from `slot`."""
     first: int
-    data: bytes
+    data: bytearray  # a later write to its blocks replaces its part (`_restage`)
     slot: int
 
     def blocks(self, block_size: int) -> range:
@@ -394,6 +394,12 @@ class StagingFile:
         self.next_slot = slot + n
         return slot
 
+    def rewrite(self, slot: int, data) -> None:
+        """New data (whole blocks) for slots of a staged write, from `slot` (its
+        header stays valid)."""
+        if os.pwrite(self.fd, data, self.data_start + slot * self.block_size) != len(data):
+            raise OSError(errno.ENOSPC, "short write")
+
     def clear(self, slot: int, n: int) -> None:
         """The staged write is in place (or was never acknowledged): its slots are free."""
         os.pwrite(self.fd, bytes(self.SLOT_SIZE), 4096 + slot * self.SLOT_SIZE)
@@ -465,6 +471,7 @@ class BowImage(Image):
         self.cbw = CopyBeforeWrite(self, group_commit=group_commit)
         self.staging = staging
         self.staged: dict[int, StagedWrite] = {}    # device block -> its staged write, not yet in place
+        self.restaged = 0                           # writes that replaced staged data (`_restage`)
         self.committing: trio.Event | None = None    # a commit is due or waits for staged writes: set when done
         self.commit_running = False
         self.commits_when_low = False               # `_commit_when_low` runs
@@ -704,6 +711,8 @@ class BowImage(Image):
                 # working on these blocks; no await between this check and the write.
                 self.device.pwrite(data, offset)
                 return
+        if self.staged and self._restage(offset, data, first, end):
+            return
         merged = []
 
         def read_edges():
@@ -717,6 +726,47 @@ class BowImage(Image):
                                     stage=stage if self.staging is not None else None) as staged:
             if not staged:
                 self._overwrite(*merged[0])
+
+    def _restage(self, offset: int, data, first: int, end: int) -> bool:
+        """Sync. A write whose blocks are all staged, or changed and not held, needs
+        no backup (a staged write's round already backs up what its blocks held at
+        the checkpoint): its data replaces the staged data, in the staging file
+        first, and blocks not staged are written in place, without waiting for the
+        staged write's round. False (nothing changed) if a block needs more, or the
+        staging file could not be written: then the write takes the usual path."""
+        runs: list[list] = []  # [first, end, its StagedWrite or None]
+        for block in range(first, end):
+            staged = self.staged.get(block)
+            if runs and runs[-1][2] is staged:
+                runs[-1][1] = block + 1
+            else:
+                runs.append([block, block + 1, staged])
+        for s, e, staged in runs:
+            if staged is None and (self.cbw.is_held(s, e) or
+                                   any(kind != CHANGED for _, _, kind in self.blocks.segments(s, e))):
+                return False
+        bs = self.block_size
+        where, whole = self._merged(offset, data)  # the edges from the view: staged data included
+        pieces = memoryview(whole)
+        try:
+            for s, e, staged in runs:
+                if staged is not None:
+                    # Ordering: in the staging file before the write is acknowledged, so a
+                    # kill -9 replays the newest data (a kill during it leaves a mix of
+                    # old and new blocks, of a write never acknowledged).
+                    self.staging.rewrite(staged.slot + s - staged.first, pieces[(s - first) * bs:(e - first) * bs])
+        except OSError as exc:
+            log.warning("%s: cannot rewrite a staged write (%s); the write waits for its backup",
+                        self.name, exc.strerror)
+            return False
+        for s, e, staged in runs:
+            piece = pieces[(s - first) * bs:(e - first) * bs]
+            if staged is None:
+                self.device.pwrite(piece, s * bs)
+            else:
+                staged.data[(s - staged.first) * bs:(e - staged.first) * bs] = piece
+        self.restaged += 1
+        return True
 
     def _overwrite(self, where: int, whole) -> None:
         """The in-place write of whole blocks, their backups durable (or none needed)."""
@@ -736,7 +786,7 @@ class BowImage(Image):
         slot = self.staging.put(first, whole)
         if slot is None:
             return None
-        staged = StagedWrite(first, bytes(whole), slot)
+        staged = StagedWrite(first, bytearray(whole), slot)
         for block in staged.blocks(bs):
             self.staged[block] = staged
         return lambda error: self._apply_staged(staged, error)
@@ -1222,7 +1272,8 @@ class BowImage(Image):
                 "warning": "low-space" if low else "", "low_space": low,
                 "low_space_threshold": self.low_space, "block_size": self.block_size,
                 "device": self.device.path, "map": self.journal.path, "error": self.error,
-                "staged": self.cbw.staged_count, "staged_now": len(self.cbw.unfinished), **self.cbw.status()}
+                "staged": self.cbw.staged_count, "staged_now": len(self.cbw.unfinished),
+                "restaged": self.restaged, **self.cbw.status()}
 
     # -- live upgrade ------------------------------------------------------------------
 
