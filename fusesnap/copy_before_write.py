@@ -251,10 +251,12 @@ class CopyBeforeWrite:
         self.held.assign(first, end, released)
         return released
 
-    def release(self, first: int, end: int, token: trio.Event) -> None:
-        """Release chunks taken with `hold`."""
+    def release(self, first: int, end: int, *tokens: trio.Event) -> None:
+        """Release chunks taken with `hold`: [first, end) is what the holds of
+        `tokens` took together (one map change for a run of them)."""
         self.held.clear(first, end)
-        token.set()
+        for token in tokens:
+            token.set()
 
     # -- copy, then commit --------------------------------------------------------
 

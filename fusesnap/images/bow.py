@@ -122,7 +122,7 @@ class StagedWrite:
     """A first write acknowledged before its backup is durable: whole blocks from
     device block `first`, in the staging file from `slot`."""
     first: int
-    data: bytearray  # a later write to its blocks replaces its part (`_restage`)
+    data: bytes | bytearray  # a bytearray once a later write replaced part of it (`_restage`)
     slot: int
 
     def blocks(self, block_size: int) -> range:
@@ -734,6 +734,8 @@ class BowImage(Image):
         first, and blocks not staged are written in place, without waiting for the
         staged write's round. False (nothing changed) if a block needs more, or the
         staging file could not be written: then the write takes the usual path."""
+        if not any(block in self.staged for block in range(first, end)):
+            return False  # a first write, most likely
         runs: list[list] = []  # [first, end, its StagedWrite or None]
         for block in range(first, end):
             staged = self.staged.get(block)
@@ -764,6 +766,8 @@ class BowImage(Image):
             if staged is None:
                 self.device.pwrite(piece, s * bs)
             else:
+                if not isinstance(staged.data, bytearray):
+                    staged.data = bytearray(staged.data)
                 staged.data[(s - staged.first) * bs:(e - staged.first) * bs] = piece
         self.restaged += 1
         return True
@@ -786,7 +790,7 @@ class BowImage(Image):
         slot = self.staging.put(first, whole)
         if slot is None:
             return None
-        staged = StagedWrite(first, bytearray(whole), slot)
+        staged = StagedWrite(first, bytes(whole), slot)  # no copy of the request's own bytes
         for block in staged.blocks(bs):
             self.staged[block] = staged
         return lambda error: self._apply_staged(staged, error)
@@ -975,21 +979,32 @@ class BowImage(Image):
     def recorded(self, copies: list[BowCopy]) -> None:
         """Sync. The log entries are durable: sources may be overwritten now. The
         journal hears of it only now, after the log (see `_apply_unjournaled_entries`)."""
+        backups: list[list] = []  # runs of destinations now holding backups: [start, end, holds]
         for copy in copies:
-            self.cbw.release(copy.dest, copy.dest + copy.blocks, copy.hold)
             if self.state != CHECKPOINT:  # committed meanwhile
+                self.cbw.release(copy.dest, copy.dest + copy.blocks, copy.hold)
                 self._assign(copy.dest, copy.dest + copy.blocks, FREE)
                 self._punch(copy.dest, copy.dest + copy.blocks)
                 continue
             if copy.kind == "sector0":
+                self.cbw.release(copy.dest, copy.dest + 1, copy.hold)
                 self._assign(copy.source, copy.source + 1, CHANGED)
                 self._assign(copy.dest, copy.dest + 1, SECTOR0)
                 self.sector0_block = copy.dest
                 self.journal.add(MapJournal.STATE, STATE_CODES[CHECKPOINT], copy.dest, self.block0_backup)
+                continue
+            if copy.kind == "data":
+                self._assign(copy.source, copy.source + copy.blocks, CHANGED)
+            # Destinations are handed out next-fit, so a round's are mostly one run:
+            # one map change for all of them.
+            if backups and backups[-1][1] == copy.dest:
+                backups[-1][1] += copy.blocks
+                backups[-1][2].append(copy.hold)
             else:
-                if copy.kind == "data":
-                    self._assign(copy.source, copy.source + copy.blocks, CHANGED)
-                self._assign(copy.dest, copy.dest + copy.blocks, BACKUP)
+                backups.append([copy.dest, copy.dest + copy.blocks, [copy.hold]])
+        for start, end, holds in backups:
+            self.cbw.release(start, end, *holds)
+            self._assign(start, end, BACKUP)
         if self.log is not None:
             self.journal.add(MapJournal.LOGPOS, 0, self.log.sequence, len(self.log.entries))
         self.journal.write_out()
