@@ -45,9 +45,12 @@ for `bow restore`.
 Staged first writes (`--bow-staging`, default 64 MiB; 0: off): a first write in
 checkpoint state is acknowledged once its backup is written (page cache) and its new
 data is *staged*: written to `<map>.stage` (`StagingFile`, page cache) and kept in
-`staged` (block -> StagedWrite, so reads see it). Its blocks stay held (later writes
-to them wait), and it is applied in place only after group commit has made its
-backup and log entry durable (`_apply_staged`), then its slots are cleared. So no
+`staged` (block -> StagedWrite, so reads see it). Its blocks stay held (a later
+write that needs a backup waits), and it is applied in place only after group
+commit has made its backup and log entry durable (`_apply_staged`), then its slots
+are cleared. A later write to blocks still staged needs no backup of its own (the
+staged write's covers them): it replaces the staged data, in the staging file before
+it is acknowledged, and does not wait (`_restage`); the round applies the newest. So no
 overwrite reaches the device before its backup and log entry are durable, and one
 barrier covers every write staged since the last, however many. Flush waits until
 every write acknowledged before it is applied in place, then syncs the device: a
