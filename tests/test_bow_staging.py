@@ -13,6 +13,7 @@ never wait for a barrier, so every first write is still staged, none applied."""
 from __future__ import annotations
 
 import concurrent.futures
+import errno
 import os
 import random
 import shutil
@@ -21,6 +22,7 @@ import sys
 
 import pytest
 import trio
+import trio.testing
 
 from fusesnap.devices import BlockDevice
 from fusesnap.formats import bow_log
@@ -175,39 +177,68 @@ def test_a_full_staging_file_makes_writes_wait_for_their_backups(tmp_path, monke
     assert restored(tmp_path, "after.img") == checkpoint[:FREE_FROM]
 
 
-def test_a_flush_applies_the_newest_data_of_a_rewritten_staged_write(tmp_path):
-    """In-process (no FUSE): a staged write, a rewrite of it and a write across a
-    staged block and one already in place are acknowledged without a round; flush
-    returns once the newest data is on the device and the staging file is empty."""
+def run_in_process(tmp_path, body) -> None:
+    """Without FUSE: dev.img checkpointed with its upper half free, then
+    `await body(image, device)`, with the image's background tasks running."""
     (tmp_path / "dev.img").write_bytes(random.Random(5).randbytes(SIZE))
     device = BlockDevice(str(tmp_path / "dev.img"))
     image = BowImage(device, MapJournal(str(tmp_path / "dev.map"), device_identity(device, BLOCK)),
                      staging=StagingFile(str(tmp_path / "dev.map.stage"), BLOCK, 1 << 20))
-    rng = random.Random(6)
-    first, again, across = rng.randbytes(BLOCK), rng.randbytes(BLOCK), rng.randbytes(2 * BLOCK)
 
     async def main():
         try:
-            await write_and_flush()
+            async with trio.open_nursery() as nursery:
+                await image.start(nursery)
+                await trio.testing.wait_all_tasks_blocked()  # its staging driver waits for work
+                await image.discard(FREE_FROM, SIZE - FREE_FROM, zero_range=False)
+                image.checkpoint()
+                await body(image, device)
+                nursery.cancel_scope.cancel()
         finally:
             await image.close()
 
-    async def write_and_flush():
-        async with trio.open_nursery() as nursery:
-            await image.start(nursery)
-            await image.discard(FREE_FROM, SIZE - FREE_FROM, zero_range=False)
-            image.checkpoint()
-            await image.write(5 * BLOCK, rng.randbytes(BLOCK))
-            await image.flush()  # block 5 in place: changed
-            await image.write(6 * BLOCK, first)
-            await image.write(6 * BLOCK, again)
-            assert image.restaged == 1, "no round ran: the rewrite replaced the staged data"
-            assert (await image.read(6 * BLOCK, BLOCK)) == again
-            await image.write(5 * BLOCK, across)  # block 5 in place, block 6 staged
-            assert image.restaged == 2 and (await image.read(5 * BLOCK, 2 * BLOCK)) == across
-            await image.flush()
-            assert not image.staged and device.pread(2 * BLOCK, 5 * BLOCK) == across
-            assert staged_records(tmp_path / "dev.map.stage") == []
-            nursery.cancel_scope.cancel()
-
     trio.run(main)
+
+
+def test_a_flush_applies_the_newest_data_of_a_rewritten_staged_write(tmp_path):
+    """A staged write, a rewrite of it and a write across a staged block and one
+    already in place are acknowledged without a round; flush returns once the newest
+    data is on the device and the staging file is empty."""
+    rng = random.Random(6)
+    first, again, across = rng.randbytes(BLOCK), rng.randbytes(BLOCK), rng.randbytes(2 * BLOCK)
+
+    async def body(image, device):
+        await image.write(5 * BLOCK, rng.randbytes(BLOCK))
+        await image.flush()  # block 5 in place: changed
+        await image.write(6 * BLOCK, first)
+        await image.write(6 * BLOCK, again)
+        assert image.restaged == 1, "no round ran: the rewrite replaced the staged data"
+        assert (await image.read(6 * BLOCK, BLOCK)) == again
+        await image.write(5 * BLOCK, across)  # block 5 in place, block 6 staged
+        assert image.restaged == 2 and (await image.read(5 * BLOCK, 2 * BLOCK)) == across
+        await image.flush()
+        assert not image.staged and device.pread(2 * BLOCK, 5 * BLOCK) == across
+        assert staged_records(tmp_path / "dev.map.stage") == []
+
+    run_in_process(tmp_path, body)
+
+
+def test_a_rewrite_the_staging_file_refuses_waits_for_the_staged_write(tmp_path, monkeypatch):
+    """The staging file cannot take the new data (a full disk, say): the write takes
+    the usual path, waits until the staged write is in place, then overwrites it."""
+    rng = random.Random(7)
+    first, again = rng.randbytes(BLOCK), rng.randbytes(BLOCK)
+
+    def refuse(slot, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    async def body(image, device):
+        await image.write(6 * BLOCK, first)
+        assert image.cbw.barriers == 0 and image.staged
+        monkeypatch.setattr(image.staging, "rewrite", refuse)
+        await image.write(6 * BLOCK, again)
+        assert image.restaged == 0 and image.cbw.barriers >= 2, "it waited for the round"
+        assert not image.staged and device.pread(BLOCK, 6 * BLOCK) == again
+        assert staged_records(tmp_path / "dev.map.stage") == []
+
+    run_in_process(tmp_path, body)
