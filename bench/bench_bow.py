@@ -158,7 +158,8 @@ def first_writes(args, tmp, template, best: dict, round_index: int) -> None:
             print(f"  round {round_index + 1}  {WORKLOADS[kind].label:<19} {mode:<6} first {cell(first)}"
                   + (f"  rewrite {cell(again)}" if again else "")
                   + f"  barriers {status['barriers']} for {status['copies_recorded']} copies"
-                  + (f" ({status['staged']} writes staged)" if status.get("staged") else "")
+                  + (f" ({status['staged']} writes staged, {status['restaged']} restaged)"
+                     if status.get("staged") else "")
                   + (f", {status['barrier_seconds'] / status['barriers'] * 1e3:.1f} ms each"
                      if status["barriers"] else ""), flush=True)
             keep_best(best, ("first", kind, mode), first)

@@ -76,8 +76,9 @@ Staged first writes (optional)
     body must not overwrite), and the chunks *stay held* until the copies are
     durably recorded; then ``finish(None)`` applies the staged data in place and the
     chunks are released (``finish(exc)`` if the round failed: the image must not
-    apply it). So a later write to a staged chunk waits for it, and the overwrite
-    still comes after its record. Nobody waits for those rounds: `drive_staged`, a
+    apply it). So a later `writing` of a staged chunk waits for it (an image may
+    instead let it replace the staged data itself), and the overwrite still comes
+    after its record. Nobody waits for those rounds: `drive_staged`, a
     background task the image starts, runs them; staging happens only while it
     runs, and when it is cancelled it stops staging and finishes what is staged
     (shielded) before it returns. `settled()` waits until every write staged before
@@ -251,10 +252,12 @@ class CopyBeforeWrite:
         self.held.assign(first, end, released)
         return released
 
-    def release(self, first: int, end: int, token: trio.Event) -> None:
-        """Release chunks taken with `hold`."""
+    def release(self, first: int, end: int, *tokens: trio.Event) -> None:
+        """Release chunks taken with `hold`: [first, end) is what the holds of
+        `tokens` took together (one map change for a run of them)."""
         self.held.clear(first, end)
-        token.set()
+        for token in tokens:
+            token.set()
 
     # -- copy, then commit --------------------------------------------------------
 

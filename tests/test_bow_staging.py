@@ -2,7 +2,9 @@
 acknowledged but not yet backed up durably, let alone in place. A re-mount applies
 them (backups first) before it serves; after a reboot they are ignored (never
 flushed: a power cut may lose them) and the device holds no overwrite without its
-backup. Either way `bow restore` gives the checkpoint.
+backup. Either way `bow restore` gives the checkpoint. A later write to blocks still
+staged replaces their staged data without waiting for their backup's round: a
+re-mount applies the newest data, and so does a flush.
 
 The server here is a small program that opens bow.img the way `fusesnap mount` does
 and is killed with SIGKILL right after its writes return: writes on one trio task
@@ -11,6 +13,7 @@ never wait for a barrier, so every first write is still staged, none applied."""
 from __future__ import annotations
 
 import concurrent.futures
+import errno
 import os
 import random
 import shutil
@@ -18,10 +21,12 @@ import subprocess
 import sys
 
 import pytest
+import trio
+import trio.testing
 
 from fusesnap.devices import BlockDevice
 from fusesnap.formats import bow_log
-from fusesnap.images.bow import StagingFile
+from fusesnap.images.bow import BowImage, MapJournal, StagingFile, device_identity
 from bow_helpers import discard
 from harness import fusesnap
 
@@ -49,9 +54,10 @@ async def main():
         with open("checkpoint.img", "wb") as out:
             out.write(await image.read(0, SIZE))
         rng = random.Random(4)
-        for offset, length in WRITES:
+        for offset, length in WRITES + REWRITES:
             await image.write(offset, rng.randbytes(length))
         assert image.cbw.barriers == 0 and len(image.cbw.unfinished) == len(WRITES), "not all staged"
+        assert image.restaged == len(REWRITES), "rewrites should replace staged data"
         print("acknowledged", flush=True)
         os.kill(os.getpid(), signal.SIGKILL)
 
@@ -63,21 +69,28 @@ trio.run(main)
 # free, so it is picked as a destination; see test_bow_image for block 0).
 WRITES = [(5 * BLOCK, BLOCK), (9 * BLOCK, BLOCK), (20 * BLOCK, 6 * BLOCK), (40 * BLOCK + 512, 3000),
           (100 * BLOCK, BLOCK), (101 * BLOCK, BLOCK)]
+# Then writes to those blocks while they are still staged: a whole staged write, part
+# of the multi-block one, unaligned within a staged block, across two staged writes
+# (unaligned), and the first block again (the newest data wins).
+REWRITES = [(5 * BLOCK, BLOCK), (22 * BLOCK, 2 * BLOCK), (40 * BLOCK + 100, 200),
+            (100 * BLOCK + 2048, BLOCK), (5 * BLOCK, BLOCK)]
 
 
 @pytest.fixture
 def killed_with_staged_writes(tmp_path, monkeypatch):
-    """dev.img checkpointed, then the WRITES acknowledged by a server killed at once.
-    Returns what bow.img should read after them (from the same random bytes)."""
+    """dev.img checkpointed, then the WRITES and REWRITES acknowledged by a server
+    killed at once. Returns what bow.img should read after them (from the same random
+    bytes)."""
     monkeypatch.chdir(tmp_path)
     (tmp_path / "dev.img").write_bytes(random.Random(1).randbytes(SIZE))
-    program = f"FREE_FROM, SIZE, WRITES = {FREE_FROM}, {SIZE}, {WRITES!r}\n" + KILLED_SERVER
+    program = (f"FREE_FROM, SIZE, WRITES, REWRITES = {FREE_FROM}, {SIZE}, {WRITES!r}, {REWRITES!r}\n"
+               + KILLED_SERVER)
     result = subprocess.run([sys.executable, "-c", program], cwd=tmp_path, capture_output=True, text=True,
                             env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
     assert result.returncode == -9 and "acknowledged" in result.stdout, result.stderr
     expected = bytearray((tmp_path / "checkpoint.img").read_bytes())
     rng = random.Random(4)
-    for offset, length in WRITES:
+    for offset, length in WRITES + REWRITES:
         expected[offset:offset + length] = rng.randbytes(length)
     return bytes(expected)
 
@@ -162,3 +175,70 @@ def test_a_full_staging_file_makes_writes_wait_for_their_backups(tmp_path, monke
     assert 0 < status["staged"] < len(writes), status
     fusesnap("umount", m.mountpoint)
     assert restored(tmp_path, "after.img") == checkpoint[:FREE_FROM]
+
+
+def run_in_process(tmp_path, body) -> None:
+    """Without FUSE: dev.img checkpointed with its upper half free, then
+    `await body(image, device)`, with the image's background tasks running."""
+    (tmp_path / "dev.img").write_bytes(random.Random(5).randbytes(SIZE))
+    device = BlockDevice(str(tmp_path / "dev.img"))
+    image = BowImage(device, MapJournal(str(tmp_path / "dev.map"), device_identity(device, BLOCK)),
+                     staging=StagingFile(str(tmp_path / "dev.map.stage"), BLOCK, 1 << 20))
+
+    async def main():
+        try:
+            async with trio.open_nursery() as nursery:
+                await image.start(nursery)
+                await trio.testing.wait_all_tasks_blocked()  # its staging driver waits for work
+                await image.discard(FREE_FROM, SIZE - FREE_FROM, zero_range=False)
+                image.checkpoint()
+                await body(image, device)
+                nursery.cancel_scope.cancel()
+        finally:
+            await image.close()
+
+    trio.run(main)
+
+
+def test_a_flush_applies_the_newest_data_of_a_rewritten_staged_write(tmp_path):
+    """A staged write, a rewrite of it and a write across a staged block and one
+    already in place are acknowledged without a round; flush returns once the newest
+    data is on the device and the staging file is empty."""
+    rng = random.Random(6)
+    first, again, across = rng.randbytes(BLOCK), rng.randbytes(BLOCK), rng.randbytes(2 * BLOCK)
+
+    async def body(image, device):
+        await image.write(5 * BLOCK, rng.randbytes(BLOCK))
+        await image.flush()  # block 5 in place: changed
+        await image.write(6 * BLOCK, first)
+        await image.write(6 * BLOCK, again)
+        assert image.restaged == 1, "no round ran: the rewrite replaced the staged data"
+        assert (await image.read(6 * BLOCK, BLOCK)) == again
+        await image.write(5 * BLOCK, across)  # block 5 in place, block 6 staged
+        assert image.restaged == 2 and (await image.read(5 * BLOCK, 2 * BLOCK)) == across
+        await image.flush()
+        assert not image.staged and device.pread(2 * BLOCK, 5 * BLOCK) == across
+        assert staged_records(tmp_path / "dev.map.stage") == []
+
+    run_in_process(tmp_path, body)
+
+
+def test_a_rewrite_the_staging_file_refuses_waits_for_the_staged_write(tmp_path, monkeypatch):
+    """The staging file cannot take the new data (a full disk, say): the write takes
+    the usual path, waits until the staged write is in place, then overwrites it."""
+    rng = random.Random(7)
+    first, again = rng.randbytes(BLOCK), rng.randbytes(BLOCK)
+
+    def refuse(slot, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    async def body(image, device):
+        await image.write(6 * BLOCK, first)
+        assert image.cbw.barriers == 0 and image.staged
+        monkeypatch.setattr(image.staging, "rewrite", refuse)
+        await image.write(6 * BLOCK, again)
+        assert image.restaged == 0 and image.cbw.barriers >= 2, "it waited for the round"
+        assert not image.staged and device.pread(BLOCK, 6 * BLOCK) == again
+        assert staged_records(tmp_path / "dev.map.stage") == []
+
+    run_in_process(tmp_path, body)

@@ -45,9 +45,12 @@ for `bow restore`.
 Staged first writes (`--bow-staging`, default 64 MiB; 0: off): a first write in
 checkpoint state is acknowledged once its backup is written (page cache) and its new
 data is *staged*: written to `<map>.stage` (`StagingFile`, page cache) and kept in
-`staged` (block -> StagedWrite, so reads see it). Its blocks stay held (later writes
-to them wait), and it is applied in place only after group commit has made its
-backup and log entry durable (`_apply_staged`), then its slots are cleared. So no
+`staged` (block -> StagedWrite, so reads see it). Its blocks stay held (a later
+write that needs a backup waits), and it is applied in place only after group
+commit has made its backup and log entry durable (`_apply_staged`), then its slots
+are cleared. A later write to blocks still staged needs no backup of its own (the
+staged write's covers them): it replaces the staged data, in the staging file before
+it is acknowledged, and does not wait (`_restage`); the round applies the newest. So no
 overwrite reaches the device before its backup and log entry are durable, and one
 barrier covers every write staged since the last, however many. Flush waits until
 every write acknowledged before it is applied in place, then syncs the device: a
@@ -122,7 +125,7 @@ class StagedWrite:
     """A first write acknowledged before its backup is durable: whole blocks from
     device block `first`, in the staging file from `slot`."""
     first: int
-    data: bytes
+    data: bytes | bytearray  # a bytearray once a later write replaced part of it (`_restage`)
     slot: int
 
     def blocks(self, block_size: int) -> range:
@@ -394,6 +397,12 @@ class StagingFile:
         self.next_slot = slot + n
         return slot
 
+    def rewrite(self, slot: int, data) -> None:
+        """New data (whole blocks) for slots of a staged write, from `slot` (its
+        header stays valid)."""
+        if os.pwrite(self.fd, data, self.data_start + slot * self.block_size) != len(data):
+            raise OSError(errno.ENOSPC, "short write")
+
     def clear(self, slot: int, n: int) -> None:
         """The staged write is in place (or was never acknowledged): its slots are free."""
         os.pwrite(self.fd, bytes(self.SLOT_SIZE), 4096 + slot * self.SLOT_SIZE)
@@ -465,6 +474,7 @@ class BowImage(Image):
         self.cbw = CopyBeforeWrite(self, group_commit=group_commit)
         self.staging = staging
         self.staged: dict[int, StagedWrite] = {}    # device block -> its staged write, not yet in place
+        self.restaged = 0                           # writes that replaced staged data (`_restage`)
         self.committing: trio.Event | None = None    # a commit is due or waits for staged writes: set when done
         self.commit_running = False
         self.commits_when_low = False               # `_commit_when_low` runs
@@ -704,6 +714,8 @@ class BowImage(Image):
                 # working on these blocks; no await between this check and the write.
                 self.device.pwrite(data, offset)
                 return
+        if self.staged and self._restage(offset, data, first, end):
+            return
         merged = []
 
         def read_edges():
@@ -717,6 +729,51 @@ class BowImage(Image):
                                     stage=stage if self.staging is not None else None) as staged:
             if not staged:
                 self._overwrite(*merged[0])
+
+    def _restage(self, offset: int, data, first: int, end: int) -> bool:
+        """Sync. A write whose blocks are all staged, or changed and not held, needs
+        no backup (a staged write's round already backs up what its blocks held at
+        the checkpoint): its data replaces the staged data, in the staging file
+        first, and blocks not staged are written in place, without waiting for the
+        staged write's round. False (nothing changed) if a block needs more, or the
+        staging file could not be written: then the write takes the usual path."""
+        if not any(block in self.staged for block in range(first, end)):
+            return False  # a first write, most likely
+        runs: list[list] = []  # [first, end, its StagedWrite or None]
+        for block in range(first, end):
+            staged = self.staged.get(block)
+            if runs and runs[-1][2] is staged:
+                runs[-1][1] = block + 1
+            else:
+                runs.append([block, block + 1, staged])
+        for s, e, staged in runs:
+            if staged is None and (self.cbw.is_held(s, e) or
+                                   any(kind != CHANGED for _, _, kind in self.blocks.segments(s, e))):
+                return False
+        bs = self.block_size
+        where, whole = self._merged(offset, data)  # the edges from the view: staged data included
+        pieces = memoryview(whole)
+        try:
+            for s, e, staged in runs:
+                if staged is not None:
+                    # Ordering: in the staging file before the write is acknowledged, so a
+                    # kill -9 replays the newest data (a kill during it leaves a mix of
+                    # old and new blocks, of a write never acknowledged).
+                    self.staging.rewrite(staged.slot + s - staged.first, pieces[(s - first) * bs:(e - first) * bs])
+        except OSError as exc:
+            log.warning("%s: cannot rewrite a staged write (%s); the write waits for its backup",
+                        self.name, exc.strerror)
+            return False
+        for s, e, staged in runs:
+            piece = pieces[(s - first) * bs:(e - first) * bs]
+            if staged is None:
+                self.device.pwrite(piece, s * bs)
+            else:
+                if not isinstance(staged.data, bytearray):
+                    staged.data = bytearray(staged.data)
+                staged.data[(s - staged.first) * bs:(e - staged.first) * bs] = piece
+        self.restaged += 1
+        return True
 
     def _overwrite(self, where: int, whole) -> None:
         """The in-place write of whole blocks, their backups durable (or none needed)."""
@@ -736,7 +793,7 @@ class BowImage(Image):
         slot = self.staging.put(first, whole)
         if slot is None:
             return None
-        staged = StagedWrite(first, bytes(whole), slot)
+        staged = StagedWrite(first, bytes(whole), slot)  # no copy of the request's own bytes
         for block in staged.blocks(bs):
             self.staged[block] = staged
         return lambda error: self._apply_staged(staged, error)
@@ -925,21 +982,32 @@ class BowImage(Image):
     def recorded(self, copies: list[BowCopy]) -> None:
         """Sync. The log entries are durable: sources may be overwritten now. The
         journal hears of it only now, after the log (see `_apply_unjournaled_entries`)."""
+        backups: list[list] = []  # runs of destinations now holding backups: [start, end, holds]
         for copy in copies:
-            self.cbw.release(copy.dest, copy.dest + copy.blocks, copy.hold)
             if self.state != CHECKPOINT:  # committed meanwhile
+                self.cbw.release(copy.dest, copy.dest + copy.blocks, copy.hold)
                 self._assign(copy.dest, copy.dest + copy.blocks, FREE)
                 self._punch(copy.dest, copy.dest + copy.blocks)
                 continue
             if copy.kind == "sector0":
+                self.cbw.release(copy.dest, copy.dest + 1, copy.hold)
                 self._assign(copy.source, copy.source + 1, CHANGED)
                 self._assign(copy.dest, copy.dest + 1, SECTOR0)
                 self.sector0_block = copy.dest
                 self.journal.add(MapJournal.STATE, STATE_CODES[CHECKPOINT], copy.dest, self.block0_backup)
+                continue
+            if copy.kind == "data":
+                self._assign(copy.source, copy.source + copy.blocks, CHANGED)
+            # Destinations are handed out next-fit, so a round's are mostly one run:
+            # one map change for all of them.
+            if backups and backups[-1][1] == copy.dest:
+                backups[-1][1] += copy.blocks
+                backups[-1][2].append(copy.hold)
             else:
-                if copy.kind == "data":
-                    self._assign(copy.source, copy.source + copy.blocks, CHANGED)
-                self._assign(copy.dest, copy.dest + copy.blocks, BACKUP)
+                backups.append([copy.dest, copy.dest + copy.blocks, [copy.hold]])
+        for start, end, holds in backups:
+            self.cbw.release(start, end, *holds)
+            self._assign(start, end, BACKUP)
         if self.log is not None:
             self.journal.add(MapJournal.LOGPOS, 0, self.log.sequence, len(self.log.entries))
         self.journal.write_out()
@@ -1222,7 +1290,8 @@ class BowImage(Image):
                 "warning": "low-space" if low else "", "low_space": low,
                 "low_space_threshold": self.low_space, "block_size": self.block_size,
                 "device": self.device.path, "map": self.journal.path, "error": self.error,
-                "staged": self.cbw.staged_count, "staged_now": len(self.cbw.unfinished), **self.cbw.status()}
+                "staged": self.cbw.staged_count, "staged_now": len(self.cbw.unfinished),
+                "restaged": self.restaged, **self.cbw.status()}
 
     # -- live upgrade ------------------------------------------------------------------
 
