@@ -123,7 +123,10 @@ _PIECE = 4096   # input piece size when a zstd frame does not state its content 
 
 IDENT_MAGIC = b"fsnapid\0"
 IDENT_VERSION = 1                 # the trailer of a version 0 diff
-IDENT_VERSION_REFERENCING = 2     # of a version 1 diff: reference hashes added
+IDENT_VERSION_REFERENCING = 2     # of a version 1 diff: reference hashes added (still read)
+IDENT_VERSION_CHUNK_OLD = 3       # of a version 1 diff: old hashes per chunk, not per block
+IDENT_VERSIONS = {VERSION: (IDENT_VERSION,),                    # diff version: trailers
+                  VERSION_REFERENCING: (IDENT_VERSION_CHUNK_OLD, IDENT_VERSION_REFERENCING)}
 BLOCK_HASH_SIZE = 8
 CHUNK_HASH_SIZE = 16
 _IDENT = struct.Struct("<8sIIQQQQII8x32s")
@@ -180,9 +183,11 @@ def hash_chunk(data) -> bytes:
 @dataclasses.dataclass(frozen=True)
 class Identification:
     """What a diff applies to: OLD's and NEW's sizes, a hash of every chunk's new
-    contents (`chunk_hashes`, CHUNK_HASH_SIZE bytes each, in chunk order) and of every
-    changed block's old contents (BLOCK_HASH_SIZE bytes each, in directory order; they
-    stay in the file, read with `DiffFile.old_block_hashes`, at `block_hashes_offset`)."""
+    contents (`chunk_hashes`, CHUNK_HASH_SIZE bytes each, in chunk order) and of its
+    blocks' old contents: per changed block in trailer versions 1 and 2
+    (BLOCK_HASH_SIZE bytes each, in directory order; they stay in the file, read with
+    `DiffFile.old_block_hashes`, at `block_hashes_offset`), per chunk in version 3
+    (`old_chunk_hashes`)."""
 
     old_size: int
     new_size: int
@@ -191,31 +196,39 @@ class Identification:
     block_hashes_offset: int = 0
     # version 1 diffs: per chunk, the hash of the OLD data it references (its dictionary)
     reference_hashes: bytes = b""
-    referencing: bool = False   # of a version 1 diff (which may have no chunks)
+    version: int = IDENT_VERSION
+    # trailer version 3: per chunk, the hash of its blocks' OLD contents
+    old_chunk_hashes: bytes = b""
 
     @property
-    def version(self) -> int:
-        return (IDENT_VERSION_REFERENCING if self.referencing or self.reference_hashes
-                else IDENT_VERSION)
+    def block_hash_size(self) -> int:
+        """Bytes per changed block of old-contents hash: 0 in version 3 (none)."""
+        return 0 if self.version == IDENT_VERSION_CHUNK_OLD else BLOCK_HASH_SIZE
 
     @property
     def n_chunks(self) -> int:
         return len(self.chunk_hashes) // CHUNK_HASH_SIZE
 
     def chunk_hash(self, chunk_index: int) -> bytes:
-        return self.chunk_hashes[chunk_index * CHUNK_HASH_SIZE:(chunk_index + 1) * CHUNK_HASH_SIZE]
+        return _nth(self.chunk_hashes, chunk_index)
 
     def reference_hash(self, chunk_index: int) -> bytes:
-        return self.reference_hashes[chunk_index * CHUNK_HASH_SIZE:(chunk_index + 1) * CHUNK_HASH_SIZE]
+        return _nth(self.reference_hashes, chunk_index)
+
+    def old_chunk_hash(self, chunk_index: int) -> bytes:
+        """Version 3: `hash_chunk` of the OLD contents of the chunk's blocks, in
+        directory order."""
+        return _nth(self.old_chunk_hashes, chunk_index)
 
     def _header(self, checksum: bytes) -> bytes:
         return _IDENT.pack(IDENT_MAGIC, self.version, IDENT_HEADER_SIZE, self.old_size,
-                           self.new_size, self.n_blocks, self.n_chunks, BLOCK_HASH_SIZE,
+                           self.new_size, self.n_blocks, self.n_chunks, self.block_hash_size,
                            CHUNK_HASH_SIZE, checksum)
 
     def pack_trailer_head(self) -> bytes:
-        """The trailer without its old block hashes (which follow it)."""
-        hashes = self.chunk_hashes + self.reference_hashes
+        """The trailer without its old block hashes (which follow it in versions 1
+        and 2; version 3 has none: this is the whole trailer)."""
+        hashes = self.chunk_hashes + self.reference_hashes + self.old_chunk_hashes
         checksum = hashlib.sha256(self._header(bytes(32)) + hashes).digest()
         return self._header(checksum) + hashes
 
@@ -224,7 +237,7 @@ class Identification:
                      diff_version: int = VERSION) -> Identification | None:
         """The trailer at byte `at` of the diff; None if there is none (the diff was
         made by another tool). DiffFormatError if one starts there but is damaged, or
-        is not the version that goes with `diff_version`."""
+        is not a version that goes with `diff_version`."""
         head = os.pread(fd, IDENT_HEADER_SIZE, at)
         if not head or not IDENT_MAGIC.startswith(head[:len(IDENT_MAGIC)]):
             return None   # no trailer: nothing, or bytes that are not ours
@@ -237,28 +250,35 @@ class Identification:
                                 f"{IDENT_HEADER_SIZE} header bytes", file_size, at + IDENT_HEADER_SIZE)
         (_, version, header_size, old_size, new_size, t_blocks, t_chunks, block_hash_size,
          chunk_hash_size, _) = _IDENT.unpack(head)
-        expected = IDENT_VERSION_REFERENCING if diff_version == VERSION_REFERENCING else IDENT_VERSION
-        if (version, header_size, block_hash_size, chunk_hash_size) != (
-                expected, IDENT_HEADER_SIZE, BLOCK_HASH_SIZE, CHUNK_HASH_SIZE):
+        expected = IDENT_VERSIONS[diff_version]
+        if (version not in expected or (header_size, block_hash_size, chunk_hash_size) != (
+                IDENT_HEADER_SIZE, 0 if version == IDENT_VERSION_CHUNK_OLD else BLOCK_HASH_SIZE,
+                CHUNK_HASH_SIZE)):
             raise fail(f"unknown version {version} (header {header_size} bytes, hashes "
-                       f"{block_hash_size}/{chunk_hash_size}), expected {expected} for a "
-                       f"version {diff_version} diff")
-        n_hashed = n_chunks * (2 if version == IDENT_VERSION_REFERENCING else 1)
+                       f"{block_hash_size}/{chunk_hash_size}), expected "
+                       f"{' or '.join(map(str, expected))} for a version {diff_version} diff")
+        n_hashed = n_chunks * {IDENT_VERSION: 1, IDENT_VERSION_REFERENCING: 2,
+                               IDENT_VERSION_CHUNK_OLD: 3}[version]
         if (t_blocks, t_chunks) != (n_blocks, n_chunks):
             raise fail(f"describes {t_blocks} blocks in {t_chunks} chunks, the directory "
                        f"has {n_blocks} in {n_chunks}")
         hashes_at = at + IDENT_HEADER_SIZE
-        end = hashes_at + n_hashed * CHUNK_HASH_SIZE + n_blocks * BLOCK_HASH_SIZE
+        end = hashes_at + n_hashed * CHUNK_HASH_SIZE + n_blocks * block_hash_size
         if end > file_size:
             raise TruncatedDiff(f"identification trailer at {at}: truncated, the file ends at "
                                 f"{file_size}, the trailer at {end}", file_size, end)
         hashes = os.pread(fd, n_hashed * CHUNK_HASH_SIZE, hashes_at)
         split = n_chunks * CHUNK_HASH_SIZE
         ident = cls(old_size, new_size, n_blocks, hashes[:split], hashes_at + len(hashes),
-                    hashes[split:], referencing=version == IDENT_VERSION_REFERENCING)
+                    hashes[split:2 * split], version, hashes[2 * split:])
         if ident.pack_trailer_head()[:IDENT_HEADER_SIZE] != head:
             raise fail("checksum mismatch")
         return ident
+
+
+def _nth(hashes: bytes, index: int) -> bytes:
+    """The index-th of a run of chunk-sized hashes."""
+    return hashes[index * CHUNK_HASH_SIZE:(index + 1) * CHUNK_HASH_SIZE]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -701,7 +721,8 @@ class DiffFile:
 
     def old_block_hashes(self, chunk_index: int) -> bytes:
         """The old-contents hashes of a chunk's blocks (BLOCK_HASH_SIZE bytes each, in
-        directory order). Only for an identified diff. Blocking."""
+        directory order). Only for a diff whose trailer has them (versions 1 and 2).
+        Blocking."""
         return self.entries_old_block_hashes(*self.entry_range_of_chunk(chunk_index))
 
     def entries_old_block_hashes(self, first: int, end: int) -> bytes:
