@@ -252,3 +252,81 @@ def test_a_lost_state_directory_after_a_partial_merge_is_refused(pair, mount, tm
     (line,) = result.stderr.strip().splitlines()
     assert "cannot merge" in line and "scratch copy" in line and "lost" in line
     assert open(device, "rb").read() == before
+
+
+# ---- old hashes per chunk (trailer version 3), and diffs with per-block ones (version 2) ----
+
+def crashed_inside_a_chunk(pair, mount, tmp_path, *, bad_block: bool = False) -> list:
+    """A merge that stopped with the chunk after the saved progress half written (as a
+    power cut leaves writeback: some of its blocks new, the others old); with
+    `bad_block`, one of its old blocks then changed behind the merge's back. Returns
+    the mount arguments."""
+    _, new, device, diff = pair
+    merged_chunks, args = half_merged(pair, mount, tmp_path)
+    with DiffFile.open(diff) as d:
+        blocks = [dest + i for dest, n, _ in d.chunk_runs(merged_chunks) for i in range(n)]
+    assert len(blocks) >= 4
+    with open(device, "r+b") as f:
+        for block in blocks[::2]:
+            f.seek(block * BS)
+            f.write(new[block * BS:(block + 1) * BS])
+        if bad_block:
+            f.seek(blocks[1] * BS + 10)
+            f.write(b"not old")
+    return args
+
+
+def test_a_crash_in_the_middle_of_a_chunk_resumes_by_the_recorded_old_hashes(pair, mount,
+                                                                              tmp_path):
+    _, new, device, diff = pair
+    args = crashed_inside_a_chunk(pair, mount, tmp_path)
+    (record,) = (tmp_path / "state" / "update").glob("*.oldhashes")
+    with DiffFile.open(diff) as d:
+        assert d.identification.version == 3, "no per-block hashes in the diff"
+        assert record.stat().st_size == 24 + 9 * d.total_blocks + 16
+    # Without the record the chunk's old blocks cannot be told old: refused, not guessed.
+    record.rename(tmp_path / "record")
+    (tmp_path / "refused").mkdir()
+    result = fusesnap("mount", tmp_path / "refused", *args, check=False)
+    assert result.returncode == 2 and "as far as can be told" in result.stderr, result.stderr
+    (tmp_path / "record").rename(record)
+    m = mount(*args)
+    assert open(m / "system.img", "rb").read() == new
+    fusesnap("update", "wait", m.mountpoint)
+    assert open(device, "rb").read() == new
+
+
+@pytest.mark.parametrize("device_holds", ["a bad block in a half-merged chunk", "random data"])
+def test_a_wrong_device_is_refused_untouched(pair, mount, tmp_path, device_holds):
+    _, _, device, diff = pair
+    if device_holds == "random data":
+        args = ["--state-dir", tmp_path / "state", "--system", device, "--diff", diff]
+        write(device, os.urandom(os.path.getsize(device)))
+    else:
+        args = crashed_inside_a_chunk(pair, mount, tmp_path, bad_block=True)
+    before = open(device, "rb").read()
+    (tmp_path / "refused").mkdir()
+    result = fusesnap("mount", tmp_path / "refused", *args, check=False)
+    assert result.returncode == 2, result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert "holds neither its old nor its new contents" in line and "nothing was written" in line
+    assert open(device, "rb").read() == before
+
+
+def test_a_v1_diff_with_a_version_2_trailer_merges_across_a_kill_9(pair, mount, tmp_path):
+    """Diffs written before trailer version 3 carry every block's old hash: the merge
+    uses those and records none."""
+    from test_diff_v1 import with_trailer_version_2
+    old, new, device, diff = pair
+    v2 = with_trailer_version_2(diff, old, tmp_path / "v2-trailer.diff")
+    state = tmp_path / "state"
+    args = ("--state-dir", state, "--system", device, "--diff", v2)
+    m = mount(*args, "--merge-rate", "0.5")
+    wait_for(lambda: m.status()["system.img"]["merged"] > 0, timeout=60)
+    m.kill_server()
+    fusesnap("umount", m.mountpoint)
+    m = mount(*args)
+    assert open(m / "system.img", "rb").read() == new
+    fusesnap("update", "wait", m.mountpoint)
+    assert open(device, "rb").read() == new
+    assert not list((state / "update").glob("*.oldhashes"))
