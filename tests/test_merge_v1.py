@@ -13,10 +13,12 @@ import shutil
 import threading
 
 import pytest
+import xxhash
 
 from fusesnap.diffing import build_diff
 from fusesnap.formats.update_diff import DiffFile
 from fusesnap.merge_scratch import ScratchCopy
+from fusesnap.old_hashes import OldBlockHashes
 from harness import fusesnap, loop_device
 from test_diff_v1 import upgraded_in_place
 from test_update_format import write
@@ -330,3 +332,17 @@ def test_a_v1_diff_with_a_version_2_trailer_merges_across_a_kill_9(pair, mount, 
     fusesnap("update", "wait", m.mountpoint)
     assert open(device, "rb").read() == new
     assert not list((state / "update").glob("*.oldhashes"))
+
+
+def test_without_the_source_check_the_first_merge_still_records_the_old_hashes(pair, mount,
+                                                                               tmp_path):
+    old, new, device, diff = pair
+    state = tmp_path / "state"
+    m = mount("--state-dir", state, "--system", device, "--diff", diff, "--no-verify-source")
+    fusesnap("update", "wait", m.mountpoint)
+    assert open(device, "rb").read() == new
+    (record,) = (state / "update").glob("*.oldhashes")
+    with DiffFile.open(diff) as d:
+        recorded = OldBlockHashes.load(str(record), d).of_entries(0, d.total_blocks)
+        assert recorded == b"".join(xxhash.xxh3_64_digest(old[d.entry(i)[0] * BS:][:BS])
+                                    for i in range(d.total_blocks))
