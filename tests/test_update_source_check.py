@@ -168,7 +168,8 @@ def test_v1_a_half_merged_chunk_without_recorded_hashes_is_refused(tmp_path, upd
     old, new, diff, changed, _ = update_v1
     with DiffFile.open(diff) as d:
         nothing_known = OldBlockHashes.load(str(tmp_path / "none"), d)
-    with pytest.raises(UserError, match=f"block {changed[9]} .*as far as can be told"):
+    with pytest.raises(UserError, match=f"chunk 2 \\(from block {changed[8]}\\) holds neither "
+                       f".*block {changed[9]} is not new.*no merge recorded"):
         check_v1(tmp_path, mixed(old, new, changed[:9]), diff, nothing_known)
 
 

@@ -286,9 +286,6 @@ def check_source(diff: DiffFile, device: BlockDevice, read_old=None,
             new_data = None
             unknown = (" (nor can its new contents be made: the OLD data its chunk is "
                        "compressed against is gone too, with a scratch copy if a merge had one)")
-        if old_block_hashes is None:
-            unknown += (" as far as can be told: its chunk is not wholly old, and no merge "
-                        "recorded its blocks' old hashes in the state directory")
         block_index = 0
         for dest, n_blocks, first_offset in runs:
             for i in range(n_blocks):
@@ -297,13 +294,20 @@ def check_source(diff: DiffFile, device: BlockDevice, read_old=None,
                             if old_block_hashes is not None else None)
                 block_index += 1
                 new_at = (first_offset + i) * bs
-                if hash_block(block) != old_hash and (new_data is None
-                                                      or block != new_data[new_at:new_at + bs]):
-                    raise UserError(
-                        f"{device.path} is not what {diff.path} updates: block {dest + i} "
-                        f"(byte {(dest + i) * bs}) holds neither its old nor its new "
-                        f"contents{unknown}; nothing was written (--no-verify-source skips "
-                        "this check)")
+                if hash_block(block) == old_hash or (new_data is not None
+                                                     and block == new_data[new_at:new_at + bs]):
+                    continue
+                if old_block_hashes is None:   # only the chunk's blocks together are known
+                    what = (f"chunk {chunk_index} (from block {runs[0][0]}) holds neither its "
+                            f"old contents (the diff hashes them together) nor its new ones "
+                            f"(block {dest + i} is not new){unknown}; no merge recorded its "
+                            "blocks' old hashes one by one, which would tell a half-merged "
+                            "chunk's blocks apart")
+                else:
+                    what = (f"block {dest + i} (byte {(dest + i) * bs}) holds neither its old "
+                            f"nor its new contents{unknown}")
+                raise UserError(f"{device.path} is not what {diff.path} updates: {what}; "
+                                "nothing was written (--no-verify-source skips this check)")
     return leading_new
 
 
