@@ -34,15 +34,12 @@ reading only, by the scratch copy's worker threads.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 import struct
-import tempfile
 
 import xxhash
 
-from .devices import fsync_directory
+from .devices import replace_durably
 from .formats.update_diff import BLOCK_HASH_SIZE, DiffFile
 
 log = logging.getLogger(__name__)
@@ -119,20 +116,7 @@ class OldBlockHashes:
         (then the file is as it was)."""
         if self.path is None or not self.dirty:
             return
-        directory = os.path.dirname(self.path)
         body = _HEADER.pack(MAGIC, VERSION, 0, self.n_blocks) + self.known + self.hashes
-        fd, temp = tempfile.mkstemp(dir=directory, prefix=".oldhashes.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(body + xxhash.xxh3_128_digest(body))
-                f.flush()
-                os.fsync(f.fileno())
-            # Order: the new version is durable before it takes the name, and the
-            # rename (directory fsync) before the merge writes the device.
-            os.rename(temp, self.path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(temp)
-            raise
-        fsync_directory(directory)
+        # Before the merge writes the device (the caller's order).
+        replace_durably(self.path, body + xxhash.xxh3_128_digest(body))
         self.dirty = False

@@ -20,7 +20,7 @@ from fusesnap.formats.update_diff import DiffFile
 from fusesnap.merge_scratch import ScratchCopy
 from fusesnap.old_hashes import OldBlockHashes
 from harness import fusesnap, loop_device
-from test_diff_v1 import upgraded_in_place
+from test_diff_v1 import upgraded_in_place, with_trailer_version_2
 from test_update_format import write
 from test_update_image import small_tmpfs, wait_for
 
@@ -112,10 +112,15 @@ def test_a_v1_diff_merges_through_a_loop_device_reading_as_new_throughout(pair, 
     assert scratch_files(state) == [], "a mount of a merged device makes no scratch copy"
 
 
-@pytest.mark.parametrize("killed", ["while copying the scratch", "while merging"])
+@pytest.mark.parametrize("killed", ["while copying the scratch", "while merging",
+                                    "while merging a diff with a version 2 trailer"])
 def test_kill_9_then_remount_reads_new_and_finishes(pair, mount, tmp_path, killed):
-    _, new, device, diff = pair
+    """A diff written before trailer version 3 carries every block's old hash: its
+    merge uses those and records none."""
+    old, new, device, diff = pair
     state = tmp_path / "state"
+    if "version 2" in killed:
+        diff = with_trailer_version_2(diff, old, tmp_path / "v2-trailer.diff")
     args = ("--state-dir", state, "--system", device, "--diff", diff)
     m = mount(*args, "--merge-rate", "0.5")
     if killed == "while copying the scratch":
@@ -132,6 +137,7 @@ def test_kill_9_then_remount_reads_new_and_finishes(pair, mount, tmp_path, kille
     assert open(m / "system.img", "rb").read() == new
     assert open(device, "rb").read() == new
     assert scratch_files(state) == []
+    assert len(list((state / "update").glob("*.oldhashes"))) == ("version 2" not in killed)
 
 
 def half_merged(pair, mount, tmp_path) -> tuple[int, list]:
@@ -313,25 +319,6 @@ def test_a_wrong_device_is_refused_untouched(pair, mount, tmp_path, device_holds
     (line,) = result.stderr.strip().splitlines()
     assert "holds neither its old" in line and "nothing was written" in line
     assert open(device, "rb").read() == before
-
-
-def test_a_v1_diff_with_a_version_2_trailer_merges_across_a_kill_9(pair, mount, tmp_path):
-    """Diffs written before trailer version 3 carry every block's old hash: the merge
-    uses those and records none."""
-    from test_diff_v1 import with_trailer_version_2
-    old, new, device, diff = pair
-    v2 = with_trailer_version_2(diff, old, tmp_path / "v2-trailer.diff")
-    state = tmp_path / "state"
-    args = ("--state-dir", state, "--system", device, "--diff", v2)
-    m = mount(*args, "--merge-rate", "0.5")
-    wait_for(lambda: m.status()["system.img"]["merged"] > 0, timeout=60)
-    m.kill_server()
-    fusesnap("umount", m.mountpoint)
-    m = mount(*args)
-    assert open(m / "system.img", "rb").read() == new
-    fusesnap("update", "wait", m.mountpoint)
-    assert open(device, "rb").read() == new
-    assert not list((state / "update").glob("*.oldhashes"))
 
 
 def test_without_the_source_check_the_first_merge_still_records_the_old_hashes(pair, mount,

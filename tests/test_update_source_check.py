@@ -14,6 +14,7 @@ from fusesnap.errors import UserError
 from fusesnap.formats.update_diff import DiffFile
 from fusesnap.images.update import check_source
 from fusesnap.old_hashes import OldBlockHashes
+from test_diff_v1 import upgraded_in_place, with_trailer_version_2
 
 BS = 4096
 CHUNK_BLOCKS = 4
@@ -101,7 +102,6 @@ def test_a_random_device_is_refused_at_its_first_changed_block(tmp_path, update)
 def update_v1(tmp_path):
     """(old, new, v1 diff path, changed blocks, the v1 diff with a version 2 trailer):
     an in-place upgrade of 256 blocks, chunks of 4 blocks."""
-    from test_diff_v1 import upgraded_in_place, with_trailer_version_2
     old, new = upgraded_in_place(random.Random(7), 256)
     (tmp_path / "old").write_bytes(old)
     (tmp_path / "new").write_bytes(new)

@@ -47,14 +47,12 @@ from __future__ import annotations
 
 import argparse
 import collections
-import contextlib
 import errno
 import glob
 import json
 import logging
 import os
 import stat
-import tempfile
 import time
 from typing import TYPE_CHECKING
 
@@ -62,7 +60,7 @@ import trio
 
 from .. import arguments
 from ..control import read_status, require_image, send_command
-from ..devices import BlockDevice, fsync_directory
+from ..devices import BlockDevice, replace_durably
 from ..diffing import open_diff
 from ..errors import EXIT_FAILED, EXIT_USAGE, UserError
 from ..formats.update_diff import (BLOCK_HASH_SIZE, VERSION_REFERENCING, DiffFile,
@@ -209,22 +207,9 @@ class MergeProgress:
     def save(self, merged_chunks: int) -> None:
         """Blocking. The caller has fsync'ed the device first."""
         os.makedirs(self.directory, exist_ok=True)
-        fd, temp = tempfile.mkstemp(dir=self.directory, prefix=".progress.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump({"identity": self.identity, **self.names,
-                           "merged_chunks": merged_chunks,
-                           "scratch_complete": self.scratch_complete}, f)
-                f.flush()
-                os.fsync(f.fileno())
-            # Order: the new version is durable before it takes the name, and the
-            # rename is durable (directory fsync) before we count on it.
-            os.rename(temp, self.path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(temp)
-            raise
-        fsync_directory(self.directory)
+        replace_durably(self.path, json.dumps({"identity": self.identity, **self.names,
+                                               "merged_chunks": merged_chunks,
+                                               "scratch_complete": self.scratch_complete}).encode())
 
 
 def check_source(diff: DiffFile, device: BlockDevice, read_old=None,
