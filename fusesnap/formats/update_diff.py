@@ -277,25 +277,28 @@ class Identification:
         def fail(detail: str) -> DiffFormatError:
             return DiffFormatError(f"identification trailer at {at}: {detail}")
 
+        expected = IDENT_VERSIONS[diff_version]
         if len(head) < IDENT_HEADER_SIZE:
+            # Where the trailer should end, if its version can still be read.
+            version = int.from_bytes(head[8:12], "little") if len(head) >= 12 else None
+            end = at + (_trailer_size(version, n_blocks, n_chunks) if version in expected
+                        else IDENT_HEADER_SIZE)
             raise TruncatedDiff(f"identification trailer at {at}: truncated, {len(head)} of "
-                                f"{IDENT_HEADER_SIZE} header bytes", file_size, at + IDENT_HEADER_SIZE)
+                                f"{IDENT_HEADER_SIZE} header bytes", file_size, end)
         (_, version, header_size, old_size, new_size, t_blocks, t_chunks, block_hash_size,
          chunk_hash_size, _) = _IDENT.unpack(head)
-        expected = IDENT_VERSIONS[diff_version]
         if (version not in expected or (header_size, block_hash_size, chunk_hash_size) != (
                 IDENT_HEADER_SIZE, 0 if version == IDENT_VERSION_CHUNK_OLD else BLOCK_HASH_SIZE,
                 CHUNK_HASH_SIZE)):
             raise fail(f"unknown version {version} (header {header_size} bytes, hashes "
                        f"{block_hash_size}/{chunk_hash_size}), expected "
                        f"{' or '.join(map(str, expected))} for a version {diff_version} diff")
-        n_hashed = n_chunks * {IDENT_VERSION: 1, IDENT_VERSION_REFERENCING: 2,
-                               IDENT_VERSION_CHUNK_OLD: 3}[version]
         if (t_blocks, t_chunks) != (n_blocks, n_chunks):
             raise fail(f"describes {t_blocks} blocks in {t_chunks} chunks, the directory "
                        f"has {n_blocks} in {n_chunks}")
+        n_hashed = n_chunks * _CHUNK_HASHES_PER_CHUNK[version]
         hashes_at = at + IDENT_HEADER_SIZE
-        end = hashes_at + n_hashed * CHUNK_HASH_SIZE + n_blocks * block_hash_size
+        end = at + _trailer_size(version, n_blocks, n_chunks)
         if end > file_size:
             raise TruncatedDiff(f"identification trailer at {at}: truncated, the file ends at "
                                 f"{file_size}, the trailer at {end}", file_size, end)
@@ -306,6 +309,16 @@ class Identification:
         if ident.pack_trailer_head()[:IDENT_HEADER_SIZE] != head:
             raise fail("checksum mismatch")
         return ident
+
+
+_CHUNK_HASHES_PER_CHUNK = {IDENT_VERSION: 1, IDENT_VERSION_REFERENCING: 2, IDENT_VERSION_CHUNK_OLD: 3}
+
+
+def _trailer_size(version: int, n_blocks: int, n_chunks: int) -> int:
+    """Bytes of an identification trailer of this version, header included."""
+    block_hash_size = 0 if version == IDENT_VERSION_CHUNK_OLD else BLOCK_HASH_SIZE
+    return (IDENT_HEADER_SIZE + n_chunks * _CHUNK_HASHES_PER_CHUNK[version] * CHUNK_HASH_SIZE
+            + n_blocks * block_hash_size)
 
 
 def _nth(hashes: bytes, index: int) -> bytes:

@@ -19,7 +19,9 @@ which never touches `pending`. `pending` changes only in `_merged()`, with no aw
 Before the first write (`resume_point`): the diff must fit the device (no smaller
 than NEW), and the source check (`check_source`) proves that every block the diff
 changes holds its old or its new contents, against the hashes of the diff's
-identification trailer; a device that fails is refused untouched. The check also
+identification trailer (for a v1 diff whose trailer hashes OLD per chunk, also
+against the per-block old hashes its merge records before its first write:
+fusesnap.old_hashes); a device that fails is refused untouched. The check also
 says where to resume: merging is idempotent (a block's new data is the same
 whenever it is written, and until a chunk is merged its blocks are read from the
 diff, never from the device), so once every block is old or new, merging from any
@@ -284,10 +286,10 @@ def check_source(diff: DiffFile, device: BlockDevice, read_old=None,
                     continue
                 if old_block_hashes is None:   # only the chunk's blocks together are known
                     what = (f"chunk {chunk_index} (from block {runs[0][0]}) holds neither its "
-                            f"old contents (the diff hashes them together) nor its new ones "
-                            f"(block {dest + i} is not new){unknown}; no merge recorded its "
-                            "blocks' old hashes one by one, which would tell a half-merged "
-                            "chunk's blocks apart")
+                            f"old nor its new contents{unknown}: block {dest + i} is not new, "
+                            "and the diff hashes the chunk's old contents together (no merge "
+                            "recorded them block by block, which would tell a half-merged "
+                            "chunk's blocks apart)")
                 else:
                     what = (f"block {dest + i} (byte {(dest + i) * bs}) holds neither its old "
                             f"nor its new contents{unknown}")
