@@ -9,6 +9,7 @@ when the data is expected in the page cache and from worker threads otherwise.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import errno
@@ -17,6 +18,7 @@ import logging
 import os
 import stat
 import struct
+import tempfile
 
 from .errors import UserError
 
@@ -30,6 +32,27 @@ def fsync_directory(directory: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def replace_durably(path: str, data: bytes) -> None:
+    """Write `path` whole so that a crash leaves the old version or the new one:
+    write-temp (a name unique to this writer), fsync, rename, fsync-directory. When it
+    returns the new version is durable; OSError leaves the old one."""
+    directory = os.path.dirname(path)
+    fd, temp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        # Order: the new version is durable before it takes the name, and the rename
+        # is durable (directory fsync) before the caller counts on it.
+        os.rename(temp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temp)
+        raise
+    fsync_directory(directory)
 
 BLKGETSIZE64 = 0x80081272
 BLKSSZGET = 0x1268

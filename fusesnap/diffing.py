@@ -7,7 +7,8 @@ blocks (not necessarily contiguous on the device), which a thread pool compresse
 (one ZstdCompressor per thread; zstandard releases the GIL) with a bounded number
 of chunks in flight. Chunks are written in order to a temp file next to DIFF, then
 the directory, the identification trailer (hashes of every chunk's new contents and
-of every changed block's old contents, and both images' sizes), then the superblock; the file is fsynced and renamed over DIFF and
+of its blocks' old contents, per block in v0 and per chunk in v1, and both images'
+sizes), then the superblock; the file is fsynced and renamed over DIFF and
 the directory fsynced. The layout is documented in `fusesnap.formats.update_diff`.
 
 The format code (packing, validation, reading) lives in `fusesnap.formats.update_diff`;
@@ -40,9 +41,9 @@ from fusesnap.arguments import positive_int, whole_number
 from fusesnap.devices import fsync_directory
 from fusesnap.errors import EXIT_FAILED, EXIT_OK, UserError
 from fusesnap.formats.update_diff import (
-    CHUNKS_OFFSET, COMPRESSIONS, ENTRY_SIZE, MAGIC, MAX_CHUNK_BYTES, REFERENCE_FACTOR,
-    SUPERBLOCK_SIZE, VERSION, VERSION_REFERENCING, DiffFile, DiffFormatError, Identification,
-    Superblock, TruncatedDiff, hash_block, hash_chunk, pack_directory, pack_references)
+    CHUNKS_OFFSET, COMPRESSIONS, ENTRY_SIZE, IDENT_VERSION_CHUNK_OLD, MAGIC, MAX_CHUNK_BYTES,
+    REFERENCE_FACTOR, SUPERBLOCK_SIZE, VERSION, VERSION_REFERENCING, DiffFile, DiffFormatError,
+    Identification, Superblock, TruncatedDiff, hash_block, hash_chunk, pack_directory, pack_references)
 
 DEFAULT_BLOCK_SIZE = 4096
 # 512 KiB of decompressed data per chunk (128 blocks of 4 KiB). Whole diff size relative
@@ -209,11 +210,11 @@ class _Compressor:
         return cctx.compress(data)
 
     def _work(self, data: bytes, old: bytes) -> tuple[bytes, ...]:
-        """(compressed chunk, hash of its new contents, hashes of its blocks' old
-        contents[, hash of the reference])."""
-        view, bs = memoryview(old), self._block_size
-        old_hashes = b"".join(hash_block(view[o:o + bs]) for o in range(0, len(old), bs))
+        """(compressed chunk, hash of its new contents, the hashes of its old contents
+        (v0: one per block; v1: one of them all)[, hash of the reference])."""
         if self._references is None:
+            view, bs = memoryview(old), self._block_size
+            old_hashes = b"".join(hash_block(view[o:o + bs]) for o in range(0, len(old), bs))
             return self._compress(data), hash_chunk(data), old_hashes
         runs, reference = self._references(data)
         if reference:
@@ -223,7 +224,7 @@ class _Compressor:
             frame = cctx.compress(data)
         else:
             frame = self._compress(data)
-        return (pack_references(runs) + frame, hash_chunk(data), old_hashes,
+        return (pack_references(runs) + frame, hash_chunk(data), hash_chunk(old),
                 hash_chunk(reference))
 
     def submit(self, data: bytes, old: bytes) -> None:
@@ -557,7 +558,7 @@ class _ChunkWriter:
         self.pos = CHUNKS_OFFSET         # where the next chunk goes
         self.chunk_src = array("Q")
         self.chunk_hashes = bytearray()
-        self.old_block_hashes = bytearray()
+        self.old_hashes = bytearray()         # v0: per block; v1: per chunk
         self.reference_hashes = bytearray()   # version 1 only
         os.lseek(out_fd, CHUNKS_OFFSET, os.SEEK_SET)
 
@@ -566,7 +567,7 @@ class _ChunkWriter:
         _write_all(self.out_fd, data)
         self.pos += len(data)
         self.chunk_hashes.extend(new_hash)
-        self.old_block_hashes.extend(old_hashes)
+        self.old_hashes.extend(old_hashes)
         self.reference_hashes.extend(reference_hash)
 
 
@@ -593,11 +594,17 @@ def _finish_diff(out_fd: int, stats: DiffStats, level: int, dests: array,
                  chunks: _ChunkWriter) -> None:
     """After the chunks: the directory, the identification trailer, then the superblock."""
     pos, chunk_src = chunks.pos, chunks.chunk_src
-    identification = Identification(stats.old_size, stats.new_size, len(dests),
-                                    bytes(chunks.chunk_hashes),
-                                    reference_hashes=bytes(chunks.reference_hashes),
-                                    referencing=stats.version == VERSION_REFERENCING)
-    old_block_hashes = chunks.old_block_hashes
+    if stats.version == VERSION_REFERENCING:
+        identification = Identification(stats.old_size, stats.new_size, len(dests),
+                                        bytes(chunks.chunk_hashes),
+                                        reference_hashes=bytes(chunks.reference_hashes),
+                                        version=IDENT_VERSION_CHUNK_OLD,
+                                        old_chunk_hashes=bytes(chunks.old_hashes))
+        old_block_hashes = b""
+    else:
+        identification = Identification(stats.old_size, stats.new_size, len(dests),
+                                        bytes(chunks.chunk_hashes))
+        old_block_hashes = chunks.old_hashes
     bs = stats.block_size
     cb = stats.chunk_blocks
     new_size = stats.new_size

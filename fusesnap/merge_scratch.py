@@ -4,7 +4,8 @@ A v1 chunk decompresses only with OLD's contents of the blocks it references, an
 most of those are blocks the update changes: the merge overwrites them. So before
 its first write to the device the merge copies the old contents of every changed
 block some chunk references into a scratch file in the state directory, checks each
-against its old-block hash in the diff's identification trailer, and makes the file
+against its block's old hash (a version 2 trailer's, or the record the merge keeps
+of them for a version 3 trailer: fusesnap.old_hashes), and makes the file
 durable (fsync, then fsync of its directory). From then on a chunk's references are
 read from the scratch file where they are changed blocks, and from the device where
 they are not (the merge never writes those), so every chunk can be decompressed at
@@ -19,9 +20,10 @@ what it copies, and each chunk checks its whole dictionary against its reference
 hash when decompressed, so a damaged or lost scratch file is an error, never wrong
 data.
 
-Memory: 17 bytes per slot (block number, hash, validity), at most one slot per
+Memory: 17 bytes per slot (block number, entry index, validity), at most one slot per
 changed block: for a 10 GiB image, 11 MiB with a quarter of its blocks changed, 45 MiB
-with all of them (and, while the slots are found, 9 bytes per changed block more).
+with all of them (and, while the slots are found, 9 bytes per changed block more),
+besides the old hashes' 9 bytes per changed block.
 
 Concurrency: plain blocking code; the update image runs it in worker threads. `valid`
 changes only in `verify` (before the image serves) and `mark_valid` (the image's trio
@@ -38,16 +40,19 @@ import os
 import numpy as np
 
 from .devices import BlockDevice, fsync_directory
-from .formats.update_diff import BLOCK_HASH_SIZE, DiffFile, hash_block
+from .formats.update_diff import DiffFile, hash_block
+from .old_hashes import OldBlockHashes
 
 class ScratchCopy:
     """The scratch file of one v1 diff merging into one device (module docstring)."""
 
     FILL_BATCH = 256      # slots per `fill` call (1 MiB of 4 KiB blocks): a pause point
 
-    def __init__(self, path: str, diff: DiffFile):
-        """Finds the slots: one small read per chunk (its reference header) and one of
-        the old-block hashes. Blocking."""
+    def __init__(self, path: str, diff: DiffFile, old_hashes: OldBlockHashes | None = None):
+        """Finds the slots: one small read per chunk (its reference header). A slot is
+        checked against its block's hash in `old_hashes` (fusesnap.old_hashes); one
+        whose hash is not known (or without `old_hashes`) never holds OLD's contents
+        as far as this copy can tell. Blocking."""
         self.path = path
         self.block_size = diff.block_size
         dests = diff.changed_blocks()
@@ -55,10 +60,9 @@ class ScratchCopy:
         for chunk_index in range(diff.n_chunks):
             for first, count in diff.chunk_references(chunk_index):
                 referenced[bisect.bisect_left(dests, first):bisect.bisect_left(dests, first + count)] = True
-        entries = np.flatnonzero(referenced)
-        self.blocks = np.frombuffer(dests, dtype=np.dtype(f"u{dests.itemsize}"))[entries].astype(np.int64)
-        all_hashes = diff.entries_old_block_hashes(0, len(dests)) if len(dests) else b""
-        self.hashes = np.frombuffer(all_hashes, dtype=np.dtype(f"V{BLOCK_HASH_SIZE}"))[entries]
+        self.entries = np.flatnonzero(referenced)
+        self.blocks = np.frombuffer(dests, dtype=np.dtype(f"u{dests.itemsize}"))[self.entries].astype(np.int64)
+        self.old_hashes = old_hashes
         self.valid = bytearray(len(self.blocks))
         self.n_valid = 0
         self.fd = -1
@@ -75,8 +79,10 @@ class ScratchCopy:
     def complete(self) -> bool:
         return self.n_valid == self.n_slots
 
-    def _hash(self, slot: int) -> bytes:
-        return self.hashes[slot].tobytes()
+    def _holds_old(self, slot: int, block) -> bool:
+        """Does `block` (read for this slot) hold OLD's contents of the slot's block?"""
+        known = self.old_hashes and self.old_hashes.entry_hash(int(self.entries[slot]))
+        return bool(known) and len(block) == self.block_size and hash_block(block) == known
 
     # -- the file -------------------------------------------------------------------
 
@@ -121,7 +127,7 @@ class ScratchCopy:
             data = memoryview(os.pread(fd, (end - first) * bs, first * bs))
             for slot in range(first, end):
                 block = data[(slot - first) * bs:(slot - first + 1) * bs]
-                yield slot, block, len(block) == bs and hash_block(block) == self._hash(slot)
+                yield slot, block, self._holds_old(slot, block)
 
     def adopt(self, other_path: str) -> None:
         """Take the slots not valid yet from another scratch copy of this diff (the
@@ -143,7 +149,7 @@ class ScratchCopy:
             data = memoryview(device.pread((hi - lo) * bs, int(self.blocks[lo]) * bs))
             os.pwrite(self.fd, data, lo * bs)
             for slot in range(lo, hi):
-                good = hash_block(data[(slot - lo) * bs:(slot - lo + 1) * bs]) == self._hash(slot)
+                good = self._holds_old(slot, data[(slot - lo) * bs:(slot - lo + 1) * bs])
                 (filled if good else missing).append(slot)
         return filled, missing
 

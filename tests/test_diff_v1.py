@@ -8,8 +8,10 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import struct
 
 import pytest
+import xxhash
 import zstandard
 
 from fusesnap.diffing import THOROUGH_LEVEL, build_diff, old_reader
@@ -119,6 +121,79 @@ def test_v1_without_its_identification_is_a_bad_diff(tmp_path):
     write(tmp_path / "bare.diff", raw[:end])
     with pytest.raises(DiffFormatError, match="needs its identification trailer"):
         DiffFile.open(tmp_path / "bare.diff")
+
+
+# ---- the identification trailer of a v1 diff ----------------------------------------------
+
+def old_blocks_of_chunk(d: DiffFile, old: bytes, chunk_index: int) -> list[bytes]:
+    first, end = d.entry_range_of_chunk(chunk_index)
+    return [old[d.entry(i)[0] * BS:(d.entry(i)[0] + 1) * BS] for i in range(first, end)]
+
+
+def test_v1_hashes_old_once_per_chunk_in_trailer_version_3(tmp_path):
+    """After the directory: the 96-byte header, then per chunk the hash of its new
+    contents, of its references, and of its blocks' old contents; no per-block hash."""
+    old, new = upgraded_in_place(random.Random(8), 256)
+    o, n = write(tmp_path / "old", old), write(tmp_path / "new", new)
+    build_diff(o, n, tmp_path / "v1.diff", threads=2, chunk_blocks=16, diff_format="v1")
+    raw = (tmp_path / "v1.diff").read_bytes()
+    with DiffFile.open(tmp_path / "v1.diff") as d:
+        at = d.superblock.dir_offset + d.superblock.dir_compressed_size
+        assert d.n_chunks > 2
+        assert len(raw) == at + 96 + 3 * 16 * d.n_chunks
+        magic, version, header_size, *_, block_hash_size, chunk_hash_size = struct.unpack_from(
+            "<8sIIQQQQII", raw, at)
+        assert (magic, version, header_size, block_hash_size, chunk_hash_size) == (
+            b"fsnapid\0", 3, 96, 0, 16)
+        checksum = raw[at + 64:at + 96]
+        assert hashlib.sha256(raw[at:at + 64] + bytes(32) + raw[at + 96:]).digest() == checksum
+        old_chunk_hashes = raw[at + 96 + 32 * d.n_chunks:]
+        for c in range(d.n_chunks):
+            assert old_chunk_hashes[c * 16:(c + 1) * 16] == xxhash.xxh3_128_digest(
+                b"".join(old_blocks_of_chunk(d, old, c)))
+            assert d.identification.old_chunk_hash(c) == old_chunk_hashes[c * 16:(c + 1) * 16]
+    damaged = bytearray(raw)
+    damaged[-1] ^= 1
+    write(tmp_path / "damaged.diff", bytes(damaged))
+    with pytest.raises(DiffFormatError, match="identification trailer.*checksum"):
+        DiffFile.open(tmp_path / "damaged.diff")
+    write(tmp_path / "short.diff", raw[:-1])
+    with pytest.raises(DiffFormatError, match="identification trailer.*truncated"):
+        DiffFile.open(tmp_path / "short.diff")
+
+
+def with_trailer_version_2(diff_path, old: bytes, out_path):
+    """The diff as fusesnap wrote v1 diffs before trailer version 3, written from that
+    format's description: a header of version 2 with 8-byte block hashes, the chunk
+    and reference hashes, then the XXH3-64 of every changed block's old contents."""
+    raw = open(diff_path, "rb").read()
+    with DiffFile.open(diff_path) as d:
+        at = d.superblock.dir_offset + d.superblock.dir_compressed_size
+        ident = d.identification
+        block_hashes = b"".join(xxhash.xxh3_64_digest(block) for c in range(d.n_chunks)
+                                for block in old_blocks_of_chunk(d, old, c))
+        chunk_and_reference = ident.chunk_hashes + ident.reference_hashes
+        n_blocks, n_chunks = d.total_blocks, d.n_chunks
+
+    def header(checksum):
+        return struct.pack("<8sIIQQQQII8x32s", b"fsnapid\0", 2, 96, ident.old_size,
+                           ident.new_size, n_blocks, n_chunks, 8, 16, checksum)
+    checksum = hashlib.sha256(header(bytes(32)) + chunk_and_reference).digest()
+    return write(out_path, raw[:at] + header(checksum) + chunk_and_reference + block_hashes)
+
+
+def test_v1_with_a_version_2_trailer_is_still_read(tmp_path):
+    old, new = upgraded_in_place(random.Random(9), 256)
+    o, n = write(tmp_path / "old", old), write(tmp_path / "new", new)
+    build_diff(o, n, tmp_path / "v1.diff", threads=2, chunk_blocks=16, diff_format="v1")
+    v2 = with_trailer_version_2(tmp_path / "v1.diff", old, tmp_path / "v2-trailer.diff")
+    read_back(v2, o, new)
+    with DiffFile.open(v2) as d, DiffFile.open(tmp_path / "v1.diff") as v3:
+        assert (d.identification.version, v3.identification.version) == (2, 3)
+        assert d.fingerprint() != v3.fingerprint()   # their merges keep apart
+        for c in range(d.n_chunks):
+            assert d.old_block_hashes(c) == b"".join(
+                map(xxhash.xxh3_64_digest, old_blocks_of_chunk(d, old, c)))
 
 
 def test_the_command_line_makes_describes_and_verifies_v1(tmp_path):

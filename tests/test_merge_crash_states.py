@@ -5,7 +5,7 @@ with the device equal to NEW.
 One recording device (tests/crash_states.py) holds both, so their writes and flushes
 are recorded in one order: OLD at its start (the system device is the recording
 itself; the merge never writes past NEW), an ext4 filesystem after it holding the
-state directory (progress and scratch copy), through a loop device. Each state is
+state directory (progress, scratch copy, old hashes), through a loop device. Each state is
 recovered as a mount after the power cut does: ext4 replays its journal, then the
 update image is opened from its arguments (source check, scratch copy checked slot
 by slot), read whole, and merged to the end.
@@ -22,7 +22,9 @@ import trio
 
 from crash_states import crash_states, recording_device
 from fusesnap.diffing import build_diff
+from fusesnap.formats.update_diff import DiffFile
 from fusesnap.images import update
+from fusesnap.old_hashes import OldBlockHashes
 from harness import fusesnap_mount, loop_device, make_ext4, mounted_dir
 from test_diff_v1 import upgraded_in_place
 from test_update_image import wait_for
@@ -54,13 +56,14 @@ def recover(device, diff, state_dir) -> tuple[bytes, bytes]:
 
 def as_the_same_device(directory, device) -> None:
     """Rename the progress and scratch files the recorded run left, named after the
-    recording device, after the rebuilt one: the same device, as after a reboot."""
+    recording device, after the rebuilt one: the same device, as after a reboot. (The
+    record of old hashes is named after the diff alone.)"""
     if not directory.exists():
         return
     with open(device, "rb") as f:
         identity = update.device_identity(argparse.Namespace(fd=f.fileno()))
     for path in directory.iterdir():
-        if path.name.startswith("."):
+        if path.name.startswith(".") or path.suffix == ".oldhashes":
             continue
         fingerprint, recorded, kind = path.name.split(".")
         if kind == "json":
@@ -102,6 +105,12 @@ def test_every_power_cut_state_of_a_v1_merge_recovers_to_new(tmp_path):
                 # durably, that the scratch copy is complete.
                 progress = [json.loads(p.read_text()) for p in (state_dir / "update").glob("*.json")]
                 assert any(p["scratch_complete"] for p in progress), state.description
+                # ... nor before the record of the old blocks' hashes (a half-merged
+                # chunk needs them) is whole.
+                (record,) = (state_dir / "update").glob("*.oldhashes")
+                with DiffFile.open(diff) as d:
+                    assert OldBlockHashes.load(str(record), d).of_entries(
+                        0, d.total_blocks) is not None, state.description
                 merged_into += 1
             as_the_same_device(state_dir / "update", state.path)
             read, device = recover(state.path, diff, state_dir)

@@ -13,12 +13,14 @@ import shutil
 import threading
 
 import pytest
+import xxhash
 
 from fusesnap.diffing import build_diff
 from fusesnap.formats.update_diff import DiffFile
 from fusesnap.merge_scratch import ScratchCopy
+from fusesnap.old_hashes import OldBlockHashes
 from harness import fusesnap, loop_device
-from test_diff_v1 import upgraded_in_place
+from test_diff_v1 import upgraded_in_place, with_trailer_version_2
 from test_update_format import write
 from test_update_image import small_tmpfs, wait_for
 
@@ -110,10 +112,15 @@ def test_a_v1_diff_merges_through_a_loop_device_reading_as_new_throughout(pair, 
     assert scratch_files(state) == [], "a mount of a merged device makes no scratch copy"
 
 
-@pytest.mark.parametrize("killed", ["while copying the scratch", "while merging"])
+@pytest.mark.parametrize("killed", ["while copying the scratch", "while merging",
+                                    "while merging a diff with a version 2 trailer"])
 def test_kill_9_then_remount_reads_new_and_finishes(pair, mount, tmp_path, killed):
-    _, new, device, diff = pair
+    """A diff written before trailer version 3 carries every block's old hash: its
+    merge uses those and records none."""
+    old, new, device, diff = pair
     state = tmp_path / "state"
+    if "version 2" in killed:
+        diff = with_trailer_version_2(diff, old, tmp_path / "v2-trailer.diff")
     args = ("--state-dir", state, "--system", device, "--diff", diff)
     m = mount(*args, "--merge-rate", "0.5")
     if killed == "while copying the scratch":
@@ -130,6 +137,7 @@ def test_kill_9_then_remount_reads_new_and_finishes(pair, mount, tmp_path, kille
     assert open(m / "system.img", "rb").read() == new
     assert open(device, "rb").read() == new
     assert scratch_files(state) == []
+    assert len(list((state / "update").glob("*.oldhashes"))) == ("version 2" not in killed)
 
 
 def half_merged(pair, mount, tmp_path) -> tuple[int, list]:
@@ -252,3 +260,76 @@ def test_a_lost_state_directory_after_a_partial_merge_is_refused(pair, mount, tm
     (line,) = result.stderr.strip().splitlines()
     assert "cannot merge" in line and "scratch copy" in line and "lost" in line
     assert open(device, "rb").read() == before
+
+
+# ---- old hashes per chunk (trailer version 3), and diffs with per-block ones (version 2) ----
+
+def crashed_inside_a_chunk(pair, mount, tmp_path, *, bad_block: bool = False) -> list:
+    """A merge that stopped with the chunk after the saved progress half written (as a
+    power cut leaves writeback: some of its blocks new, the others old); with
+    `bad_block`, one of its old blocks then changed behind the merge's back. Returns
+    the mount arguments."""
+    _, new, device, diff = pair
+    merged_chunks, args = half_merged(pair, mount, tmp_path)
+    with DiffFile.open(diff) as d:
+        blocks = [dest + i for dest, n, _ in d.chunk_runs(merged_chunks) for i in range(n)]
+    assert len(blocks) >= 4
+    with open(device, "r+b") as f:
+        for block in blocks[::2]:
+            f.seek(block * BS)
+            f.write(new[block * BS:(block + 1) * BS])
+        if bad_block:
+            f.seek(blocks[1] * BS + 10)
+            f.write(b"not old")
+    return args
+
+
+def test_a_crash_in_the_middle_of_a_chunk_resumes_by_the_recorded_old_hashes(pair, mount,
+                                                                              tmp_path):
+    _, new, device, diff = pair
+    args = crashed_inside_a_chunk(pair, mount, tmp_path)
+    (record,) = (tmp_path / "state" / "update").glob("*.oldhashes")
+    with DiffFile.open(diff) as d:
+        assert d.identification.version == 3, "no per-block hashes in the diff"
+        assert record.stat().st_size == 24 + 9 * d.total_blocks + 16
+    # Without the record the chunk's old blocks cannot be told old: refused, not guessed.
+    record.rename(tmp_path / "record")
+    (tmp_path / "refused").mkdir()
+    result = fusesnap("mount", tmp_path / "refused", *args, check=False)
+    assert result.returncode == 2 and "no merge recorded" in result.stderr, result.stderr
+    (tmp_path / "record").rename(record)
+    m = mount(*args)
+    assert open(m / "system.img", "rb").read() == new
+    fusesnap("update", "wait", m.mountpoint)
+    assert open(device, "rb").read() == new
+
+
+@pytest.mark.parametrize("device_holds", ["a bad block in a half-merged chunk", "random data"])
+def test_a_wrong_device_is_refused_untouched(pair, mount, tmp_path, device_holds):
+    _, _, device, diff = pair
+    if device_holds == "random data":
+        args = ["--state-dir", tmp_path / "state", "--system", device, "--diff", diff]
+        write(device, os.urandom(os.path.getsize(device)))
+    else:
+        args = crashed_inside_a_chunk(pair, mount, tmp_path, bad_block=True)
+    before = open(device, "rb").read()
+    (tmp_path / "refused").mkdir()
+    result = fusesnap("mount", tmp_path / "refused", *args, check=False)
+    assert result.returncode == 2, result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert "holds neither its old" in line and "nothing was written" in line
+    assert open(device, "rb").read() == before
+
+
+def test_without_the_source_check_the_first_merge_still_records_the_old_hashes(pair, mount,
+                                                                               tmp_path):
+    old, new, device, diff = pair
+    state = tmp_path / "state"
+    m = mount("--state-dir", state, "--system", device, "--diff", diff, "--no-verify-source")
+    fusesnap("update", "wait", m.mountpoint)
+    assert open(device, "rb").read() == new
+    (record,) = (state / "update").glob("*.oldhashes")
+    with DiffFile.open(diff) as d:
+        recorded = OldBlockHashes.load(str(record), d).of_entries(0, d.total_blocks)
+        assert recorded == b"".join(xxhash.xxh3_64_digest(old[d.entry(i)[0] * BS:][:BS])
+                                    for i in range(d.total_blocks))

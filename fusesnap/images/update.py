@@ -19,7 +19,9 @@ which never touches `pending`. `pending` changes only in `_merged()`, with no aw
 Before the first write (`resume_point`): the diff must fit the device (no smaller
 than NEW), and the source check (`check_source`) proves that every block the diff
 changes holds its old or its new contents, against the hashes of the diff's
-identification trailer; a device that fails is refused untouched. The check also
+identification trailer (for a v1 diff whose trailer hashes OLD per chunk, also
+against the per-block old hashes its merge records before its first write:
+fusesnap.old_hashes); a device that fails is refused untouched. The check also
 says where to resume: merging is idempotent (a block's new data is the same
 whenever it is written, and until a chunk is merged its blocks are read from the
 diff, never from the device), so once every block is old or new, merging from any
@@ -47,14 +49,12 @@ from __future__ import annotations
 
 import argparse
 import collections
-import contextlib
 import errno
 import glob
 import json
 import logging
 import os
 import stat
-import tempfile
 import time
 from typing import TYPE_CHECKING
 
@@ -62,11 +62,12 @@ import trio
 
 from .. import arguments
 from ..control import read_status, require_image, send_command
-from ..devices import BlockDevice, fsync_directory
+from ..devices import BlockDevice, replace_durably
 from ..diffing import open_diff
 from ..errors import EXIT_FAILED, EXIT_USAGE, UserError
 from ..formats.update_diff import (BLOCK_HASH_SIZE, VERSION_REFERENCING, DiffFile,
                                    DiffFormatError, ReferencesNotOld, hash_block, hash_chunk)
+from ..old_hashes import OldBlockHashes
 from ..rangemap import RangeMap
 from .base import Image
 
@@ -182,6 +183,8 @@ class MergeProgress:
         self.names = {"diff_path": diff_path, "device_path": device.path}  # for people
         self.scratch_path = os.path.join(self.directory,
                                          f"{fingerprint}.{self.identity['device']}.scratch")
+        # OLD's hashes depend on the diff alone: one record for every device
+        self.old_hashes_path = os.path.join(self.directory, f"{fingerprint}.oldhashes")
         # A version 1 merge's scratch copy is complete and durable (merge_scratch.py):
         # loaded, and saved from then on.
         self.scratch_complete = False
@@ -206,29 +209,24 @@ class MergeProgress:
     def save(self, merged_chunks: int) -> None:
         """Blocking. The caller has fsync'ed the device first."""
         os.makedirs(self.directory, exist_ok=True)
-        fd, temp = tempfile.mkstemp(dir=self.directory, prefix=".progress.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump({"identity": self.identity, **self.names,
-                           "merged_chunks": merged_chunks,
-                           "scratch_complete": self.scratch_complete}, f)
-                f.flush()
-                os.fsync(f.fileno())
-            # Order: the new version is durable before it takes the name, and the
-            # rename is durable (directory fsync) before we count on it.
-            os.rename(temp, self.path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(temp)
-            raise
-        fsync_directory(self.directory)
+        replace_durably(self.path, json.dumps({"identity": self.identity, **self.names,
+                                               "merged_chunks": merged_chunks,
+                                               "scratch_complete": self.scratch_complete}).encode())
 
 
-def check_source(diff: DiffFile, device: BlockDevice, read_old=None) -> int:
+def check_source(diff: DiffFile, device: BlockDevice, read_old=None,
+                 old_hashes: OldBlockHashes | None = None) -> int:
     """Before the first write: every block the diff changes must hold its old or its
     new contents (a partly merged device is fine). Returns how many leading chunks hold
     their new contents entirely (those need no merging); UserError naming the first
     block that holds neither. Blocking.
+
+    A block's old contents are checked against its hash: from `old_hashes` if given
+    (fusesnap.old_hashes), else from the diff's trailer (versions 1 and 2). A version 3
+    trailer has one old hash per chunk: a chunk that matches it is wholly old, and
+    its blocks' hashes are learned into `old_hashes`; a block of a chunk that is
+    neither wholly old nor wholly new needs its hash from `old_hashes` (recorded
+    before a merge wrote into that chunk).
 
     Cost: one read of the changed blocks (the next chunk's are read ahead while this
     one is hashed), and per chunk one or two hashes: of each
@@ -239,6 +237,7 @@ def check_source(diff: DiffFile, device: BlockDevice, read_old=None) -> int:
     `read_old` (a v1 merge's `ScratchCopy.read_old`; default: the device).
     """
     bs = diff.block_size
+    per_chunk = not diff.identification.block_hash_size   # trailer version 3
     leading_new = 0
     next_runs = list(diff.chunk_runs(0)) if diff.n_chunks else []
     for chunk_index in range(diff.n_chunks):
@@ -248,16 +247,21 @@ def check_source(diff: DiffFile, device: BlockDevice, read_old=None) -> int:
             next_runs = list(diff.chunk_runs(chunk_index + 1))
             for dest, n_blocks, _ in next_runs:
                 os.posix_fadvise(device.fd, dest * bs, n_blocks * bs, os.POSIX_FADV_WILLNEED)
-        data = bytearray(sum(n_blocks for _, n_blocks, _ in runs) * bs)
-        at = 0
-        for dest, n_blocks, _ in runs:   # the chunk's blocks in directory order
-            device.pread_into(memoryview(data)[at:at + n_blocks * bs], dest * bs)
-            at += n_blocks * bs
+        data = _read_chunk_blocks(device, runs, bs)
         blocks = [memoryview(data)[i:i + bs] for i in range(0, len(data), bs)]
-        old_hashes = diff.old_block_hashes(chunk_index)
-        looks_old = hash_block(blocks[0]) == old_hashes[:BLOCK_HASH_SIZE]
-        if looks_old and b"".join(map(hash_block, blocks)) == old_hashes:
-            continue   # wholly old
+        first, end = diff.entry_range_of_chunk(chunk_index)
+        if per_chunk:
+            if hash_chunk(data) == diff.identification.old_chunk_hash(chunk_index):
+                if old_hashes is not None:
+                    old_hashes.learn(first, b"".join(map(hash_block, blocks)))
+                continue   # wholly old
+            old_block_hashes = old_hashes.of_entries(first, end) if old_hashes else None
+        else:
+            old_block_hashes = (old_hashes.of_entries(first, end) if old_hashes
+                                else diff.old_block_hashes(chunk_index))
+            if (hash_block(blocks[0]) == old_block_hashes[:BLOCK_HASH_SIZE]
+                    and b"".join(map(hash_block, blocks)) == old_block_hashes):
+                continue   # wholly old
         if _holds_new_chunk(diff, chunk_index, runs, data):
             leading_new += leading_new == chunk_index
             continue
@@ -273,17 +277,53 @@ def check_source(diff: DiffFile, device: BlockDevice, read_old=None) -> int:
         for dest, n_blocks, first_offset in runs:
             for i in range(n_blocks):
                 block = blocks[block_index]
-                old_hash = old_hashes[block_index * BLOCK_HASH_SIZE:(block_index + 1) * BLOCK_HASH_SIZE]
+                old_hash = (old_block_hashes[block_index * BLOCK_HASH_SIZE:(block_index + 1) * BLOCK_HASH_SIZE]
+                            if old_block_hashes is not None else None)
                 block_index += 1
                 new_at = (first_offset + i) * bs
-                if hash_block(block) != old_hash and (new_data is None
-                                                      or block != new_data[new_at:new_at + bs]):
-                    raise UserError(
-                        f"{device.path} is not what {diff.path} updates: block {dest + i} "
-                        f"(byte {(dest + i) * bs}) holds neither its old nor its new "
-                        f"contents{unknown}; nothing was written (--no-verify-source skips "
-                        "this check)")
+                if hash_block(block) == old_hash or (new_data is not None
+                                                     and block == new_data[new_at:new_at + bs]):
+                    continue
+                if old_block_hashes is None:   # only the chunk's blocks together are known
+                    what = (f"chunk {chunk_index} (from block {runs[0][0]}) holds neither its "
+                            f"old nor its new contents{unknown}: block {dest + i} is not new, "
+                            "and the diff hashes the chunk's old contents together (no merge "
+                            "recorded them block by block, which would tell a half-merged "
+                            "chunk's blocks apart)")
+                else:
+                    what = (f"block {dest + i} (byte {(dest + i) * bs}) holds neither its old "
+                            f"nor its new contents{unknown}")
+                raise UserError(f"{device.path} is not what {diff.path} updates: {what}; "
+                                "nothing was written (--no-verify-source skips this check)")
     return leading_new
+
+
+def record_old_hashes(diff: DiffFile, device: BlockDevice, old_hashes: OldBlockHashes,
+                      from_chunk: int) -> None:
+    """Without the source check: learn the old hashes of the blocks of chunks from
+    `from_chunk` on that are wholly old on the device and not known yet (a version 3
+    trailer). Chunks that are not are trusted, as the user asked, and learn nothing.
+    Blocking: reads those chunks' blocks once."""
+    bs = diff.block_size
+    for chunk_index in range(from_chunk, diff.n_chunks):
+        first, end = diff.entry_range_of_chunk(chunk_index)
+        if old_hashes.of_entries(first, end) is not None:
+            continue
+        data = _read_chunk_blocks(device, diff.chunk_runs(chunk_index), bs)
+        if hash_chunk(data) == diff.identification.old_chunk_hash(chunk_index):
+            old_hashes.learn(first, b"".join(hash_block(memoryview(data)[i:i + bs])
+                                             for i in range(0, len(data), bs)))
+
+
+def _read_chunk_blocks(device: BlockDevice, runs, block_size: int) -> bytearray:
+    """A chunk's blocks as the device holds them, in directory order."""
+    runs = list(runs)
+    data = bytearray(sum(n_blocks for _, n_blocks, _ in runs) * block_size)
+    at = 0
+    for dest, n_blocks, _ in runs:
+        device.pread_into(memoryview(data)[at:at + n_blocks * block_size], dest * block_size)
+        at += n_blocks * block_size
+    return data
 
 
 def _holds_new_chunk(diff: DiffFile, chunk_index: int, runs, data: bytearray) -> bool:
@@ -750,9 +790,10 @@ def wait_for_merge(mountpoint: str) -> int:
 
 
 def resume_point(diff: DiffFile, device: BlockDevice, progress: MergeProgress, *,
-                 verify_source: bool, read_old=None) -> tuple[int, int]:
+                 verify_source: bool, read_old=None,
+                 old_hashes: OldBlockHashes | None = None) -> tuple[int, int]:
     """(chunks on the device already, chunks the saved progress counts), checking the
-    device first.
+    device first (`check_source`, given `read_old` and `old_hashes`).
 
     With the source check, the device itself says: the check proves every changed
     block holds its old or new contents, so merging from any chunk is safe, and the
@@ -762,7 +803,7 @@ def resume_point(diff: DiffFile, device: BlockDevice, progress: MergeProgress, *
     """
     saved = min(progress.load(), diff.n_chunks)
     if verify_source:
-        on_device = check_source(diff, device, read_old)
+        on_device = check_source(diff, device, read_old, old_hashes)
         if saved > on_device:
             log.warning("%s says %d chunks are merged, but chunk %d of %s is not wholly on "
                         "%s: merging again from there", progress.path, saved, on_device,
@@ -822,16 +863,25 @@ def images_from_args(args: argparse.Namespace) -> list[Image]:
         try:
             progress = MergeProgress(args.state_dir, diff.fingerprint(), device, diff.path)
             merge = not args.no_bg_update
+            old_hashes = None
             if diff.version == VERSION_REFERENCING:
+                old_hashes = open_old_hashes(diff, progress)
                 # Before the source check, which may need it (a half-merged chunk).
-                scratch = open_scratch(diff, progress,
+                scratch = open_scratch(diff, progress, old_hashes,
                                        create=merge and progress.load() < diff.n_chunks)
             merged_chunks, saved_chunks = resume_point(
                 diff, device, progress, verify_source=verify_source,
-                read_old=scratch.read_old(device) if scratch is not None else None)
+                read_old=scratch.read_old(device) if scratch is not None else None,
+                old_hashes=old_hashes)
+            if merge and old_hashes is not None and merged_chunks < diff.n_chunks:
+                if not verify_source:
+                    record_old_hashes(diff, device, old_hashes, merged_chunks)
+                # Order: before the merge's first write to the device, so that a crash
+                # in the middle of a chunk finds its blocks' old hashes.
+                save_old_hashes(old_hashes)
             if (merge and diff.version == VERSION_REFERENCING and scratch is None
                     and merged_chunks < diff.n_chunks):   # progress said done, the device disagrees
-                scratch = open_scratch(diff, progress, create=True)
+                scratch = open_scratch(diff, progress, old_hashes, create=True)
             scratch_ready = False
             if scratch is not None and merge:
                 scratch_ready = prepare_scratch(scratch, diff, device, progress, merged_chunks)
@@ -860,7 +910,26 @@ def images_from_args(args: argparse.Namespace) -> list[Image]:
         raise
 
 
-def open_scratch(diff: DiffFile, progress: MergeProgress, *, create: bool) -> ScratchCopy | None:
+def open_old_hashes(diff: DiffFile, progress: MergeProgress) -> OldBlockHashes:
+    """The old hashes of a version 1 diff's changed blocks (fusesnap.old_hashes): its
+    version 2 trailer's, or what merges of it recorded in the state directory."""
+    if diff.identification.block_hash_size:
+        return OldBlockHashes.from_trailer(diff)
+    return OldBlockHashes.load(progress.old_hashes_path, diff)
+
+
+def save_old_hashes(old_hashes: OldBlockHashes) -> None:
+    try:
+        old_hashes.save()
+    except OSError as exc:
+        raise UserError(f"cannot record the old blocks' hashes the merge needs in "
+                        f"{old_hashes.path}: {exc.strerror or exc} (free space there, give "
+                        "--state-dir DIR, or serve without merging with --no-bg-update); "
+                        "nothing was written", EXIT_FAILED) from None
+
+
+def open_scratch(diff: DiffFile, progress: MergeProgress, old_hashes: OldBlockHashes, *,
+                 create: bool) -> ScratchCopy | None:
     """The scratch copy of a version 1 diff merging into this device (merge_scratch.py),
     opened and checked slot by slot, completed from other copies of this diff; created
     with its whole size if `create` (a UserError if the state directory cannot hold
@@ -869,7 +938,7 @@ def open_scratch(diff: DiffFile, progress: MergeProgress, *, create: bool) -> Sc
     if not create and not os.path.exists(progress.scratch_path):
         return None
     from ..merge_scratch import ScratchCopy
-    scratch = ScratchCopy(progress.scratch_path, diff)
+    scratch = ScratchCopy(progress.scratch_path, diff, old_hashes)
     if not scratch.n_slots:
         return None
     try:
