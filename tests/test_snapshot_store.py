@@ -174,6 +174,51 @@ def test_a_full_table_moves_to_its_other_region_and_snapshots_keep_their_content
     trio.run(origin.close)
 
 
+def test_a_full_table_corrupts_the_oldest_snapshots_only_until_the_rest_fits(tmp_path, monkeypatch):
+    """Six snapshots, each followed by writes all over the device, so that each one
+    maps its chunks in many runs, with a table too small for all their maps: the
+    oldest snapshots are marked corrupted (reason: a full table) until the rest
+    fits, the newest stay exact, and every origin write succeeds."""
+    monkeypatch.setattr(fmt, "table_bytes_for", lambda chunks: 4096 * 8)  # ~1000 records
+    chunk, size = 16 << 10, 4 << 20  # 256 chunks
+    device_path = tmp_path / "dev.raw"
+    rng = random.Random(3)
+    device_path.write_bytes(rng.randbytes(size))
+    store_path = str(tmp_path / "dev.store")
+    device = BlockDevice(str(device_path))
+    origin = OriginImage(device, Store(store_path, device, chunk, 64 << 20))
+
+    async def session():
+        expected = {}
+        for _ in range(6):
+            number = await origin.take()
+            expected[number] = bytes(origin.device.pread(size, 0))
+            for index in rng.sample(range(size // chunk), 200):  # scattered: a run per chunk
+                await origin.write(index * chunk + 512, rng.randbytes(1024))
+        final = bytes(origin.device.pread(size, 0))
+        await origin.flush()
+        return expected, final
+
+    expected, final = trio.run(session)
+    corrupted = sorted(n for n, held in origin.state.held.items() if held.corrupted)
+    intact = sorted(n for n, held in origin.state.held.items() if not held.corrupted)
+    assert corrupted and intact, (corrupted, intact)
+    assert corrupted == list(range(1, len(corrupted) + 1))  # the oldest ones
+    assert {origin.state.held[n].corrupted for n in corrupted} == {fmt.TABLE_FULL}
+    assert 6 in intact
+
+    async def check():
+        assert await origin.read(0, size) == final
+        for number in intact:
+            assert await origin.read_snapshot(number, 0, size) == expected[number], number
+        for number in corrupted:
+            with pytest.raises(OSError, match="table is full"):
+                await origin.read_snapshot(number, 0, chunk)
+        await origin.close()
+
+    trio.run(check)
+
+
 def test_a_file_that_is_not_a_store_is_not_overwritten(tmp_path):
     (tmp_path / "dev.raw").write_bytes(bytes(1 << 20))
     device = BlockDevice(str(tmp_path / "dev.raw"))

@@ -262,15 +262,26 @@ class OriginImage(Image):
 
     def _compact(self) -> None:
         """Write the whole state as the base of the other region (sync; durable with
-        the next fsync, until then the current region stays the active one)."""
+        the next fsync, until then the current region stays the active one).
+
+        A state too large for half a region (many snapshots, each mapping its chunks
+        in many runs) is a full table: the table cannot record another chunk for
+        anyone, so the oldest intact snapshots are marked corrupted (their maps
+        dropped), one at a time, until the rest fits. The newest, the one the next
+        backup reads, is kept the longest (the overflow rule: as few snapshots as
+        it takes, never the origin)."""
         base = self.state.compacted()
-        if len(base) > self.store.sb.record_capacity // 2:  # half the region left for appends
-            for held in self.state.held.values():
-                if not held.corrupted:
-                    self.state.apply(fmt.Record(fmt.CORRUPT, held.number, count=fmt.TABLE_FULL))
-            self.pending_free += self.state.freed
-            self.state.freed.clear()
-            base = self.state.compacted()
+        room = self.store.sb.record_capacity // 2  # half the region left for appends
+        for held in sorted(self.state.held.values(), key=lambda held: held.number):
+            if len(base) <= room:
+                break
+            if not held.corrupted:
+                self.state.apply(fmt.Record(fmt.CORRUPT, held.number, count=fmt.TABLE_FULL))
+                log.warning("store %s: its table is full: snapshot %d is marked corrupted",
+                            self.store.path, held.number)
+                base = self.state.compacted()
+        self.pending_free += self.state.freed
+        self.state.freed.clear()
         self.epoch += 1
         self.region = 1 - self.region
         header = fmt.TableHeader(self.epoch, self.state.generation, self.state.next_snapshot)
