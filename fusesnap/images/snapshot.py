@@ -558,14 +558,16 @@ class OriginImage(Image):
         destination = self.store.slot_offset(slot)
         try:
             window_start, window = self._device_window(start)
-            if start + length <= window_start + len(window):
-                with window[start - window_start:start - window_start + length] as view:
-                    self._write_uncached(view, destination)
-                return
-            mapped = mmap.mmap(self.device.fd, length, mmap.MAP_SHARED | mmap.MAP_POPULATE,
-                               mmap.PROT_READ, offset=start)
+            if start + length > window_start + len(window):
+                window = None
+                mapped = mmap.mmap(self.device.fd, length, mmap.MAP_SHARED | mmap.MAP_POPULATE,
+                                   mmap.PROT_READ, offset=start)
         except OSError:  # a device that cannot be mapped (on a FUSE mount, say)
             self._write_uncached(memoryview(self.device.pread(length, start)), destination)
+            return
+        if window is not None:
+            with window[start - window_start:start - window_start + length] as view:
+                self._write_uncached(view, destination)
             return
         with mapped, memoryview(mapped) as view:
             self._write_uncached(view, destination)
