@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from fusesnap.devices import BlockDevice
 from fusesnap.errors import UserError
 from fusesnap.formats import snapshot_store as fmt
+from fusesnap.images import snapshot as snapshot_image
 from fusesnap.images.snapshot import OriginImage, Store
 
 GENERATION = "5b0c2f6e-8d7a-4e1b-9c3d-2a1f0e9d8c7b"
@@ -172,6 +173,79 @@ def test_a_full_table_moves_to_its_other_region_and_snapshots_keep_their_content
     assert sorted(origin.state.held) == sorted(expected)
     assert all(not s.corrupted for s in origin.state.held.values())
     trio.run(origin.close)
+
+
+def test_a_full_table_corrupts_the_oldest_snapshots_only_until_the_rest_fits(tmp_path, monkeypatch):
+    """Six snapshots, each followed by writes all over the device, so that each one
+    maps its chunks in many runs, with a table too small for all their maps: the
+    oldest snapshots are marked corrupted (reason: a full table) until the rest
+    fits, the newest stay exact, and every origin write succeeds."""
+    monkeypatch.setattr(fmt, "table_bytes_for", lambda chunks: 4096 * 8)  # ~1000 records
+    chunk, size = 16 << 10, 4 << 20  # 256 chunks
+    device_path = tmp_path / "dev.raw"
+    rng = random.Random(3)
+    device_path.write_bytes(rng.randbytes(size))
+    store_path = str(tmp_path / "dev.store")
+    device = BlockDevice(str(device_path))
+    origin = OriginImage(device, Store(store_path, device, chunk, 64 << 20))
+
+    async def session():
+        expected = {}
+        for _ in range(6):
+            number = await origin.take()
+            expected[number] = bytes(origin.device.pread(size, 0))
+            for index in rng.sample(range(size // chunk), 200):  # scattered: a run per chunk
+                await origin.write(index * chunk + 512, rng.randbytes(1024))
+        final = bytes(origin.device.pread(size, 0))
+        await origin.flush()
+        return expected, final
+
+    expected, final = trio.run(session)
+    corrupted = sorted(n for n, held in origin.state.held.items() if held.corrupted)
+    intact = sorted(n for n, held in origin.state.held.items() if not held.corrupted)
+    assert corrupted and intact, (corrupted, intact)
+    assert corrupted == list(range(1, len(corrupted) + 1))  # the oldest ones
+    assert {origin.state.held[n].corrupted for n in corrupted} == {fmt.TABLE_FULL}
+    assert 6 in intact
+
+    async def check():
+        assert await origin.read(0, size) == final
+        for number in intact:
+            assert await origin.read_snapshot(number, 0, size) == expected[number], number
+        for number in corrupted:
+            with pytest.raises(OSError, match="table is full"):
+                await origin.read_snapshot(number, 0, chunk)
+        await origin.close()
+
+    trio.run(check)
+
+
+def test_copies_that_straddle_the_device_mapping_windows_are_exact(tmp_path, monkeypatch):
+    """Copies read the device through a mapping of one window at a time: with
+    windows of 768 KiB, sequential writes whose copies (ahead too) start in one
+    window and end in the next, or jump back to an earlier window, still leave
+    the snapshot exactly as it was, up to the device's last, partial chunk."""
+    monkeypatch.setattr(snapshot_image, "MAP_WINDOW", 768 << 10)
+    chunk, size = 256 << 10, (8 << 20) + (100 << 10)
+    device_path = tmp_path / "dev.raw"
+    rng = random.Random(4)
+    device_path.write_bytes(rng.randbytes(size))
+    device = BlockDevice(str(device_path))
+    origin = OriginImage(device, Store(str(tmp_path / "dev.store"), device, chunk, 64 << 20))
+
+    async def session():
+        number = await origin.take()
+        before = bytes(origin.device.pread(size, 0))
+        for start in (3 << 20, 0, (6 << 20) + (320 << 10)):  # later windows, then back
+            offset = start
+            while offset < min(size, start + (2 << 20)):
+                length = min(rng.choice((640 << 10, 384 << 10)), size - offset)
+                await origin.write(offset, rng.randbytes(length))
+                offset += length
+        assert await origin.read_snapshot(number, 0, size) == before
+        await origin.close()
+
+    trio.run(session)
 
 
 def test_a_file_that_is_not_a_store_is_not_overwritten(tmp_path):

@@ -28,8 +28,9 @@ higher epoch. Its records are replayed in order: the `base_count` base records
 until the first one whose CRC fails (a torn tail after a power cut ends the replay).
 A compaction writes the whole state as the base of the other region with epoch + 1;
 until that region is durable in full, the old one stays the active one. A base must
-leave half its region for appends; if the state does not fit, every snapshot is
-marked corrupted (table full) and the base keeps only the change map.
+leave half its region for appends; if the state does not fit, the oldest intact
+snapshots are marked corrupted (table full), their maps dropped, one at a time until
+it does (at worst the base keeps only the change map).
 
 Record types and their meaning, applied in order to (held snapshots, per snapshot a
 map chunk -> slot, the change-block map chunk -> number):

@@ -94,6 +94,7 @@ RWF_DONTCACHE = getattr(os, "RWF_DONTCACHE", 0x80)  # <linux/fs.h>; Python 3.14 
 COPY_AHEAD = 1 << 20     # a sequential write copies this much past its end
 STREAMS = 16             # how many recent ends of writes (reads) tell a sequential one
 READ_AHEAD = 4 << 20     # a snapshot read asks for the store's slots of this much after it
+MAP_WINDOW = 256 << 20   # copies read the device through a kept mapping of this much of it
 FIFREEZE, FITHAW = 0xC0045877, 0xC0045878
 
 
@@ -209,6 +210,7 @@ class OriginImage(Image):
         self.read_ahead_to: dict[int, int] = {}
         self.records_appended = 0
         self.copy_uncached = True           # until the kernel refuses RWF_DONTCACHE
+        self.device_mapping: tuple[int, mmap.mmap, memoryview] | None = None  # `_device_window`
         if store.created:
             store.create()
         loaded = fmt.load_state(store.file.pread, store.sb)
@@ -262,15 +264,26 @@ class OriginImage(Image):
 
     def _compact(self) -> None:
         """Write the whole state as the base of the other region (sync; durable with
-        the next fsync, until then the current region stays the active one)."""
+        the next fsync, until then the current region stays the active one).
+
+        A state too large for half a region (many snapshots, each mapping its chunks
+        in many runs) is a full table: the table cannot record another chunk for
+        anyone, so the oldest intact snapshots are marked corrupted (their maps
+        dropped), one at a time, until the rest fits. The newest, the one the next
+        backup reads, is kept the longest (the overflow rule: as few snapshots as
+        it takes, never the origin)."""
         base = self.state.compacted()
-        if len(base) > self.store.sb.record_capacity // 2:  # half the region left for appends
-            for held in self.state.held.values():
-                if not held.corrupted:
-                    self.state.apply(fmt.Record(fmt.CORRUPT, held.number, count=fmt.TABLE_FULL))
-            self.pending_free += self.state.freed
-            self.state.freed.clear()
-            base = self.state.compacted()
+        room = self.store.sb.record_capacity // 2  # half the region left for appends
+        for held in sorted(self.state.held.values(), key=lambda held: held.number):
+            if len(base) <= room:
+                break
+            if not held.corrupted:
+                self.state.apply(fmt.Record(fmt.CORRUPT, held.number, count=fmt.TABLE_FULL))
+                log.warning("store %s: its table is full: snapshot %d is marked corrupted",
+                            self.store.path, held.number)
+                base = self.state.compacted()
+        self.pending_free += self.state.freed
+        self.state.freed.clear()
         self.epoch += 1
         self.region = 1 - self.region
         header = fmt.TableHeader(self.epoch, self.state.generation, self.state.next_snapshot)
@@ -536,19 +549,49 @@ class OriginImage(Image):
         """Device chunks [chunk, chunk + count) -> store slots from `slot` on, in one
         write from a mapping of the device (the kernel copies page cache to page
         cache: a pread into a buffer first costs more than the write itself here).
-        A mapping is read only inside the write, so a device that fails to read
-        fails the write (EFAULT or EIO), never with SIGBUS."""
+        The mapping is a window of MAP_WINDOW bytes kept between copies
+        (`_device_window`); a copy that straddles two windows maps its own. A
+        mapping is read only inside the write, so a device that fails to read fails
+        the write (EFAULT or EIO), never with SIGBUS."""
         start = chunk * self.chunk_size
         length = min(count * self.chunk_size, self.size - start)
         destination = self.store.slot_offset(slot)
         try:
-            mapped = mmap.mmap(self.device.fd, length, mmap.MAP_SHARED | mmap.MAP_POPULATE,
-                               mmap.PROT_READ, offset=start)
+            window_start, window = self._device_window(start)
+            if start + length > window_start + len(window):
+                window = None
+                mapped = mmap.mmap(self.device.fd, length, mmap.MAP_SHARED | mmap.MAP_POPULATE,
+                                   mmap.PROT_READ, offset=start)
         except OSError:  # a device that cannot be mapped (on a FUSE mount, say)
             self._write_uncached(memoryview(self.device.pread(length, start)), destination)
             return
+        if window is not None:
+            with window[start - window_start:start - window_start + length] as view:
+                self._write_uncached(view, destination)
+            return
         with mapped, memoryview(mapped) as view:
             self._write_uncached(view, destination)
+
+    def _device_window(self, offset: int) -> tuple[int, memoryview]:
+        """The mapping of the MAP_WINDOW-aligned window of the device around
+        `offset` (start, view), mapped on first use and kept until a copy needs
+        another window: a mapping per copy (mmap, populate, munmap) cost about a
+        fifth of the copy. Not populated: the write faults in what it reads. One
+        window at a time bounds the page tables a large device would need."""
+        window_start = offset - offset % MAP_WINDOW
+        if self.device_mapping is None or self.device_mapping[0] != window_start:
+            self._unmap_device_window()
+            mapped = mmap.mmap(self.device.fd, min(MAP_WINDOW, self.size - window_start),
+                               mmap.MAP_SHARED, mmap.PROT_READ, offset=window_start)
+            self.device_mapping = (window_start, mapped, memoryview(mapped))
+        return self.device_mapping[0], self.device_mapping[2]
+
+    def _unmap_device_window(self) -> None:
+        if self.device_mapping is not None:
+            _, mapped, view = self.device_mapping
+            self.device_mapping = None
+            view.release()
+            mapped.close()
 
     def _write_uncached(self, data: memoryview, offset: int) -> None:
         """Write a copy into the store without keeping it in the page cache
@@ -884,6 +927,7 @@ class OriginImage(Image):
                 self._append([fmt.Record(fmt.CLEAN)])  # after the fsync that covered everything
                 self.store.file.fsync()
         finally:
+            self._unmap_device_window()
             self.device.close()
             self.store.file.close()
 
