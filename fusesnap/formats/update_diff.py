@@ -235,7 +235,7 @@ class Identification:
     @property
     def block_hash_size(self) -> int:
         """Bytes per changed block of old-contents hash: 0 in version 3 (none)."""
-        return 0 if self.version == IDENT_VERSION_CHUNK_OLD else BLOCK_HASH_SIZE
+        return _block_hash_size(self.version)
 
     @property
     def n_chunks(self) -> int:
@@ -288,7 +288,7 @@ class Identification:
         (_, version, header_size, old_size, new_size, t_blocks, t_chunks, block_hash_size,
          chunk_hash_size, _) = _IDENT.unpack(head)
         if (version not in expected or (header_size, block_hash_size, chunk_hash_size) != (
-                IDENT_HEADER_SIZE, 0 if version == IDENT_VERSION_CHUNK_OLD else BLOCK_HASH_SIZE,
+                IDENT_HEADER_SIZE, _block_hash_size(version),
                 CHUNK_HASH_SIZE)):
             raise fail(f"unknown version {version} (header {header_size} bytes, hashes "
                        f"{block_hash_size}/{chunk_hash_size}), expected "
@@ -316,9 +316,14 @@ _CHUNK_HASHES_PER_CHUNK = {IDENT_VERSION: 1, IDENT_VERSION_REFERENCING: 2, IDENT
 
 def _trailer_size(version: int, n_blocks: int, n_chunks: int) -> int:
     """Bytes of an identification trailer of this version, header included."""
-    block_hash_size = 0 if version == IDENT_VERSION_CHUNK_OLD else BLOCK_HASH_SIZE
     return (IDENT_HEADER_SIZE + n_chunks * _CHUNK_HASHES_PER_CHUNK[version] * CHUNK_HASH_SIZE
-            + n_blocks * block_hash_size)
+            + n_blocks * _block_hash_size(version))
+
+
+def _block_hash_size(version: int) -> int:
+    """Bytes of old-contents hash per changed block in a trailer of this version
+    (version 3 hashes them per chunk instead)."""
+    return 0 if version == IDENT_VERSION_CHUNK_OLD else BLOCK_HASH_SIZE
 
 
 def _nth(hashes: bytes, index: int) -> bytes:
