@@ -771,6 +771,7 @@ def diff_info(diff: DiffFile) -> dict:
         "file_size": diff.file_size,
         "sentinel_dest": diff.sentinel_dest,
         "identified": diff.identification is not None,
+        "trailer_version": diff.identification.version if diff.identification else None,
         "old_size": diff.identification.old_size if diff.identification else None,
         "new_size": diff.new_size,
         "compression_ratio": round(changed_bytes / chunks_bytes, 3) if chunks_bytes else None,
@@ -851,7 +852,8 @@ def run_diff_info(args) -> int:
     print(f"directory:     {info['dir_n']} entries with sentinel, {info['dir_compressed_size']} "
           f"bytes at {info['dir_offset']}")
     print(f"file size:     {info['file_size']} bytes")
-    print(f"applies to:    OLD of {info['old_size']} bytes, makes NEW of {info['new_size']} bytes"
+    print(f"applies to:    OLD of {info['old_size']} bytes, makes NEW of {info['new_size']} bytes "
+          f"(identification trailer version {info['trailer_version']})"
           if info["identified"] else "applies to:    unknown (no identification trailer)")
     ratio = info["compression_ratio"]
     print(f"ratio:         {ratio:.2f}" if ratio is not None else "ratio:         -")

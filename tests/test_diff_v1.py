@@ -203,7 +203,7 @@ def test_the_command_line_makes_describes_and_verifies_v1(tmp_path):
     write(tmp_path / "new.img", new)
     fusesnap("diff", "old.img", "new.img", "-o", "u.diff", cwd=tmp_path)   # v1 by default
     info = fusesnap("diff-info", "u.diff", cwd=tmp_path).stdout
-    assert "fusesnap version 1" in info
+    assert "fusesnap version 1" in info and "(identification trailer version 3)" in info
     refused = fusesnap("diff-info", "--verify", "u.diff", cwd=tmp_path, check=False)
     assert refused.returncode == 2 and "needs --old OLD" in refused.stderr
     assert "verify:        ok" in fusesnap("diff-info", "--verify", "--old", "old.img", "u.diff",
