@@ -38,6 +38,8 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import functools
+import itertools
+import operator
 import struct
 import zlib
 from typing import Callable, NamedTuple
@@ -211,15 +213,20 @@ class LogSummary:
         return direct_plan(self)
 
 
-def _check_entry(entry: LogEntry, block_size: int, device_size: int, where: str) -> None:
-    if entry.size < block_size or entry.size % block_size:
-        raise BowLogError(f"{where}: size {entry.size} is not a positive multiple of the block size {block_size}")
+def _check_entry(entry: LogEntry, block_size: int, device_size: int, where: str, index: int) -> None:
+    source, dest, size, _ = entry
     per_block = block_size // SECTOR
-    for name, sector in (("source", entry.source), ("dest", entry.dest)):
+    if (size >= block_size and not size % block_size and not source % per_block and not dest % per_block
+            and max(source, dest) * SECTOR + size <= device_size):
+        return  # (the usual case, checked at once: a log holds thousands of entries)
+    where = f"{where}, entry {index}"
+    if size < block_size or size % block_size:
+        raise BowLogError(f"{where}: size {size} is not a positive multiple of the block size {block_size}")
+    for name, sector in (("source", source), ("dest", dest)):
         if sector % per_block:
             raise BowLogError(f"{where}: {name} sector {sector} is not block-aligned")
-        if sector * SECTOR + entry.size > device_size:
-            raise BowLogError(f"{where}: {name} sector {sector} + {entry.size} bytes is beyond the "
+        if sector * SECTOR + size > device_size:
+            raise BowLogError(f"{where}: {name} sector {sector} + {size} bytes is beyond the "
                               f"end of the device ({device_size} bytes)")
 
 
@@ -291,28 +298,23 @@ def _walk(device, top: LogBlock, relocations, *, check_backups: bool) -> LogSumm
             raise BowLogError(f"{where}: sequence {block.sequence} where {sequence} was expected")
         for index in range(len(block.entries) - 1, -1, -1):
             entry = block.entries[index]
-            entry_where = f"{where}, entry {index}"
-            _check_entry(entry, block_size, device.size, entry_where)
+            _check_entry(entry, block_size, device.size, where, index)
             if sequence > 0 and index == 0 and entry.source != 0:
-                raise BowLogError(f"{entry_where}: the first entry of a later log block must back up "
-                                  f"block 0, not sector {entry.source}")
+                raise BowLogError(f"{where}, entry {index}: the first entry of a later log block must back "
+                                  f"up block 0, not sector {entry.source}")
             if check_backups and entry.checksum:
                 data = relocations.read(device, entry.dest, entry.size)
                 actual = block_checksum(entry.source, data, block_size)
                 if actual != entry.checksum:
-                    raise BowLogError(f"{entry_where}: checksum mismatch: recorded 0x{entry.checksum:08x}, "
+                    raise BowLogError(f"{where}, entry {index}: checksum mismatch: recorded 0x{entry.checksum:08x}, "
                                       f"backup at sector {entry.dest} has 0x{actual:08x}")
             relocations.relocate(entry.source, entry.dest, entry.size // SECTOR)
         blocks.append(block)
     return LogSummary(blocks, resuming)
 
 
-def _by_dest(entry: LogEntry) -> int:
-    return entry.dest
-
-
-def _by_source(entry: LogEntry) -> int:
-    return entry.source
+_by_dest = operator.attrgetter("dest")
+_by_source = operator.attrgetter("source")
 
 
 def _read_backups(device, entries: list[LogEntry], block_size: int, *,
@@ -422,19 +424,23 @@ def _restore_directly(device, summary: LogSummary, entries: list[LogEntry], bloc
     same result, and one after it leaves the restored device."""
     block_size = summary.blocks[0].block_size
     kept = summary.backups
-    in_memory = [entry for entry in entries if entry in kept]
-    unread = sorted((entry for entry in entries if entry not in kept), key=_by_dest)
+    in_memory, unread = [], []
+    for entry in entries:
+        backup = kept.get(entry)
+        if backup is None:
+            unread.append(entry)
+        else:
+            in_memory.append((entry, backup))
+    read_again = (sorted(_read_backups(device, batch, block_size, keep=RESTORE_MEMORY).items(),
+                         key=lambda pair: pair[0].source)
+                  for batch in _batches(sorted(unread, key=_by_dest)))
     done = done_bytes = 0
-    for batch, backups in [(in_memory, kept)] + [(batch, None) for batch in _batches(unread)]:
-        if backups is None:
-            backups = _read_backups(device, batch, block_size, keep=RESTORE_MEMORY)
-            batch.sort(key=_by_source)
-        for run in _runs(batch, _by_source):
-            data = b"".join(backups[entry] for entry in run) if len(run) > 1 else backups[run[0]]
-            device.pwrite(data, run[0].source * SECTOR)
+    for batch in itertools.chain([in_memory], read_again):
+        for source, data, count in _side_by_side(batch):
+            device.pwrite(data, source * SECTOR)
             if progress:
                 progress(len(data))
-            done += len(run)
+            done += count
             done_bytes += len(data)
             if stop_after is not None and done >= stop_after:
                 return
@@ -459,6 +465,23 @@ def _batches(entries: list[LogEntry]):
         size += entry.size
     if start < len(entries):
         yield entries[start:]
+
+
+def _side_by_side(backups: list[tuple[LogEntry, memoryview]]):
+    """(source sector, data, entries) for each run of `backups` (entry and backup,
+    sorted by source) restored side by side: one write each, at most DIRECT_IO_BYTES."""
+    run: list[memoryview] = []
+    for entry, backup in backups:
+        if run and (entry.source != end or size + entry.size > DIRECT_IO_BYTES):
+            yield start, b"".join(run) if len(run) > 1 else run[0], len(run)
+            run = []
+        if not run:
+            start, size = entry.source, 0
+        run.append(backup)
+        size += entry.size
+        end = entry.source + entry.size // SECTOR
+    if run:
+        yield start, b"".join(run) if len(run) > 1 else run[0], len(run)
 
 
 def _check_backup(entry: LogEntry, data, block_size: int) -> None:
