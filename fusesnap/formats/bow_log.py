@@ -17,10 +17,11 @@ What this module owns (pure format logic, no trio, no policy):
     again; a re-run after an interruption at any point (power cut included)
     finishes the job. Two ways, same result:
       directly, when no backup sits where another is restored to (`direct_plan`;
-      the usual case): every copy in dest order, contiguous runs as one read and
-      one write, one fsync, then block 0 (which kept the log until then) and a
-      second fsync. Interrupted, the log is intact and every backup unchanged:
-      it validates and restores again.
+      the usual case): the backups validation read (adjacent ones at once) and
+      checked, kept in memory up to RESTORE_MEMORY, are written back in source
+      order (adjacent sources in one write), one fsync, then block 0 (which kept
+      the log until then) and a second fsync. Interrupted, the log is intact and
+      every backup unchanged: it validates and restores again.
       in log order otherwise (a backup or block 0's live copy was moved), newest
       first, resumable exactly as vold's: before a copy would overwrite a sector
       read earlier in the same pass, the progress (the log block with the
@@ -394,15 +395,14 @@ def direct_plan(summary: LogSummary) -> tuple[list[LogEntry], LogEntry] | None:
         return None
     others = sorted((entry for entry in in_order if not (entry.source == 0 and entry.size == block_size)),
                     key=_by_source)
-    sources = [(0, block_size // SECTOR)] + [(entry.source, entry.source + entry.size // SECTOR)
-                                             for entry in others]
-    if any(end > start for (_, end), (start, _) in zip(sources, sources[1:])):
+    starts = [0] + [entry.source for entry in others]  # (block 0 first, then every other source)
+    ends = [block_size // SECTOR] + [entry.source + entry.size // SECTOR for entry in others]
+    if any(map(operator.gt, ends, starts[1:])):  # a source ends after the next one starts
         return None
-    starts = [start for start, _ in sources]
     for entry in in_order:
         # The source that starts last before the dest's end must end before the dest starts.
         index = bisect.bisect_left(starts, entry.dest + entry.size // SECTOR) - 1
-        if index >= 0 and sources[index][1] > entry.dest:
+        if index >= 0 and ends[index] > entry.dest:
             return None
     return others, block0[-1]
 
