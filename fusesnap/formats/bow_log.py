@@ -39,7 +39,6 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import functools
-import itertools
 import operator
 import struct
 import zlib
@@ -163,7 +162,8 @@ def read_header(device) -> LogBlock | None:
 # The most bytes read (or, restoring directly, written) at once.
 DIRECT_IO_BYTES = 8 << 20
 # The most backup data a direct restore holds in memory: what validation read (and
-# checked) is written back from memory up to this much; beyond it, read again.
+# checked) is written back from memory up to this much; beyond it, read again in
+# batches of this much once those are written.
 RESTORE_MEMORY = 256 << 20
 
 class _Relocations:
@@ -423,19 +423,23 @@ def _restore_directly(device, summary: LogSummary, entries: list[LogEntry], bloc
     block 0 write is durable leaves a log that validates and restores again to the
     same result, and one after it leaves the restored device."""
     block_size = summary.blocks[0].block_size
-    kept = summary.backups
-    in_memory, unread = [], []
+    # The restore takes the kept backups over and lets each batch go once written, so
+    # that it never holds more than RESTORE_MEMORY of them.
+    kept, summary.backups = summary.backups, {}
+    block0_backup = kept.pop(block0, None)
+    batch, unread = [], []
     for entry in entries:
-        backup = kept.get(entry)
+        backup = kept.pop(entry, None)
         if backup is None:
             unread.append(entry)
         else:
-            in_memory.append((entry, backup))
-    read_again = (sorted(_read_backups(device, batch, block_size, keep=RESTORE_MEMORY).items(),
+            batch.append((entry, backup))
+    del kept  # (what is left: the backups of full log blocks, which are not written back)
+    read_again = (sorted(_read_backups(device, some, block_size, keep=RESTORE_MEMORY).items(),
                          key=lambda pair: pair[0].source)
-                  for batch in _batches(sorted(unread, key=_by_dest)))
+                  for some in _batches(sorted(unread, key=_by_dest)))
     done = done_bytes = 0
-    for batch in itertools.chain([in_memory], read_again):
+    while batch is not None:
         for source, data, count in _side_by_side(batch):
             device.pwrite(data, source * SECTOR)
             if progress:
@@ -444,12 +448,14 @@ def _restore_directly(device, summary: LogSummary, entries: list[LogEntry], bloc
             done_bytes += len(data)
             if stop_after is not None and done >= stop_after:
                 return
+        batch = None  # (let it go before the next one is read)
+        batch = next(read_again, None)
     if stop_after is not None and stop_after < summary.entries:
         return  # (the block 0 write restores the remaining entries, those of block 0)
     device.fsync()  # every copy durable before block 0 stops being the log
-    if block0 not in kept:
-        kept = _read_backups(device, [block0], block_size, keep=block0.size)
-    device.pwrite(kept[block0], 0)
+    if block0_backup is None:
+        block0_backup = _read_backups(device, [block0], block_size, keep=block0.size)[block0]
+    device.pwrite(block0_backup, 0)
     device.fsync()
     if progress:
         progress(summary.backed_up_bytes - done_bytes)  # block 0 stands for every log block's entry 0
