@@ -13,6 +13,10 @@ Every user error is one line on stderr, `fusesnap: <reason>`, with the exit stat
 of `fusesnap.errors` (2 for bad input, 1 for an operation that failed); never a
 traceback. Every path is resolved in the caller's directory while parsing
 (`fusesnap.arguments`).
+
+Only the commands that serve a mount (`mount`, `upgrade`, `takeover`) import the
+FUSE side (pyfuse3: `mount`, `supervisor`, `upgrade`); the others are parsed without
+it (`main`), so that an offline command such as `bow restore` starts sooner.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import subprocess
 import sys
 import time
 
-from . import __version__, arguments, diffing, mount, supervisor, upgrade
+from . import __version__, arguments, diffing
 from .devices import loop_devices_backed_under, processes_using
 from .errors import EXIT_FAILED, EXIT_USAGE, UserError
 from .control import XATTR_PID, mounted_at, read_status, send_command
@@ -51,6 +55,8 @@ def default_log_path(mountpoint: str) -> str:
 # -- mount -------------------------------------------------------------------------
 
 def cmd_mount(args) -> int:
+    from . import mount, supervisor, upgrade  # the FUSE side (see the module docstring)
+
     mountpoint = os.path.abspath(args.mountpoint)  # before the chdir below
     if not os.path.isdir(mountpoint):
         raise UserError(f"mountpoint {mountpoint} is not a directory")
@@ -233,6 +239,8 @@ class VersionAction(argparse.Action):
                          "discards work, then exit")
 
     def __call__(self, parser, namespace, values, option_string=None):
+        from . import mount
+
         print(f"fusesnap {__version__}\n{mount.discards_report()}")
         parser.exit()
 
@@ -246,14 +254,8 @@ def add_command(commands, name: str, summary: str, description: str = "", *,
     return parser
 
 
-def build_parser() -> argparse.ArgumentParser:
-    examples = "\n\n".join(image_type.USAGE_EXAMPLES for image_type in IMAGE_TYPES)
-    parser = OneLineParser(prog="fusesnap", description=HELP_TOP,
-                           epilog=f"examples:\n{examples}\n\n{HELP_EXIT}",
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--version", action=VersionAction)
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineParser)
-    commands.required = True
+def add_mount_command(commands) -> None:
+    from . import supervisor
 
     p = add_command(commands, "mount", "mount images on MOUNTPOINT",
                     "Mount virtual block images as files in MOUNTPOINT. Returns once the mount "
@@ -280,6 +282,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     p.set_defaults(run=cmd_mount)
 
+
+def build_parser(*, serving: bool = True) -> argparse.ArgumentParser:
+    """Every command's parser; without the commands that serve a mount (and the FUSE
+    side they import) unless `serving`."""
+    examples = "\n\n".join(image_type.USAGE_EXAMPLES for image_type in IMAGE_TYPES)
+    parser = OneLineParser(prog="fusesnap", description=HELP_TOP,
+                           epilog=f"examples:\n{examples}\n\n{HELP_EXIT}",
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action=VersionAction)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineParser)
+    commands.required = True
+
+    if serving:
+        add_mount_command(commands)
     p = add_command(commands, "umount", "flush, unmount and stop the server",
                     "Flush the images, unmount MOUNTPOINT and wait for its server to exit. "
                     "Refuses, naming them, while loop devices or processes use the mount.")
@@ -291,7 +307,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     for image_type in IMAGE_TYPES:
         image_type.add_commands(commands)
-    upgrade.add_commands(commands)
+    if serving:
+        from . import upgrade
+
+        upgrade.add_commands(commands)
 
     p = add_command(commands, "diff", "make an update diff from OLD to NEW",
                     "Make an update diff (dm-update format) that turns OLD into NEW.",
@@ -314,7 +333,12 @@ def subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentP
 def main(argv: list[str] | None = None) -> int:
     if argv is None:
         argv = sys.argv[1:]
-    parser = build_parser()
+    # A command that does not serve a mount is parsed without those that do (see the
+    # module docstring); --help, --version, the mount(8) helper form and a mistyped
+    # command get every one.
+    parser = build_parser(serving=False)
+    if not argv or argv[0] not in subcommands(parser):
+        parser = build_parser()
     try:
         commands = subcommands(parser)
         if len(argv) >= 2 and not argv[0].startswith("-") and argv[0] not in commands:

@@ -247,6 +247,67 @@ def test_validating_a_log_reads_each_run_of_adjacent_backups_at_once():
     assert device.reads <= 2 + len(summary.blocks) + runs
 
 
+def source_runs(entries) -> int:
+    """How many runs of sources lying side by side `entries` restore to."""
+    spans = sorted((entry.source, entry.source + entry.size // SECTOR) for entry in entries)
+    return 1 + sum(1 for (_, end), (start, _) in zip(spans, spans[1:]) if start != end)
+
+
+def test_a_direct_restore_reads_each_backup_once_and_writes_neighbours_together():
+    """What validation read and checked is what the restore writes back: no backup is
+    read twice. Backups restored side by side go in one write, then block 0."""
+    device, checkpoint, _ = checkpointed_device(4096, blocks=512, writes=400, seed=11, moves=False)
+    summary = bow_log.validate(device, keep_backups=True)
+    entries, _ = summary.direct
+    reads, writes = device.reads, device.writes
+    bow_log.restore(device, validated=summary)
+    assert_is_checkpoint(device, checkpoint, 4096)
+    assert device.reads == reads
+    assert source_runs(entries) < len(entries)
+    assert device.writes - writes == source_runs(entries) + 1
+
+
+def test_a_backup_changed_after_validation_does_not_reach_the_device():
+    device, checkpoint, _ = checkpointed_device(4096, blocks=512, writes=400, seed=11, moves=False)
+    summary = bow_log.validate(device, keep_backups=True)
+    entries, _ = summary.direct
+    device.data[entries[0].dest * SECTOR] ^= 0xFF
+    bow_log.restore(device, validated=summary)
+    assert_is_checkpoint(device, checkpoint, 4096)
+
+
+def test_backups_beyond_the_memory_budget_are_read_and_checked_again(monkeypatch):
+    """At most RESTORE_MEMORY bytes of backups are kept from validation; the rest are
+    read again in batches of that size, and a change since validation stops the
+    restore before block 0 (the log) is touched."""
+    monkeypatch.setattr(bow_log, "RESTORE_MEMORY", 5 * 4096)
+    device, checkpoint, _ = checkpointed_device(4096, blocks=512, writes=400, seed=11, moves=False)
+    summary = bow_log.validate(device, keep_backups=True)
+    entries, _ = summary.direct
+    assert sum(backup.nbytes for backup in summary.backups.values()) <= 5 * 4096
+    assert len(entries) > 3 * 5
+    changed = MemoryDevice(bytes(device.data))
+    bow_log.restore(device, validated=summary)
+    assert_is_checkpoint(device, checkpoint, 4096)
+
+    summary = bow_log.validate(changed, keep_backups=True)
+    last = max(entries, key=lambda entry: entry.dest)
+    assert last not in summary.backups
+    changed.data[last.dest * SECTOR] ^= 0xFF
+    log = bytes(changed.data[:4096])
+    with pytest.raises(BowLogError, match=f"backup at sector {last.dest} changed since validation"):
+        bow_log.restore(changed, validated=summary)
+    assert changed.data[:4096] == log
+
+
+def test_a_summary_validated_without_keeping_backups_restores_too():
+    device, checkpoint, _ = checkpointed_device(4096, blocks=512, writes=400, seed=11, moves=False)
+    summary = bow_log.validate(device)
+    assert not summary.backups
+    bow_log.restore(device, validated=summary)
+    assert_is_checkpoint(device, checkpoint, 4096)
+
+
 @pytest.mark.parametrize("moves", [True, False])
 def test_restore_interrupted_after_any_copy_finishes_when_run_again(moves):
     device, checkpoint, _ = checkpointed_device(512, blocks=512, writes=400, seed=2, moves=moves)

@@ -17,10 +17,11 @@ What this module owns (pure format logic, no trio, no policy):
     again; a re-run after an interruption at any point (power cut included)
     finishes the job. Two ways, same result:
       directly, when no backup sits where another is restored to (`direct_plan`;
-      the usual case): every copy in dest order, contiguous runs as one read and
-      one write, one fsync, then block 0 (which kept the log until then) and a
-      second fsync. Interrupted, the log is intact and every backup unchanged:
-      it validates and restores again.
+      the usual case): the backups validation read (adjacent ones at once) and
+      checked, kept in memory up to RESTORE_MEMORY, are written back in source
+      order (adjacent sources in one write), one fsync, then block 0 (which kept
+      the log until then) and a second fsync. Interrupted, the log is intact and
+      every backup unchanged: it validates and restores again.
       in log order otherwise (a backup or block 0's live copy was moved), newest
       first, resumable exactly as vold's: before a copy would overwrite a sector
       read earlier in the same pass, the progress (the log block with the
@@ -38,6 +39,7 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import functools
+import operator
 import struct
 import zlib
 from typing import Callable, NamedTuple
@@ -159,6 +161,10 @@ def read_header(device) -> LogBlock | None:
 
 # The most bytes read (or, restoring directly, written) at once.
 DIRECT_IO_BYTES = 8 << 20
+# The most backup data a direct restore holds in memory: what validation read (and
+# checked) is written back from memory up to this much; beyond it, read again in
+# batches of this much once those are written.
+RESTORE_MEMORY = 256 << 20
 
 class _Relocations:
     """Where each sector's restored data would be read from: sector s reads device
@@ -190,12 +196,15 @@ class LogSummary:
     """What `validate` learned: the log blocks newest first and their figures."""
     blocks: list[LogBlock]
     resuming: bool            # block 0 carries "WOB": a restore was interrupted
+    # Backups of a direct log as validation read and checked them (`validate`'s
+    # keep_backups): a restore writes these from memory.
+    backups: dict[LogEntry, memoryview] = dataclasses.field(default_factory=dict, repr=False)
 
-    @property
+    @functools.cached_property
     def entries(self) -> int:
         return sum(len(b.entries) for b in self.blocks)
 
-    @property
+    @functools.cached_property
     def backed_up_bytes(self) -> int:
         return sum(e.size for b in self.blocks for e in b.entries)
 
@@ -205,28 +214,37 @@ class LogSummary:
         return direct_plan(self)
 
 
-def _check_entry(entry: LogEntry, block_size: int, device_size: int, where: str) -> None:
-    if entry.size < block_size or entry.size % block_size:
-        raise BowLogError(f"{where}: size {entry.size} is not a positive multiple of the block size {block_size}")
+def _check_entry(entry: LogEntry, block_size: int, device_size: int, where: str, index: int) -> None:
+    source, dest, size, _ = entry
     per_block = block_size // SECTOR
-    for name, sector in (("source", entry.source), ("dest", entry.dest)):
+    if (size >= block_size and not size % block_size and not source % per_block and not dest % per_block
+            and max(source, dest) * SECTOR + size <= device_size):
+        return  # (the usual case, checked at once: a log holds thousands of entries)
+    where = f"{where}, entry {index}"
+    if size < block_size or size % block_size:
+        raise BowLogError(f"{where}: size {size} is not a positive multiple of the block size {block_size}")
+    for name, sector in (("source", source), ("dest", dest)):
         if sector % per_block:
             raise BowLogError(f"{where}: {name} sector {sector} is not block-aligned")
-        if sector * SECTOR + entry.size > device_size:
-            raise BowLogError(f"{where}: {name} sector {sector} + {entry.size} bytes is beyond the "
+        if sector * SECTOR + size > device_size:
+            raise BowLogError(f"{where}: {name} sector {sector} + {size} bytes is beyond the "
                               f"end of the device ({device_size} bytes)")
 
 
-def validate(device) -> LogSummary:
+def validate(device, *, keep_backups: bool = False) -> LogSummary:
     """Check the whole log without writing: BowLogError on the first violation.
 
     The restore is simulated on a relocation map (`_Relocations`), which costs a
     range-map update per entry. The usual log needs none of it: when no backup sits
     where another entry's data is restored to (`direct_plan`), every backup is read
     where it lies and only block 0 moves, so the log is first walked that way
-    (`_Block0Chain`) and its checksums read in runs. If that walk finds anything
-    wrong, or the log is not direct, the full simulation runs and has the last word
-    (it names the first violation)."""
+    (`_Block0Chain`) and its backups read in runs and checked. If that walk finds
+    anything wrong, or the log is not direct, the full simulation runs and has the
+    last word (it names the first violation).
+
+    `keep_backups`: the checked backups of a direct log stay in memory, up to
+    RESTORE_MEMORY bytes (`LogSummary.backups`), so that `restore` writes them back
+    without reading and checking them a second time."""
     top = read_header(device)
     if top is None:
         raise BowLogError("no backup-on-write log on this device (block 0 has no BOW magic)")
@@ -235,7 +253,11 @@ def validate(device) -> LogSummary:
         raise BowLogError(f"block 0: sector0 {top.sector0} is not a block of the device")
     try:
         summary = _walk(device, top, _Block0Chain(), check_backups=False)
-        if summary.direct is not None and _backups_match(device, summary):
+        if summary.direct is not None:
+            every_backup = sorted((entry for block in summary.blocks for entry in block.entries),
+                                  key=_by_dest)
+            summary.backups = _read_backups(device, every_backup, top.block_size,
+                                            keep=RESTORE_MEMORY if keep_backups else 0)
             return summary
     except BowLogError:
         pass
@@ -277,47 +299,54 @@ def _walk(device, top: LogBlock, relocations, *, check_backups: bool) -> LogSumm
             raise BowLogError(f"{where}: sequence {block.sequence} where {sequence} was expected")
         for index in range(len(block.entries) - 1, -1, -1):
             entry = block.entries[index]
-            entry_where = f"{where}, entry {index}"
-            _check_entry(entry, block_size, device.size, entry_where)
+            _check_entry(entry, block_size, device.size, where, index)
             if sequence > 0 and index == 0 and entry.source != 0:
-                raise BowLogError(f"{entry_where}: the first entry of a later log block must back up "
-                                  f"block 0, not sector {entry.source}")
+                raise BowLogError(f"{where}, entry {index}: the first entry of a later log block must back "
+                                  f"up block 0, not sector {entry.source}")
             if check_backups and entry.checksum:
                 data = relocations.read(device, entry.dest, entry.size)
                 actual = block_checksum(entry.source, data, block_size)
                 if actual != entry.checksum:
-                    raise BowLogError(f"{entry_where}: checksum mismatch: recorded 0x{entry.checksum:08x}, "
+                    raise BowLogError(f"{where}, entry {index}: checksum mismatch: recorded 0x{entry.checksum:08x}, "
                                       f"backup at sector {entry.dest} has 0x{actual:08x}")
             relocations.relocate(entry.source, entry.dest, entry.size // SECTOR)
         blocks.append(block)
     return LogSummary(blocks, resuming)
 
 
-def _backups_match(device, summary: LogSummary) -> bool:
-    """Every backup of a direct log, read in place in dest order (contiguous ones
-    together), has its entry's checksum."""
-    block_size = summary.blocks[0].block_size
-    checked = sorted((entry for block in summary.blocks for entry in block.entries if entry.checksum),
-                     key=lambda entry: entry.dest)
-    for run in _contiguous_backups(checked):
-        data = memoryview(device.pread(run[-1].dest * SECTOR + run[-1].size - run[0].dest * SECTOR,
-                                       run[0].dest * SECTOR))
-        for entry in run:
-            at = (entry.dest - run[0].dest) * SECTOR
-            if block_checksum(entry.source, data[at:at + entry.size], block_size) != entry.checksum:
-                return False
-    return True
+_by_dest = operator.attrgetter("dest")
+_by_source = operator.attrgetter("source")
 
 
-def _contiguous_backups(entries: list[LogEntry]):
-    """`entries` (sorted by dest) in runs whose backups follow each other on the
-    device, each at most DIRECT_IO_BYTES: one read each."""
+def _read_backups(device, entries: list[LogEntry], block_size: int, *,
+                  keep: int) -> dict[LogEntry, memoryview]:
+    """Read the backups of `entries` (sorted by dest; adjacent ones at once) and check
+    each against its entry's checksum (BowLogError if one differs). Returns the
+    backups of the runs that fit in `keep` bytes, first come first kept."""
+    kept = {}
+    for run in _runs(entries, _by_dest):
+        at = run[0].dest * SECTOR
+        data = memoryview(device.pread(run[-1].dest * SECTOR + run[-1].size - at, at))
+        backups = [data[entry.dest * SECTOR - at:][:entry.size] for entry in run]
+        for entry, backup in zip(run, backups):
+            _check_backup(entry, backup, block_size)
+        if keep >= len(data):
+            kept.update(zip(run, backups))
+            keep -= len(data)
+    return kept
+
+
+def _runs(entries: list[LogEntry], sector_of: Callable[[LogEntry], int]):
+    """`entries` (sorted by `sector_of`: dest or source) in runs that follow each
+    other on the device at `sector_of`, each at most DIRECT_IO_BYTES: one read or
+    one write each."""
     start = 0
     while start < len(entries):
         stop = start + 1
-        end = entries[start].dest * SECTOR + entries[start].size
-        while (stop < len(entries) and entries[stop].dest * SECTOR == end
-               and end + entries[stop].size - entries[start].dest * SECTOR <= DIRECT_IO_BYTES):
+        first = sector_of(entries[start]) * SECTOR
+        end = first + entries[start].size
+        while (stop < len(entries) and sector_of(entries[stop]) * SECTOR == end
+               and end + entries[stop].size - first <= DIRECT_IO_BYTES):
             end += entries[stop].size
             stop += 1
         yield entries[start:stop]
@@ -340,7 +369,7 @@ def restore(device, *, validated: LogSummary | None = None,
     `stop_after` (tests only) stops after that many entries are restored, as an
     interruption would.
     """
-    summary = validated or validate(device)
+    summary = validated or validate(device, keep_backups=True)
     plan = summary.direct
     if plan is not None:
         _restore_directly(device, summary, *plan, progress=progress, stop_after=stop_after)
@@ -350,8 +379,8 @@ def restore(device, *, validated: LogSummary | None = None,
 
 
 def direct_plan(summary: LogSummary) -> tuple[list[LogEntry], LogEntry] | None:
-    """The entries to restore directly and the one that restores block 0, or None
-    if the log needs its order.
+    """The entries to restore directly (sorted by source) and the one that restores
+    block 0, or None if the log needs its order.
 
     In log order each entry copies its backup (dest) over its source, and a later
     log block reaches block 0 through its entry 0. When no dest overlaps any source
@@ -364,67 +393,107 @@ def direct_plan(summary: LogSummary) -> tuple[list[LogEntry], LogEntry] | None:
     block0 = [entry for entry in in_order if entry.source == 0 and entry.size == block_size]
     if not block0:
         return None
-    others = [entry for entry in in_order if not (entry.source == 0 and entry.size == block_size)]
-    sources = sorted([(0, block_size // SECTOR)]
-                     + [(entry.source, entry.source + entry.size // SECTOR) for entry in others])
-    if any(end > start for (_, end), (start, _) in zip(sources, sources[1:])):
+    others = sorted((entry for entry in in_order if not (entry.source == 0 and entry.size == block_size)),
+                    key=_by_source)
+    starts = [0] + [entry.source for entry in others]  # (block 0 first, then every other source)
+    ends = [block_size // SECTOR] + [entry.source + entry.size // SECTOR for entry in others]
+    if any(map(operator.gt, ends, starts[1:])):  # a source ends after the next one starts
         return None
-    starts = [start for start, _ in sources]
     for entry in in_order:
         # The source that starts last before the dest's end must end before the dest starts.
         index = bisect.bisect_left(starts, entry.dest + entry.size // SECTOR) - 1
-        if index >= 0 and sources[index][1] > entry.dest:
+        if index >= 0 and ends[index] > entry.dest:
             return None
     return others, block0[-1]
 
 
 def _restore_directly(device, summary: LogSummary, entries: list[LogEntry], block0: LogEntry, *,
                       progress: Callable[[int], None] | None, stop_after: int | None) -> None:
-    """Copy every backup in `entries` back in dest order (reads of contiguous
-    backups, and writes of backups that are contiguous on both sides, go together,
-    up to DIRECT_IO_BYTES), fsync, then write block 0 and fsync.
+    """Copy every backup in `entries` (sorted by source) back, fsync, then write
+    block 0 and fsync.
+
+    The backups validation kept in memory (`LogSummary.backups`) are written from
+    there: they are the bytes whose checksums it checked. Any others are read again
+    in batches of at most RESTORE_MEMORY bytes and checked again. Each batch goes
+    in source order, backups restored side by side in one write (up to
+    DIRECT_IO_BYTES).
 
     Ordering: block 0 keeps the log, and every backup what validation saw, until
     every other copy is durable (the first fsync); so an interruption before the
     block 0 write is durable leaves a log that validates and restores again to the
     same result, and one after it leaves the restored device."""
     block_size = summary.blocks[0].block_size
-    ordered = sorted(entries, key=lambda entry: (entry.dest, entry.source))
+    # The restore takes the kept backups over and lets each batch go once written, so
+    # that it never holds more than RESTORE_MEMORY of them.
+    kept, summary.backups = summary.backups, {}
+    block0_backup = kept.pop(block0, None)
+    batch, unread = [], []
+    for entry in entries:
+        backup = kept.pop(entry, None)
+        if backup is None:
+            unread.append(entry)
+        else:
+            batch.append((entry, backup))
+    del kept  # (what is left: the backups of full log blocks, which are not written back)
+    read_again = (sorted(_read_backups(device, some, block_size, keep=RESTORE_MEMORY).items(),
+                         key=lambda pair: pair[0].source)
+                  for some in _batches(sorted(unread, key=_by_dest)))
     done = done_bytes = 0
-    for run in _contiguous_backups(ordered):
-        at = run[0].dest * SECTOR
-        data = memoryview(device.pread(run[-1].dest * SECTOR + run[-1].size - at, at))
-        for entry in run:
-            _check_backup(entry, data[entry.dest * SECTOR - at:][:entry.size], block_size)
-        # Within the run, backups whose sources are contiguous too: one write.
-        index = 0
-        while index < len(run):
-            stop = index + 1
-            while stop < len(run) and run[stop].source == run[stop - 1].source + run[stop - 1].size // SECTOR:
-                stop += 1
-            length = sum(entry.size for entry in run[index:stop])
-            start = run[index].dest * SECTOR - at
-            device.pwrite(data[start:start + length], run[index].source * SECTOR)
+    while batch is not None:
+        for source, data, count in _side_by_side(batch):
+            device.pwrite(data, source * SECTOR)
             if progress:
-                progress(length)
-            done += stop - index
-            done_bytes += length
-            index = stop
+                progress(len(data))
+            done += count
+            done_bytes += len(data)
             if stop_after is not None and done >= stop_after:
                 return
+        batch = None  # (let it go before the next one is read)
+        batch = next(read_again, None)
     if stop_after is not None and stop_after < summary.entries:
         return  # (the block 0 write restores the remaining entries, those of block 0)
     device.fsync()  # every copy durable before block 0 stops being the log
-    data = device.pread(block0.size, block0.dest * SECTOR)
-    _check_backup(block0, data, block_size)
-    device.pwrite(data, 0)
+    if block0_backup is None:
+        block0_backup = _read_backups(device, [block0], block_size, keep=block0.size)[block0]
+    device.pwrite(block0_backup, 0)
     device.fsync()
     if progress:
         progress(summary.backed_up_bytes - done_bytes)  # block 0 stands for every log block's entry 0
 
 
+def _batches(entries: list[LogEntry]):
+    """`entries` in consecutive slices of at most RESTORE_MEMORY bytes of backups."""
+    start = size = 0
+    for index, entry in enumerate(entries):
+        if size + entry.size > RESTORE_MEMORY and index > start:
+            yield entries[start:index]
+            start, size = index, 0
+        size += entry.size
+    if start < len(entries):
+        yield entries[start:]
+
+
+def _side_by_side(backups: list[tuple[LogEntry, memoryview]]):
+    """(source sector, data, entries) for each run of `backups` (entry and backup,
+    sorted by source) restored side by side: one write each, at most DIRECT_IO_BYTES."""
+    run: list[memoryview] = []
+    for entry, backup in backups:
+        if run and (entry.source != end or size + entry.size > DIRECT_IO_BYTES):
+            yield start, b"".join(run) if len(run) > 1 else run[0], len(run)
+            run = []
+        if not run:
+            start, size = entry.source, 0
+        run.append(backup)
+        size += entry.size
+        end = entry.source + entry.size // SECTOR
+    if run:
+        yield start, b"".join(run) if len(run) > 1 else run[0], len(run)
+
+
 def _check_backup(entry: LogEntry, data, block_size: int) -> None:
-    """The backup read for a restore still has the checksum validation saw."""
+    """The backup has its entry's checksum (if one was recorded). Validation falls back
+    to the full simulation, which names the entry, when one has not; a restore that
+    reads a backup again stops."""
     if entry.checksum and block_checksum(entry.source, data, block_size) != entry.checksum:
         raise BowLogError(f"the backup at sector {entry.dest} changed since validation "
                           f"(checksum 0x{entry.checksum:08x}): is the device in use?")

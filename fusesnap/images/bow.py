@@ -1518,7 +1518,8 @@ def cmd_restore(args) -> int:
     started = time.monotonic()
     try:
         try:
-            summary = bow_log.validate(device)
+            # The checked backups stay in memory: the restore writes them without reading them again.
+            summary = bow_log.validate(device, keep_backups=not args.dry_run)
         except BowLogError as exc:
             raise UserError(f"{device.path}: not restored, nothing written: {exc}", EXIT_FAILED) from None
         total = summary.backed_up_bytes
