@@ -134,8 +134,8 @@ def test_a_torn_record_ends_the_replay_and_stale_records_never_count(tmp_path):
 def test_a_full_table_moves_to_its_other_region_and_snapshots_keep_their_contents(tmp_path, monkeypatch):
     """Many takes, writes and releases with a small table: it compacts into the other
     region while in use and again at each re-open; every snapshot stays exact."""
-    monkeypatch.setattr(fmt, "table_bytes_for", lambda chunks: 4096 * 24)  # ~3000 records
-    chunk, size = 16 << 10, 4 << 20  # 256 chunks: a compacted table always fits in half
+    monkeypatch.setattr(fmt, "table_bytes_for", lambda chunks: 4096 * 12)  # ~1500 records
+    chunk, size = 16 << 10, 4 << 20  # 256 chunks; compacted, the state stays under 500 records: it fits in half
     device_path = tmp_path / "dev.raw"
     rng = random.Random(1)
     device_path.write_bytes(rng.randbytes(size))
@@ -315,3 +315,47 @@ def test_sequential_writers_find_their_chunks_copied_ahead_and_changes_stay_exac
         await origin.close()
 
     trio.run(check)
+
+
+def test_while_dirty_is_durable_first_writes_copy_without_rounds_and_a_clean_store_takes_them(tmp_path):
+    """Once a DIRTY record is durable, a first write copies and records its chunks at
+    once (no group-commit round; a run of chunks is one COPY record), and the
+    snapshot still reads the old contents; after a flush (CLEAN) the next first write
+    takes its rounds again, which make a new DIRTY durable before it overwrites."""
+    chunk, size = 64 << 10, 4 << 20
+    device_path = tmp_path / "dev.raw"
+    rng = random.Random(6)
+    device_path.write_bytes(rng.randbytes(size))
+    store_path = str(tmp_path / "dev.store")
+    device = BlockDevice(str(device_path))
+    origin = OriginImage(device, Store(store_path, device, chunk, 64 << 20))
+
+    def table() -> list[fmt.Record]:
+        return fmt.read_table(origin.store.file.pread, origin.store.sb).records
+
+    async def session():
+        number = await origin.take()
+        before = bytes(origin.device.pread(size, 0))
+        await origin.write(0, rng.randbytes(chunk))  # clean store: two rounds, DIRTY durable
+        assert (origin.cbw.rounds, origin.copies_at_once, origin.dirty_durable) == (2, 0, True)
+
+        records_before = len(table())
+        await origin.write(8 * chunk, rng.randbytes(4 * chunk))  # four chunks, at once
+        assert (origin.cbw.rounds, origin.copies_at_once) == (2, 4)
+        assert table()[records_before:] == [fmt.Record(fmt.COPY, number, 8, 1, 4)]
+        assert await origin.read_snapshot(number, 0, size) == before
+
+        await origin.flush()  # CLEAN: copies take their rounds again
+        assert not origin.dirty
+        await origin.write(20 * chunk, rng.randbytes(chunk))
+        assert (origin.cbw.rounds, origin.copies_at_once, origin.dirty_durable) == (4, 4, True)
+        assert [r.type for r in table()[-3:]] == [fmt.CLEAN, fmt.DIRTY, fmt.COPY]
+        assert await origin.read_snapshot(number, 0, size) == before
+        await origin.close()
+        return number, before
+
+    number, before = trio.run(session)
+    device = BlockDevice(str(device_path))
+    reopened = OriginImage(device, Store(store_path, device, chunk, 64 << 20))
+    assert trio.run(reopened.read_snapshot, number, 0, size) == before
+    trio.run(reopened.close)

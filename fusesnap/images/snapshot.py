@@ -209,6 +209,7 @@ class OriginImage(Image):
         self.read_ends = collections.deque(maxlen=STREAMS)
         self.read_ahead_to: dict[int, int] = {}
         self.records_appended = 0
+        self.copies_at_once = 0             # copies recorded without a round (`_copy_at_once`)
         self.copy_uncached = True           # until the kernel refuses RWF_DONTCACHE
         self.device_mapping: tuple[int, mmap.mmap, memoryview] | None = None  # `_device_window`
         if store.created:
@@ -376,7 +377,7 @@ class OriginImage(Image):
             self._mark_at_once(range(first, end))
             self.device.pwrite(data, offset)
             return len(data)
-        async with self.cbw.writing(first, end, plan=self.plan_sequential if sequential else None):
+        async with self.cbw.writing(first, end, plan=self.plan_sequential if sequential else self.plan_write):
             # The old contents of every chunk a snapshot needs are in the store (or
             # the snapshot is marked corrupted), and a DIRTY is durable, by now.
             self.device.pwrite(data, offset)
@@ -443,9 +444,36 @@ class OriginImage(Image):
     def newest(self) -> int:
         return self.state.next_snapshot - 1
 
+    def plan_write(self, first: int, end: int) -> list[StoreCopy]:
+        """`plan` for an origin write: copies at once where it can (`_copy_at_once`)."""
+        return self._copy_at_once(self.plan(first, end))
+
     def plan_sequential(self, first: int, end: int) -> list[StoreCopy]:
-        """`plan` for a write that goes on where a recent one ended: copies ahead too."""
-        return self.plan(first, end, ahead=True)
+        """`plan_write` for a write that goes on where a recent one ended: copies ahead too."""
+        return self._copy_at_once(self.plan(first, end, ahead=True))
+
+    def _copy_at_once(self, copies: list[StoreCopy]) -> list[StoreCopy]:
+        """While a DIRTY is durably in force (`_marks_at_once`), make the copies and
+        append their records right here, in the plan (sync, the chunks held), and
+        return nothing left to commit: the write goes on without the group commit's
+        two rounds, whose barrier would have nothing to do (it fsyncs only to make
+        a DIRTY durable). Ordering as in a round: each copy is in the store (page
+        cache, or on its way to the disk) when its write returns, its record is
+        appended after it, and the origin write after the record, all in the
+        kernel's hands, which a kill -9 keeps; after a power cut the DIRTY marks
+        every snapshot lost. Otherwise (a clean store, a failed one) the copies go
+        to the rounds as they are."""
+        if not copies or not self._marks_at_once():
+            return copies
+        try:
+            self._copies_from_device([copy for copy in copies if copy.kind == "copy"])
+            self.write_records(copies)
+        except BaseException as exc:
+            self.abandoned(copies, exc)
+            raise
+        self.recorded(copies)
+        self.copies_at_once += len(copies)
+        return []
 
     def plan(self, first: int, end: int, *, ahead: bool = False) -> list[StoreCopy]:
         """Origin writes, sync: a shared copy of each chunk some intact snapshot still
@@ -627,7 +655,12 @@ class OriginImage(Image):
                             if not s.corrupted and copy.chunk not in s.map]
                 records.append(fmt.Record(fmt.CBT, copy.number, copy.chunk))
             elif copy.kind == "copy":
-                records.append(fmt.Record(fmt.COPY, copy.number, copy.chunk, copy.slot))
+                last = records[-1] if records else None
+                if last and last.type == fmt.COPY and last.snapshot == copy.number and \
+                        (last.chunk + last.count, last.slot + last.count) == (copy.chunk, copy.slot):
+                    records[-1] = dataclasses.replace(last, count=last.count + 1)  # one record a run
+                else:
+                    records.append(fmt.Record(fmt.COPY, copy.number, copy.chunk, copy.slot))
             elif copy.kind == "own":
                 records.append(fmt.Record(fmt.OWN, copy.number, copy.chunk, copy.slot))
             elif copy.kind == "cbt":
@@ -636,7 +669,7 @@ class OriginImage(Image):
                 records.append(fmt.Record(fmt.CORRUPT, copy.number, count=copy.reason))
         # Ordering: the copies these records name are in the store (page cache) by
         # now; the barrier after this makes sure a DIRTY is durable before any
-        # overwrite of the chunks they protect.
+        # overwrite of the chunks they protect (`_copy_at_once`: it is already).
         self._append(records)
         return copies, [], []
 
@@ -917,7 +950,7 @@ class OriginImage(Image):
                 "store_bytes": self.store_bytes, "limit": self.store.limit, "chunk_size": self.chunk_size,
                 "generation": self.state.generation, "newest": self.newest if self.snapshots else None,
                 "warning": "low-space" if low and self.snapshots else "",
-                "store_error": self.store_failed, **self.cbw.status()}
+                "store_error": self.store_failed, "copies_at_once": self.copies_at_once, **self.cbw.status()}
 
     async def close(self) -> None:
         try:
