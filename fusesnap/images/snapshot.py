@@ -372,31 +372,43 @@ class OriginImage(Image):
         first, end = offset // self.chunk_size, -(-(offset + len(data)) // self.chunk_size)
         sequential = offset in self.write_ends  # it goes on where a recent write ended
         self.write_ends.append(offset + len(data))
-        if self._needs_no_copy(first, end):
-            # No await from the check to the write: nothing can change in between.
-            self._mark_at_once(range(first, end))
-            self.device.pwrite(data, offset)
-            return len(data)
+        if self._copied_for_all(first, end):
+            unmarked = self._unmarked_runs(first, end)
+            if not unmarked or self._marks_at_once():
+                # No await from the check to the write: nothing can change in between.
+                self._mark_at_once(unmarked)
+                self.device.pwrite(data, offset)
+                return len(data)
         async with self.cbw.writing(first, end, plan=self.plan_sequential if sequential else self.plan_write):
             # The old contents of every chunk a snapshot needs are in the store (or
             # the snapshot is marked corrupted), and a DIRTY is durable, by now.
             self.device.pwrite(data, offset)
         return len(data)
 
-    def _needs_no_copy(self, first: int, end: int) -> bool:
-        """True if an origin write to chunks [first, end) needs no copy and no round
-        of records (its change marks, if any, can be written at once:
-        `_mark_at_once`), and no other write holds the chunks: the common case once
-        the chunks were copied."""
+    def _copied_for_all(self, first: int, end: int) -> bool:
+        """True if no intact snapshot reads a chunk of [first, end) from the device
+        any more and no other write holds them: an origin write there needs no copy,
+        at most change marks (the common case once the chunks were copied)."""
         if self.cbw.is_held(first, end):
             return False
-        newest, intact = self.newest, [s for s in self.state.held.values() if not s.corrupted]
-        for chunk in range(first, end):
-            if any(chunk not in s.map for s in intact):
-                return False
-            if newest and self.state.changed.get(chunk, 0) != newest and not self._marks_at_once():
-                return False
-        return True
+        intact = [s for s in self.state.held.values() if not s.corrupted]
+        return all(chunk in s.map for s in intact for chunk in range(first, end))
+
+    def _unmarked_runs(self, first: int, end: int) -> list[tuple[int, int]]:
+        """Runs [a, b) of chunks of [first, end) whose change mark is not the newest
+        snapshot's (none while no snapshot was ever taken)."""
+        newest = self.newest
+        if not newest:
+            return []
+        runs, pos = [], first
+        for start, stop, number in self.state.changed.overlapping(first, end):
+            if number == newest:
+                if pos < start:
+                    runs.append((pos, start))
+                pos = stop
+        if pos < end:
+            runs.append((pos, end))
+        return runs
 
     def _marks_at_once(self) -> bool:
         """Can a change mark be appended right before its write, without a round?
@@ -407,13 +419,11 @@ class OriginImage(Image):
         hide that change from an incremental backup."""
         return self.dirty_durable and not self.store_failed
 
-    def _mark_at_once(self, chunks) -> None:
-        """Append CBT records for those of `chunks` whose change mark is not the
-        newest snapshot's (only when `_marks_at_once`; sync: the caller writes next)."""
-        newest = self.newest
-        stale = [chunk for chunk in chunks if newest and self.state.changed.get(chunk, 0) != newest]
-        if stale:
-            self._append([fmt.Record(fmt.CBT, newest, first, 0, end - first) for first, end in _runs(stale)])
+    def _mark_at_once(self, runs: list[tuple[int, int]]) -> None:
+        """Append CBT records marking the chunk runs [a, b) changed in the newest
+        snapshot (only when `_marks_at_once`; sync: the caller writes next)."""
+        if runs:
+            self._append([fmt.Record(fmt.CBT, self.newest, first, 0, end - first) for first, end in runs])
 
     async def discard(self, offset: int, length: int, *, zero_range: bool) -> None:
         """A discard is a write of zeros to the snapshots' eyes: old contents first."""
@@ -491,7 +501,7 @@ class OriginImage(Image):
             if self.newest and self.state.changed.get(chunk, 0) != self.newest:
                 unmarked.append(chunk)
         if self._marks_at_once():
-            self._mark_at_once(unmarked)
+            self._mark_at_once(_runs(unmarked))
         else:
             copies += [StoreCopy("cbt", chunk, number=self.newest) for chunk in unmarked]
         copies += [StoreCopy("corrupt", 0, number=n, reason=fmt.OVERFLOW) for n in sorted(overflowed)]
@@ -507,12 +517,15 @@ class OriginImage(Image):
         its record keeps the chunk's change mark. The chunks are held until recorded
         (no write lands before its copy is), and taken only where nothing holds
         them, with a tenth of the store to spare (never a cause of overflow); a
-        stream that stops leaves at most COPY_AHEAD copied for nothing."""
+        stream that stops leaves at most COPY_AHEAD copied for nothing. Copied at
+        once (`_copy_at_once`), they are recorded before anything else runs: no hold."""
         room = self.store.max_slots * (1 - LOW_SPACE_FRACTION) - len(self.state.refs)
         stop_at = min(self.n_chunks, end + COPY_AHEAD // self.chunk_size, end + int(room))
+        held = self.cbw.held.overlapping(end, stop_at) if stop_at > end else []
+        if held:
+            stop_at = held[0][0]
         stop = end
-        while stop < stop_at and not self.cbw.is_held(stop, stop + 1) and \
-                any(stop not in s.map for s in intact):
+        while stop < stop_at and any(stop not in s.map for s in intact):
             stop += 1
         if stop == end:
             return []
@@ -522,7 +535,7 @@ class OriginImage(Image):
             if slot is None:
                 break
             ahead.append(StoreCopy("copy", chunk, slot, self.state.changed.get(chunk, 0), ahead=True))
-        if ahead:
+        if ahead and not self._marks_at_once():
             end_held = ahead[-1].chunk + 1
             ahead[0].hold = (end, end_held, self.cbw.hold(end, end_held))
         return ahead
