@@ -20,6 +20,21 @@ from fusesnap.images.snapshot import OriginImage, Store
 
 GENERATION = "5b0c2f6e-8d7a-4e1b-9c3d-2a1f0e9d8c7b"
 
+
+def origin_on_random_device(tmp_path, rng: random.Random, chunk: int, size: int) -> OriginImage:
+    """origin.img over tmp_path/dev.raw (`size` bytes from `rng`), with a new store
+    tmp_path/dev.store."""
+    device_path = tmp_path / "dev.raw"
+    device_path.write_bytes(rng.randbytes(size))
+    device = BlockDevice(str(device_path))
+    return OriginImage(device, Store(str(tmp_path / "dev.store"), device, chunk, 64 << 20))
+
+
+def reopened(origin: OriginImage) -> OriginImage:
+    """The same device and store opened again (as a re-mount does)."""
+    device = BlockDevice(origin.device.path)
+    return OriginImage(device, Store(origin.store.path, device, origin.chunk_size, origin.store.limit))
+
 operations = st.lists(st.one_of(
     st.tuples(st.just("take")),
     st.tuples(st.just("release"), st.integers(1, 6)),
@@ -182,12 +197,8 @@ def test_a_full_table_corrupts_the_oldest_snapshots_only_until_the_rest_fits(tmp
     fits, the newest stay exact, and every origin write succeeds."""
     monkeypatch.setattr(fmt, "table_bytes_for", lambda chunks: 4096 * 8)  # ~1000 records
     chunk, size = 16 << 10, 4 << 20  # 256 chunks
-    device_path = tmp_path / "dev.raw"
     rng = random.Random(3)
-    device_path.write_bytes(rng.randbytes(size))
-    store_path = str(tmp_path / "dev.store")
-    device = BlockDevice(str(device_path))
-    origin = OriginImage(device, Store(store_path, device, chunk, 64 << 20))
+    origin = origin_on_random_device(tmp_path, rng, chunk, size)
 
     async def session():
         expected = {}
@@ -227,11 +238,8 @@ def test_copies_that_straddle_the_device_mapping_windows_are_exact(tmp_path, mon
     the snapshot exactly as it was, up to the device's last, partial chunk."""
     monkeypatch.setattr(snapshot_image, "MAP_WINDOW", 768 << 10)
     chunk, size = 256 << 10, (8 << 20) + (100 << 10)
-    device_path = tmp_path / "dev.raw"
     rng = random.Random(4)
-    device_path.write_bytes(rng.randbytes(size))
-    device = BlockDevice(str(device_path))
-    origin = OriginImage(device, Store(str(tmp_path / "dev.store"), device, chunk, 64 << 20))
+    origin = origin_on_random_device(tmp_path, rng, chunk, size)
 
     async def session():
         number = await origin.take()
@@ -323,12 +331,8 @@ def test_while_dirty_is_durable_first_writes_copy_without_rounds_and_a_clean_sto
     snapshot still reads the old contents; after a flush (CLEAN) the next first write
     takes its rounds again, which make a new DIRTY durable before it overwrites."""
     chunk, size = 64 << 10, 4 << 20
-    device_path = tmp_path / "dev.raw"
     rng = random.Random(6)
-    device_path.write_bytes(rng.randbytes(size))
-    store_path = str(tmp_path / "dev.store")
-    device = BlockDevice(str(device_path))
-    origin = OriginImage(device, Store(store_path, device, chunk, 64 << 20))
+    origin = origin_on_random_device(tmp_path, rng, chunk, size)
 
     def table() -> list[fmt.Record]:
         return fmt.read_table(origin.store.file.pread, origin.store.sb).records
@@ -355,7 +359,6 @@ def test_while_dirty_is_durable_first_writes_copy_without_rounds_and_a_clean_sto
         return number, before
 
     number, before = trio.run(session)
-    device = BlockDevice(str(device_path))
-    reopened = OriginImage(device, Store(store_path, device, chunk, 64 << 20))
-    assert trio.run(reopened.read_snapshot, number, 0, size) == before
-    trio.run(reopened.close)
+    again = reopened(origin)
+    assert trio.run(again.read_snapshot, number, 0, size) == before
+    trio.run(again.close)
