@@ -372,11 +372,17 @@ class OriginImage(Image):
         first, end = offset // self.chunk_size, -(-(offset + len(data)) // self.chunk_size)
         sequential = offset in self.write_ends  # it goes on where a recent write ended
         self.write_ends.append(offset + len(data))
-        if self._copied_for_all(first, end):
-            unmarked = self._unmarked_runs(first, end)
-            if not unmarked or self._marks_at_once():
-                # No await from the check to the write: nothing can change in between.
-                self._mark_at_once(unmarked)
+        if not self.cbw.is_held(first, end):
+            # No other write holds the chunks, and no await from here to the write:
+            # nothing can come between, so these two cases need no chunk locks.
+            if self._copied_for_all(first, end):  # the common case once copied
+                unmarked = self._unmarked_runs(first, end)
+                if not unmarked or self._marks_at_once():
+                    self._mark_at_once(unmarked)
+                    self.device.pwrite(data, offset)
+                    return len(data)
+            elif self._marks_at_once():
+                self._copy_at_once(self.plan(first, end, ahead=sequential))
                 self.device.pwrite(data, offset)
                 return len(data)
         async with self.cbw.writing(first, end, plan=self.plan_sequential if sequential else self.plan_write):
@@ -387,10 +393,7 @@ class OriginImage(Image):
 
     def _copied_for_all(self, first: int, end: int) -> bool:
         """True if no intact snapshot reads a chunk of [first, end) from the device
-        any more and no other write holds them: an origin write there needs no copy,
-        at most change marks (the common case once the chunks were copied)."""
-        if self.cbw.is_held(first, end):
-            return False
+        any more: an origin write there needs no copy, at most change marks."""
         intact = [s for s in self.state.held.values() if not s.corrupted]
         return all(chunk in s.map for s in intact for chunk in range(first, end))
 
@@ -455,7 +458,8 @@ class OriginImage(Image):
         return self.state.next_snapshot - 1
 
     def plan_write(self, first: int, end: int) -> list[StoreCopy]:
-        """`plan` for an origin write: copies at once where it can (`_copy_at_once`)."""
+        """`plan` for an origin write that waited for its chunks: copies at once where
+        it can (`_copy_at_once`)."""
         return self._copy_at_once(self.plan(first, end))
 
     def plan_sequential(self, first: int, end: int) -> list[StoreCopy]:
@@ -671,7 +675,7 @@ class OriginImage(Image):
                 last = records[-1] if records else None
                 if last and last.type == fmt.COPY and last.snapshot == copy.number and \
                         (last.chunk + last.count, last.slot + last.count) == (copy.chunk, copy.slot):
-                    records[-1] = dataclasses.replace(last, count=last.count + 1)  # one record a run
+                    records[-1] = fmt.Record(fmt.COPY, copy.number, last.chunk, last.slot, last.count + 1)  # a run
                 else:
                     records.append(fmt.Record(fmt.COPY, copy.number, copy.chunk, copy.slot))
             elif copy.kind == "own":
