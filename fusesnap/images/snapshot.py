@@ -34,9 +34,11 @@ after a power cut a snapshot is intact or reported lost, and first writes cost n
 fsync (per-write fsyncs measured 0.04 of the writes without a snapshot). A slot
 whose last reference went (release, corruption) is reused only after the record
 that freed it is durable. Takes and releases hold every chunk (no write is half done
-meanwhile) and fsync their record before returning. A write whose chunks are copied
-and need only change marks appends them right before it, without a round, while a
-DIRTY is durably in force (`_marks_at_once`).
+meanwhile) and fsync their record before returning. While a DIRTY is durably in
+force (`_marks_at_once`), a write copies its chunks and appends their records
+itself, in the same order, without the group commit's rounds (`_copy_at_once`),
+and a write whose chunks are copied and need only change marks appends them right
+before it.
 
 Sequential writers: a write that goes on where a recent one ended also copies the
 COPY_AHEAD bytes of chunks after it (`_plan_ahead`), so that the stream's next
