@@ -9,6 +9,7 @@ import random
 
 import pytest
 import trio
+import trio.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -327,9 +328,10 @@ def test_sequential_writers_find_their_chunks_copied_ahead_and_changes_stay_exac
 
 def test_while_dirty_is_durable_first_writes_copy_without_rounds_and_a_clean_store_takes_them(tmp_path):
     """Once a DIRTY record is durable, a first write copies and records its chunks at
-    once (no group-commit round; a run of chunks is one COPY record), and the
-    snapshot still reads the old contents; after a flush (CLEAN) the next first write
-    takes its rounds again, which make a new DIRTY durable before it overwrites."""
+    once (no group-commit round; a run of chunks is one COPY record), also one that
+    had to wait for its chunks, and the snapshot still reads the old contents; after
+    a flush (CLEAN) the next first write takes its rounds again, which make a new
+    DIRTY durable before it overwrites."""
     chunk, size = 64 << 10, 4 << 20
     rng = random.Random(6)
     origin = origin_on_random_device(tmp_path, rng, chunk, size)
@@ -349,10 +351,21 @@ def test_while_dirty_is_durable_first_writes_copy_without_rounds_and_a_clean_sto
         assert table()[records_before:] == [fmt.Record(fmt.COPY, number, 8, 1, 4)]
         assert await origin.read_snapshot(number, 0, size) == before
 
+        async def write_when_free(offset: int, length: int):
+            await origin.write(offset, rng.randbytes(length))
+
+        async with trio.open_nursery() as nursery:  # a write that waits for its chunks
+            async with origin.cbw.exclusive(13, 15):
+                nursery.start_soon(write_when_free, 13 * chunk, 2 * chunk)
+                await trio.testing.wait_all_tasks_blocked()
+                assert origin.copies_at_once == 4
+        assert (origin.cbw.rounds, origin.copies_at_once) == (2, 6)
+        assert await origin.read_snapshot(number, 0, size) == before
+
         await origin.flush()  # CLEAN: copies take their rounds again
         assert not origin.dirty
         await origin.write(20 * chunk, rng.randbytes(chunk))
-        assert (origin.cbw.rounds, origin.copies_at_once, origin.dirty_durable) == (4, 4, True)
+        assert (origin.cbw.rounds, origin.copies_at_once, origin.dirty_durable) == (4, 6, True)
         assert [r.type for r in table()[-3:]] == [fmt.CLEAN, fmt.DIRTY, fmt.COPY]
         assert await origin.read_snapshot(number, 0, size) == before
         await origin.close()

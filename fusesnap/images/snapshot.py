@@ -470,8 +470,8 @@ class OriginImage(Image):
 
     def _copy_at_once(self, copies: list[StoreCopy]) -> list[StoreCopy]:
         """While a DIRTY is durably in force (`_marks_at_once`), make the copies and
-        append their records right here, in the plan (sync, the chunks held), and
-        return nothing left to commit: the write goes on without the group commit's
+        append their records right here (sync: nothing else runs until the write),
+        and return nothing left to commit: the write goes on without the group commit's
         two rounds, whose barrier would have nothing to do (it fsyncs only to make
         a DIRTY durable). Ordering as in a round: each copy is in the store (page
         cache, or on its way to the disk) when its write returns, its record is
