@@ -9,6 +9,7 @@ import random
 
 import pytest
 import trio
+import trio.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -19,6 +20,21 @@ from fusesnap.images import snapshot as snapshot_image
 from fusesnap.images.snapshot import OriginImage, Store
 
 GENERATION = "5b0c2f6e-8d7a-4e1b-9c3d-2a1f0e9d8c7b"
+
+
+def origin_on_random_device(tmp_path, rng: random.Random, chunk: int, size: int) -> OriginImage:
+    """origin.img over tmp_path/dev.raw (`size` bytes from `rng`), with a new store
+    tmp_path/dev.store."""
+    device_path = tmp_path / "dev.raw"
+    device_path.write_bytes(rng.randbytes(size))
+    device = BlockDevice(str(device_path))
+    return OriginImage(device, Store(str(tmp_path / "dev.store"), device, chunk, 64 << 20))
+
+
+def reopened(origin: OriginImage) -> OriginImage:
+    """The same device and store opened again (as a re-mount does)."""
+    device = BlockDevice(origin.device.path)
+    return OriginImage(device, Store(origin.store.path, device, origin.chunk_size, origin.store.limit))
 
 operations = st.lists(st.one_of(
     st.tuples(st.just("take")),
@@ -134,8 +150,8 @@ def test_a_torn_record_ends_the_replay_and_stale_records_never_count(tmp_path):
 def test_a_full_table_moves_to_its_other_region_and_snapshots_keep_their_contents(tmp_path, monkeypatch):
     """Many takes, writes and releases with a small table: it compacts into the other
     region while in use and again at each re-open; every snapshot stays exact."""
-    monkeypatch.setattr(fmt, "table_bytes_for", lambda chunks: 4096 * 24)  # ~3000 records
-    chunk, size = 16 << 10, 4 << 20  # 256 chunks: a compacted table always fits in half
+    monkeypatch.setattr(fmt, "table_bytes_for", lambda chunks: 4096 * 12)  # ~1500 records
+    chunk, size = 16 << 10, 4 << 20  # 256 chunks; compacted, the state stays under 500 records: it fits in half
     device_path = tmp_path / "dev.raw"
     rng = random.Random(1)
     device_path.write_bytes(rng.randbytes(size))
@@ -182,12 +198,8 @@ def test_a_full_table_corrupts_the_oldest_snapshots_only_until_the_rest_fits(tmp
     fits, the newest stay exact, and every origin write succeeds."""
     monkeypatch.setattr(fmt, "table_bytes_for", lambda chunks: 4096 * 8)  # ~1000 records
     chunk, size = 16 << 10, 4 << 20  # 256 chunks
-    device_path = tmp_path / "dev.raw"
     rng = random.Random(3)
-    device_path.write_bytes(rng.randbytes(size))
-    store_path = str(tmp_path / "dev.store")
-    device = BlockDevice(str(device_path))
-    origin = OriginImage(device, Store(store_path, device, chunk, 64 << 20))
+    origin = origin_on_random_device(tmp_path, rng, chunk, size)
 
     async def session():
         expected = {}
@@ -227,11 +239,8 @@ def test_copies_that_straddle_the_device_mapping_windows_are_exact(tmp_path, mon
     the snapshot exactly as it was, up to the device's last, partial chunk."""
     monkeypatch.setattr(snapshot_image, "MAP_WINDOW", 768 << 10)
     chunk, size = 256 << 10, (8 << 20) + (100 << 10)
-    device_path = tmp_path / "dev.raw"
     rng = random.Random(4)
-    device_path.write_bytes(rng.randbytes(size))
-    device = BlockDevice(str(device_path))
-    origin = OriginImage(device, Store(str(tmp_path / "dev.store"), device, chunk, 64 << 20))
+    origin = origin_on_random_device(tmp_path, rng, chunk, size)
 
     async def session():
         number = await origin.take()
@@ -315,3 +324,54 @@ def test_sequential_writers_find_their_chunks_copied_ahead_and_changes_stay_exac
         await origin.close()
 
     trio.run(check)
+
+
+def test_while_dirty_is_durable_first_writes_copy_without_rounds_and_a_clean_store_takes_them(tmp_path):
+    """Once a DIRTY record is durable, a first write copies and records its chunks at
+    once (no group-commit round; a run of chunks is one COPY record), also one that
+    had to wait for its chunks, and the snapshot still reads the old contents; after
+    a flush (CLEAN) the next first write takes its rounds again, which make a new
+    DIRTY durable before it overwrites."""
+    chunk, size = 64 << 10, 4 << 20
+    rng = random.Random(6)
+    origin = origin_on_random_device(tmp_path, rng, chunk, size)
+
+    def table() -> list[fmt.Record]:
+        return fmt.read_table(origin.store.file.pread, origin.store.sb).records
+
+    async def session():
+        number = await origin.take()
+        before = bytes(origin.device.pread(size, 0))
+        await origin.write(0, rng.randbytes(chunk))  # clean store: two rounds, DIRTY durable
+        assert (origin.cbw.rounds, origin.copies_at_once, origin.dirty_durable) == (2, 0, True)
+
+        records_before = len(table())
+        await origin.write(8 * chunk, rng.randbytes(4 * chunk))  # four chunks, at once
+        assert (origin.cbw.rounds, origin.copies_at_once) == (2, 4)
+        assert table()[records_before:] == [fmt.Record(fmt.COPY, number, 8, 1, 4)]
+        assert await origin.read_snapshot(number, 0, size) == before
+
+        async def write_when_free(offset: int, length: int):
+            await origin.write(offset, rng.randbytes(length))
+
+        async with trio.open_nursery() as nursery:  # a write that waits for its chunks
+            async with origin.cbw.exclusive(13, 15):
+                nursery.start_soon(write_when_free, 13 * chunk, 2 * chunk)
+                await trio.testing.wait_all_tasks_blocked()
+                assert origin.copies_at_once == 4
+        assert (origin.cbw.rounds, origin.copies_at_once) == (2, 6)
+        assert await origin.read_snapshot(number, 0, size) == before
+
+        await origin.flush()  # CLEAN: copies take their rounds again
+        assert not origin.dirty
+        await origin.write(20 * chunk, rng.randbytes(chunk))
+        assert (origin.cbw.rounds, origin.copies_at_once, origin.dirty_durable) == (4, 6, True)
+        assert [r.type for r in table()[-3:]] == [fmt.CLEAN, fmt.DIRTY, fmt.COPY]
+        assert await origin.read_snapshot(number, 0, size) == before
+        await origin.close()
+        return number, before
+
+    number, before = trio.run(session)
+    again = reopened(origin)
+    assert trio.run(again.read_snapshot, number, 0, size) == before
+    trio.run(again.close)

@@ -34,9 +34,11 @@ after a power cut a snapshot is intact or reported lost, and first writes cost n
 fsync (per-write fsyncs measured 0.04 of the writes without a snapshot). A slot
 whose last reference went (release, corruption) is reused only after the record
 that freed it is durable. Takes and releases hold every chunk (no write is half done
-meanwhile) and fsync their record before returning. A write whose chunks are copied
-and need only change marks appends them right before it, without a round, while a
-DIRTY is durably in force (`_marks_at_once`).
+meanwhile) and fsync their record before returning. While a DIRTY is durably in
+force (`_marks_at_once`), a write copies its chunks and appends their records
+itself, in the same order, without the group commit's rounds (`_copy_at_once`),
+and a write whose chunks are copied and need only change marks appends them right
+before it.
 
 Sequential writers: a write that goes on where a recent one ended also copies the
 COPY_AHEAD bytes of chunks after it (`_plan_ahead`), so that the stream's next
@@ -209,6 +211,7 @@ class OriginImage(Image):
         self.read_ends = collections.deque(maxlen=STREAMS)
         self.read_ahead_to: dict[int, int] = {}
         self.records_appended = 0
+        self.copies_at_once = 0             # copies recorded without a round (`_copy_at_once`)
         self.copy_uncached = True           # until the kernel refuses RWF_DONTCACHE
         self.device_mapping: tuple[int, mmap.mmap, memoryview] | None = None  # `_device_window`
         if store.created:
@@ -371,31 +374,46 @@ class OriginImage(Image):
         first, end = offset // self.chunk_size, -(-(offset + len(data)) // self.chunk_size)
         sequential = offset in self.write_ends  # it goes on where a recent write ended
         self.write_ends.append(offset + len(data))
-        if self._needs_no_copy(first, end):
-            # No await from the check to the write: nothing can change in between.
-            self._mark_at_once(range(first, end))
-            self.device.pwrite(data, offset)
-            return len(data)
-        async with self.cbw.writing(first, end, plan=self.plan_sequential if sequential else None):
+        if not self.cbw.is_held(first, end):
+            # No other write holds the chunks, and no await from here to the write:
+            # nothing can come between, so these two cases need no chunk locks.
+            if self._copied_for_all(first, end):  # the common case once copied
+                unmarked = self._unmarked_runs(first, end)
+                if not unmarked or self._marks_at_once():
+                    self._mark_at_once(unmarked)
+                    self.device.pwrite(data, offset)
+                    return len(data)
+            elif self._marks_at_once():
+                self._copy_at_once(self.plan(first, end, ahead=sequential))
+                self.device.pwrite(data, offset)
+                return len(data)
+        async with self.cbw.writing(first, end, plan=self.plan_sequential if sequential else self.plan_write):
             # The old contents of every chunk a snapshot needs are in the store (or
             # the snapshot is marked corrupted), and a DIRTY is durable, by now.
             self.device.pwrite(data, offset)
         return len(data)
 
-    def _needs_no_copy(self, first: int, end: int) -> bool:
-        """True if an origin write to chunks [first, end) needs no copy and no round
-        of records (its change marks, if any, can be written at once:
-        `_mark_at_once`), and no other write holds the chunks: the common case once
-        the chunks were copied."""
-        if self.cbw.is_held(first, end):
-            return False
-        newest, intact = self.newest, [s for s in self.state.held.values() if not s.corrupted]
-        for chunk in range(first, end):
-            if any(chunk not in s.map for s in intact):
-                return False
-            if newest and self.state.changed.get(chunk, 0) != newest and not self._marks_at_once():
-                return False
-        return True
+    def _copied_for_all(self, first: int, end: int) -> bool:
+        """True if no intact snapshot reads a chunk of [first, end) from the device
+        any more: an origin write there needs no copy, at most change marks."""
+        intact = [s for s in self.state.held.values() if not s.corrupted]
+        return all(chunk in s.map for s in intact for chunk in range(first, end))
+
+    def _unmarked_runs(self, first: int, end: int) -> list[tuple[int, int]]:
+        """Runs [a, b) of chunks of [first, end) whose change mark is not the newest
+        snapshot's (none while no snapshot was ever taken)."""
+        newest = self.newest
+        if not newest:
+            return []
+        runs, pos = [], first
+        for start, stop, number in self.state.changed.overlapping(first, end):
+            if number == newest:
+                if pos < start:
+                    runs.append((pos, start))
+                pos = stop
+        if pos < end:
+            runs.append((pos, end))
+        return runs
 
     def _marks_at_once(self) -> bool:
         """Can a change mark be appended right before its write, without a round?
@@ -406,13 +424,11 @@ class OriginImage(Image):
         hide that change from an incremental backup."""
         return self.dirty_durable and not self.store_failed
 
-    def _mark_at_once(self, chunks) -> None:
-        """Append CBT records for those of `chunks` whose change mark is not the
-        newest snapshot's (only when `_marks_at_once`; sync: the caller writes next)."""
-        newest = self.newest
-        stale = [chunk for chunk in chunks if newest and self.state.changed.get(chunk, 0) != newest]
-        if stale:
-            self._append([fmt.Record(fmt.CBT, newest, first, 0, end - first) for first, end in _runs(stale)])
+    def _mark_at_once(self, runs: list[tuple[int, int]]) -> None:
+        """Append CBT records marking the chunk runs [a, b) changed in the newest
+        snapshot (only when `_marks_at_once`; sync: the caller writes next)."""
+        if runs:
+            self._append([fmt.Record(fmt.CBT, self.newest, first, 0, end - first) for first, end in runs])
 
     async def discard(self, offset: int, length: int, *, zero_range: bool) -> None:
         """A discard is a write of zeros to the snapshots' eyes: old contents first."""
@@ -443,9 +459,37 @@ class OriginImage(Image):
     def newest(self) -> int:
         return self.state.next_snapshot - 1
 
+    def plan_write(self, first: int, end: int) -> list[StoreCopy]:
+        """`plan` for an origin write that waited for its chunks: copies at once where
+        it can (`_copy_at_once`)."""
+        return self._copy_at_once(self.plan(first, end))
+
     def plan_sequential(self, first: int, end: int) -> list[StoreCopy]:
-        """`plan` for a write that goes on where a recent one ended: copies ahead too."""
-        return self.plan(first, end, ahead=True)
+        """`plan_write` for a write that goes on where a recent one ended: copies ahead too."""
+        return self._copy_at_once(self.plan(first, end, ahead=True))
+
+    def _copy_at_once(self, copies: list[StoreCopy]) -> list[StoreCopy]:
+        """While a DIRTY is durably in force (`_marks_at_once`), make the copies and
+        append their records right here (sync: nothing else runs until the write),
+        and return nothing left to commit: the write goes on without the group commit's
+        two rounds, whose barrier would have nothing to do (it fsyncs only to make
+        a DIRTY durable). Ordering as in a round: each copy is in the store (page
+        cache, or on its way to the disk) when its write returns, its record is
+        appended after it, and the origin write after the record, all in the
+        kernel's hands, which a kill -9 keeps; after a power cut the DIRTY marks
+        every snapshot lost. Otherwise (a clean store, a failed one) the copies go
+        to the rounds as they are."""
+        if not copies or not self._marks_at_once():
+            return copies
+        try:
+            self._copies_from_device([copy for copy in copies if copy.kind == "copy"])
+            self.write_records(copies)
+        except BaseException as exc:
+            self.abandoned(copies, exc)
+            raise
+        self.recorded(copies)
+        self.copies_at_once += len(copies)
+        return []
 
     def plan(self, first: int, end: int, *, ahead: bool = False) -> list[StoreCopy]:
         """Origin writes, sync: a shared copy of each chunk some intact snapshot still
@@ -463,7 +507,7 @@ class OriginImage(Image):
             if self.newest and self.state.changed.get(chunk, 0) != self.newest:
                 unmarked.append(chunk)
         if self._marks_at_once():
-            self._mark_at_once(unmarked)
+            self._mark_at_once(_runs(unmarked))
         else:
             copies += [StoreCopy("cbt", chunk, number=self.newest) for chunk in unmarked]
         copies += [StoreCopy("corrupt", 0, number=n, reason=fmt.OVERFLOW) for n in sorted(overflowed)]
@@ -479,12 +523,15 @@ class OriginImage(Image):
         its record keeps the chunk's change mark. The chunks are held until recorded
         (no write lands before its copy is), and taken only where nothing holds
         them, with a tenth of the store to spare (never a cause of overflow); a
-        stream that stops leaves at most COPY_AHEAD copied for nothing."""
+        stream that stops leaves at most COPY_AHEAD copied for nothing. Copied at
+        once (`_copy_at_once`), they are recorded before anything else runs: no hold."""
         room = self.store.max_slots * (1 - LOW_SPACE_FRACTION) - len(self.state.refs)
         stop_at = min(self.n_chunks, end + COPY_AHEAD // self.chunk_size, end + int(room))
+        held = self.cbw.held.overlapping(end, stop_at) if stop_at > end else []
+        if held:
+            stop_at = held[0][0]
         stop = end
-        while stop < stop_at and not self.cbw.is_held(stop, stop + 1) and \
-                any(stop not in s.map for s in intact):
+        while stop < stop_at and any(stop not in s.map for s in intact):
             stop += 1
         if stop == end:
             return []
@@ -494,7 +541,7 @@ class OriginImage(Image):
             if slot is None:
                 break
             ahead.append(StoreCopy("copy", chunk, slot, self.state.changed.get(chunk, 0), ahead=True))
-        if ahead:
+        if ahead and not self._marks_at_once():
             end_held = ahead[-1].chunk + 1
             ahead[0].hold = (end, end_held, self.cbw.hold(end, end_held))
         return ahead
@@ -627,7 +674,12 @@ class OriginImage(Image):
                             if not s.corrupted and copy.chunk not in s.map]
                 records.append(fmt.Record(fmt.CBT, copy.number, copy.chunk))
             elif copy.kind == "copy":
-                records.append(fmt.Record(fmt.COPY, copy.number, copy.chunk, copy.slot))
+                last = records[-1] if records else None
+                if last and last.type == fmt.COPY and last.snapshot == copy.number and \
+                        (last.chunk + last.count, last.slot + last.count) == (copy.chunk, copy.slot):
+                    records[-1] = fmt.Record(fmt.COPY, copy.number, last.chunk, last.slot, last.count + 1)  # a run
+                else:
+                    records.append(fmt.Record(fmt.COPY, copy.number, copy.chunk, copy.slot))
             elif copy.kind == "own":
                 records.append(fmt.Record(fmt.OWN, copy.number, copy.chunk, copy.slot))
             elif copy.kind == "cbt":
@@ -636,7 +688,7 @@ class OriginImage(Image):
                 records.append(fmt.Record(fmt.CORRUPT, copy.number, count=copy.reason))
         # Ordering: the copies these records name are in the store (page cache) by
         # now; the barrier after this makes sure a DIRTY is durable before any
-        # overwrite of the chunks they protect.
+        # overwrite of the chunks they protect (`_copy_at_once`: it is already).
         self._append(records)
         return copies, [], []
 
@@ -917,7 +969,7 @@ class OriginImage(Image):
                 "store_bytes": self.store_bytes, "limit": self.store.limit, "chunk_size": self.chunk_size,
                 "generation": self.state.generation, "newest": self.newest if self.snapshots else None,
                 "warning": "low-space" if low and self.snapshots else "",
-                "store_error": self.store_failed, **self.cbw.status()}
+                "store_error": self.store_failed, "copies_at_once": self.copies_at_once, **self.cbw.status()}
 
     async def close(self) -> None:
         try:
