@@ -4,6 +4,7 @@ up and moves to its other region while snapshots keep their contents."""
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 
@@ -375,3 +376,44 @@ def test_while_dirty_is_durable_first_writes_copy_without_rounds_and_a_clean_sto
     again = reopened(origin)
     assert trio.run(again.read_snapshot, number, 0, size) == before
     trio.run(again.close)
+
+
+def test_a_table_write_that_fails_loses_the_snapshots_never_their_slots_and_never_an_origin_write(tmp_path):
+    """The table refuses a write (EIO, injected) of records already applied in
+    memory: every snapshot is corrupted with that reason, reads fail with EIO,
+    origin writes go on (with their data), no slot a snapshot referenced is handed
+    out again, and no snapshot can be taken until a re-mount."""
+    chunk, size = 64 << 10, 2 << 20
+    rng = random.Random(9)
+    origin = origin_on_random_device(tmp_path, rng, chunk, size)
+    table_end = origin.store.sb.data_start
+
+    async def session():
+        number = await origin.take()
+        await origin.write(0, rng.randbytes(chunk))  # clean store: its rounds make DIRTY durable
+        write = origin.store.file.pwrite
+
+        def refusing_the_table(data, offset):
+            if offset < table_end:
+                raise OSError(errno.EIO, os.strerror(errno.EIO))
+            return write(data, offset)
+
+        origin.store.file.pwrite = refusing_the_table
+        free_before = set(origin.free_slots)
+        new = rng.randbytes(3 * chunk)
+        await origin.write(4 * chunk, new)  # copies at once; its COPY record is refused
+        assert bytes(origin.device.pread(3 * chunk, 4 * chunk)) == new
+        assert origin.state.held[number].corrupted == fmt.STORE_ERROR
+        assert "table could not be written" in origin.status()["store_error"]
+        with pytest.raises(OSError) as refused:
+            await origin.read_snapshot(number, 0, chunk)
+        assert refused.value.errno == errno.EIO
+        assert set(origin.free_slots) <= free_before  # the refused copies' slots stay taken
+        await origin.write(8 * chunk, b"o" * chunk)  # the origin goes on
+        assert bytes(origin.device.pread(chunk, 8 * chunk)) == b"o" * chunk
+        with pytest.raises(OSError):
+            await origin.take()
+        origin.store.file.pwrite = write
+        await origin.close()
+
+    trio.run(session)

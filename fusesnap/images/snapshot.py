@@ -202,6 +202,7 @@ class OriginImage(Image):
         self.slot_end = 0
         self.preallocated_end = 0
         self.store_failed: str | None = None
+        self.table_unwritable = False        # a table write failed (`_table_write_failed`)
         self.boot_id = fmt.current_boot_id()
         self.dirty = False                  # a DIRTY record is in force
         self.dirty_durable = False          # ... and the fsync after it returned
@@ -294,19 +295,41 @@ class OriginImage(Image):
         self.append_at = len(base)
 
     def _append(self, records: list[fmt.Record]) -> None:
-        """Apply and write records (page cache; the caller makes them durable)."""
+        """Apply and write records (page cache; the caller makes them durable). Once
+        the table could not be written (`_table_write_failed`), apply only."""
         self.records_appended += len(records)
         for record in records:
             self.state.apply(record)
         self.pending_free += self.state.freed
         self.state.freed.clear()
-        if self.append_at + len(records) > self.store.sb.record_capacity:
-            self._compact()  # the base already holds these records' effect
+        if self.table_unwritable:
             return
-        data = b"".join(record.pack(self.epoch) for record in records)
-        self.store.file.pwrite(data, self.store.sb.region_offset(self.region) + fmt.HEADER_SIZE
-                               + self.append_at * fmt.RECORD_SIZE)
+        try:
+            if self.append_at + len(records) > self.store.sb.record_capacity:
+                self._compact()  # the base already holds these records' effect
+                return
+            data = b"".join(record.pack(self.epoch) for record in records)
+            self.store.file.pwrite(data, self.store.sb.region_offset(self.region) + fmt.HEADER_SIZE
+                                   + self.append_at * fmt.RECORD_SIZE)
+        except OSError as exc:
+            self._table_write_failed(exc)
+            return
         self.append_at += len(records)
+
+    def _table_write_failed(self, exc: OSError) -> None:
+        """The table did not take records already applied in memory (a copy mapped to
+        its slot, a release): a re-mount would not see them, so nothing the store
+        says is trusted any more. As after a failed fsync (`_store_failure`), every
+        snapshot is corrupted (in memory only: the table cannot take the marks) and
+        no slot is reused; the table is not written again until a re-mount, and
+        origin writes go on (they never fail because of a snapshot)."""
+        self.table_unwritable = True
+        reason = (f"the store's table could not be written ({exc.strerror}): after a re-mount "
+                  "the snapshots may look intact, and are not")
+        self.store_failed = f"{self.store_failed}; {reason}" if self.store_failed else reason
+        log.error("%s: %s", self.store.path, self.store_failed)
+        self._corrupt_all_unrecorded()
+        self.pending_free.clear()
 
     async def _sync_store(self) -> None:
         """fsync the store; then slots freed by durable records may be reused."""
@@ -738,6 +761,8 @@ class OriginImage(Image):
                  for held in self.state.held.values() if not held.corrupted]
         try:
             self._append(marks)
+            if self.table_unwritable:
+                return  # (it said why, and corrupted them in memory)
             await trio.to_thread.run_sync(self.store.file.fsync)
         except OSError as again:
             self._corrupt_all_unrecorded()
@@ -850,6 +875,8 @@ class OriginImage(Image):
         async with self.cbw.exclusive(0, self.n_chunks):
             number = self.state.next_snapshot
             self._append([fmt.Record(fmt.TAKE, number)])
+            if self.table_unwritable:
+                raise OSError(errno.EIO, f"snapshot {number} not taken: {self.store_failed}")
             try:
                 await trio.to_thread.run_sync(self.store.file.fsync)
             except OSError as exc:
@@ -893,8 +920,8 @@ class OriginImage(Image):
                 "epoch": self.epoch, "region": self.region, "append_at": self.append_at,
                 "slot_end": self.slot_end, "free_slots": _runs(self.free_slots),
                 "pending_free": self.pending_free, "dirty": self.dirty,
-                "store_failed": self.store_failed, "records_appended": self.records_appended,
-                "idle": idle,
+                "store_failed": self.store_failed, "table_unwritable": self.table_unwritable,
+                "records_appended": self.records_appended, "idle": idle,
                 "figures": self._state_figures() if idle else None}
 
     def _state_figures(self) -> list:
@@ -932,6 +959,7 @@ class OriginImage(Image):
         # leaves store_failed, which keeps marks in rounds).
         self.dirty_durable = self.dirty
         self.store_failed = state["store_failed"]
+        self.table_unwritable = state.get("table_unwritable", False)  # (builds before it had none)
         if self.store_failed:
             self._corrupt_all_unrecorded()
         for number in [n for n in self.snapshots if n not in self.state.held]:
