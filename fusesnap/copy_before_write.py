@@ -82,7 +82,11 @@ Staged first writes (optional)
     background task the image starts, runs them; staging happens only while it
     runs, and when it is cancelled it stops staging and finishes what is staged
     (shielded) before it returns. `settled()` waits until every write staged before
-    the call is finished (an image's flush).
+    the call is finished (an image's flush). The staged writes a round finishes are
+    finished together: each one's ``finish``, then ``policy.staged_finished()``
+    (sync, never raises: the place for what the finishes of a round can share, such
+    as one write that forgets all their records), then their chunks are released,
+    with no await in between.
 
     An exception from `write_records` fails the writers of the copies it was given
     (they are abandoned, so it must raise only before recording any of them); one from `recorded` fails the writers of those copies
@@ -100,6 +104,7 @@ Policy methods, all called on the trio thread:
     async barrier() -> None                            may await (fsync in a thread)
     recorded(copies) -> None                           sync, no await
     abandoned(copies, exc) -> None                     sync, no await
+    staged_finished() -> None                          sync, no await (only if it stages)
 
 Concurrency contract: everything runs on one trio thread; the module's own state
 (held chunks, pending copies) changes only between awaits. Policy map changes happen
@@ -131,6 +136,7 @@ class CopyPolicy(Protocol):
     async def barrier(self) -> None: ...
     def recorded(self, copies: list[Any]) -> None: ...
     def abandoned(self, copies: list[Any], exc: BaseException) -> None: ...
+    def staged_finished(self) -> None: ...  # only if it stages writes
 
 
 @dataclass(eq=False)
@@ -184,7 +190,8 @@ class CopyBeforeWrite:
         self.staged_count = 0
         self.unfinished: dict[int, _Staged] = {}  # sequence -> staged write, oldest first
         self.staged_work = trio.Event()      # set when a staged write needs rounds
-        self.staged_finished = trio.Event()  # set (and replaced) whenever one finishes
+        self.staged_finished = trio.Event()  # set (and replaced) whenever some finish
+        self.finishing: list[tuple[_Staged, _Waiter]] = []  # done in this step: `_finish_staged`
 
     # -- the public entry -------------------------------------------------------
 
@@ -278,7 +285,7 @@ class CopyBeforeWrite:
             staged = _Staged(self.staged_count, first, end, released, finish)
             self.staged_count += 1
             self.unfinished[staged.sequence] = staged
-            self._queue(copies, _Waiter(len(copies), on_done=lambda waiter: self._finish_staged(staged, waiter)))
+            self._queue(copies, _Waiter(len(copies), on_done=lambda waiter: self.finishing.append((staged, waiter))))
             self.staged_work.set()
             return staged
         if self.group_commit:
@@ -292,15 +299,21 @@ class CopyBeforeWrite:
             self.waiter_of[id(copy)] = waiter
         self.written.extend(copies)
 
-    def _finish_staged(self, staged: _Staged, waiter: _Waiter) -> None:
-        """The staged write's copies are recorded (or failed): the image applies it,
-        then its chunks are free."""
+    def _finish_staged(self) -> None:
+        """The copies of the staged writes in `finishing` are recorded (or failed):
+        the image applies them, then their chunks are free."""
+        if not self.finishing:
+            return
+        finishing, self.finishing = self.finishing, []
         try:
-            staged.finish(waiter.error)
+            for staged, waiter in finishing:
+                staged.finish(waiter.error)
+            self.policy.staged_finished()
         finally:
-            del self.unfinished[staged.sequence]
-            self.held.clear(staged.first, staged.end)
-            staged.released.set()
+            for staged, _ in finishing:
+                del self.unfinished[staged.sequence]
+                self.held.clear(staged.first, staged.end)
+                staged.released.set()
             self.staged_finished.set()
             self.staged_finished = trio.Event()
 
@@ -407,6 +420,7 @@ class CopyBeforeWrite:
             waiter = self.waiter_of.pop(id(copy), None)
             if waiter is not None:
                 waiter.finish(error)
+        self._finish_staged()
 
     def _fail(self, copies: Sequence[Any], error: BaseException) -> None:
         if not copies:
@@ -416,6 +430,7 @@ class CopyBeforeWrite:
             waiter = self.waiter_of.pop(id(copy), None)
             if waiter is not None:
                 waiter.finish(error)
+        self._finish_staged()
 
     @property
     def idle(self) -> bool:

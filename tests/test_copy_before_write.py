@@ -341,7 +341,8 @@ def test_a_policy_error_fails_its_writers_and_nobody_hangs(fail_in):
 
 class StagingPolicy(LoggingPolicy):
     """LoggingPolicy whose image stages first writes: `room` staged writes at a time;
-    `finish` logs the overwrite (or, failed, a "lost" step)."""
+    `finish` logs the overwrite (or, failed, a "lost" step), `staged_finished` a
+    "finished" step after the finishes of one round."""
 
     def __init__(self, *, room: int = 1000, **kwargs):
         super().__init__(**kwargs)
@@ -360,6 +361,9 @@ class StagingPolicy(LoggingPolicy):
                 self.steps.append(("overwrite", chunk) if error is None else ("lost", chunk))
             return finish
         return stage
+
+    def staged_finished(self):
+        self.steps.append(("finished",))
 
 
 async def staged_writes(cbw, policy, chunks, *, then=None):
@@ -409,7 +413,17 @@ def test_a_later_write_to_a_staged_chunk_waits_until_it_is_applied():
             policy.steps.append(("rewrite", 3))
 
     trio.run(functools.partial(staged_writes, cbw, policy, [3], then=rewrite))
-    assert policy.steps.index(("overwrite", 3)) < policy.steps.index(("rewrite", 3))
+    assert policy.steps.index(("overwrite", 3)) < policy.steps.index(("finished",)) \
+        < policy.steps.index(("rewrite", 3))
+
+
+def test_the_staged_writes_of_a_round_are_finished_together_then_released():
+    policy = StagingPolicy()
+    cbw = CopyBeforeWrite(policy)
+    trio.run(staged_writes, cbw, policy, [3, 4, 5])
+    finished = policy.steps.index(("finished",))
+    assert sorted(policy.steps[finished - 3:finished]) == [("overwrite", 3), ("overwrite", 4), ("overwrite", 5)]
+    assert policy.steps.count(("finished",)) == 1 and cbw.idle
 
 
 def test_without_room_a_write_waits_for_its_rounds_as_without_staging():

@@ -405,8 +405,20 @@ class StagingFile:
 
     def clear(self, slot: int, n: int) -> None:
         """The staged write is in place (or was never acknowledged): its slots are free."""
-        os.pwrite(self.fd, bytes(self.SLOT_SIZE), 4096 + slot * self.SLOT_SIZE)
-        self.used[slot:slot + n] = bytes(n)
+        self.clear_all([(slot, n)])
+
+    def clear_all(self, writes: list[tuple[int, int]]) -> None:
+        """`clear` for several staged writes, (slot, n) each: the records of writes
+        in neighbouring slots (the ring hands them out in order) in one pwrite."""
+        runs: list[list[int]] = []  # [first slot, end slot]
+        for slot, n in sorted(writes):
+            if runs and runs[-1][1] == slot:
+                runs[-1][1] = slot + n
+            else:
+                runs.append([slot, slot + n])
+        for start, end in runs:
+            os.pwrite(self.fd, bytes((end - start) * self.SLOT_SIZE), 4096 + start * self.SLOT_SIZE)
+            self.used[start:end] = bytes(end - start)
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -475,6 +487,7 @@ class BowImage(Image):
         self.staging = staging
         self.staged: dict[int, StagedWrite] = {}    # device block -> its staged write, not yet in place
         self.restaged = 0                           # writes that replaced staged data (`_restage`)
+        self.applied: list[StagedWrite] = []        # in place this round, still in the staging file
         self.committing: trio.Event | None = None    # a commit is due or waits for staged writes: set when done
         self.commit_running = False
         self.commits_when_low = False               # `_commit_when_low` runs
@@ -799,27 +812,41 @@ class BowImage(Image):
         return lambda error: self._apply_staged(staged, error)
 
     def _apply_staged(self, staged: StagedWrite, error: BaseException | None) -> None:
-        """Its backups and log entries are durable (error None): in place, then out
-        of the staging file (a kill -9 between the two applies it again: same data,
-        and no later write to its blocks ran, they were held). Never raises: it runs
-        in a group-commit round."""
+        """Its backups and log entries are durable (error None): in place; out of the
+        staging file with the round's others (`staged_finished`, before their blocks
+        are released: a kill -9 between the two applies it again: same data, and no
+        later write to its blocks ran, they were held). Never raises: it runs in a
+        group-commit round."""
         if error is None and self.failed is None:
             try:
                 self._overwrite(staged.first * self.block_size, staged.data)
-                self.staging.clear(staged.slot, len(staged.data) // self.block_size)
-                self.journal.write_out()
             except OSError as exc:
                 error = exc
         if error is not None or self.failed is not None:
             # Acknowledged, but it must not reach the device without its backup: it
             # stays in the staging file (a re-mount replays it) and in `staged` (reads).
-            if self.failed is None:
-                self.failed = f"a staged write could not be applied: {error}"
-                self.error = self.failed
-                log.error("%s: %s; writes and flushes fail until a re-mount", self.name, self.failed)
+            self._fail_staging(f"a staged write could not be applied: {error}")
             return
-        for block in staged.blocks(self.block_size):
-            del self.staged[block]
+        self.applied.append(staged)
+
+    def staged_finished(self) -> None:
+        """Sync, never raises. The staged writes the round applied leave the staging
+        file (their slot records cleared, neighbours in one write) and `staged`."""
+        applied, self.applied = self.applied, []
+        try:
+            self.staging.clear_all([(staged.slot, len(staged.data) // self.block_size) for staged in applied])
+            self.journal.write_out()
+        except OSError as exc:
+            self._fail_staging(f"a staged write could not be applied: {exc}")
+            return  # its data is in place: reads see the same either way
+        for staged in applied:
+            for block in staged.blocks(self.block_size):
+                del self.staged[block]
+
+    def _fail_staging(self, reason: str) -> None:
+        if self.failed is None:
+            self.failed = self.error = reason
+            log.error("%s: %s; writes and flushes fail until a re-mount", self.name, self.failed)
 
     def _check_failed(self) -> None:
         if self.failed is not None:
