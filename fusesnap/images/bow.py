@@ -118,6 +118,8 @@ MAP_DIR = "/var/lib/fusesnap/bow"
 # Free blocks kept back from backups of data for rolling the log over, so that a
 # full log block can always be backed up.
 LOG_RESERVE = 2
+# Free blocks set aside for backup destinations at a time (`_destination`).
+RESERVED_BLOCKS = 256
 
 
 @dataclasses.dataclass(eq=False)
@@ -477,6 +479,10 @@ class BowImage(Image):
         self.block0_backup = 0                    # where the checkpoint's block 0 is backed up
         self.log_copy_pending = False             # a full log block is being backed up
         self.free_cursor = 0                      # next-fit start for backup destinations
+        # Free blocks taken out of FREE together, handed out one destination at a time
+        # (`_destination`): [reserved_from, reserved_end) is COPYING in the map but
+        # free; a write there gives it back first (`plan`).
+        self.reserved_from = self.reserved_end = 0
         self.punch_supported = True
         self.unsynced: list[tuple[int, bytes]] = []  # (offset, data) the next barrier makes durable
         # Barriers sync only what they cover where a ranged fsync is known to commit
@@ -875,10 +881,12 @@ class BowImage(Image):
         hold checkpoint data, a backup or block 0 get a destination each."""
         if self.state != CHECKPOINT:
             return []
+        if first < self.reserved_end and self.reserved_from < end:
+            self._unreserve()  # the filesystem writes free blocks set aside for backups
         segments = self.blocks.segments(first, end)
         needed = sum(e - s for s, e, kind in segments if kind in NEEDS_BACKUP)
         free_here = sum(e - s for s, e, kind in segments if kind == FREE)
-        if (needed or free_here) and self.blocks.length_of(FREE) - free_here - needed < LOG_RESERVE:
+        if (needed or free_here) and self._free_blocks() - free_here - needed < LOG_RESERVE:
             # Free blocks written count too: the last LOG_RESERVE are kept for the log.
             self._note_low_space()
             raise OSError(errno.ENOSPC, "no free space left for backups")
@@ -890,12 +898,12 @@ class BowImage(Image):
         copies = []
         for s, e, kind in segments:
             if kind == SECTOR0:
-                dest = self._allocate(1)[0]
-                copies.append(self._reserve(BowCopy(s, dest, 1, "sector0")))
+                dest = self._destination(1)[0]
+                copies.append(self._hold(BowCopy(s, dest, 1, "sector0")))
             elif kind in NEEDS_BACKUP:
                 while s < e:
-                    dest, n = self._allocate(e - s)
-                    copies.append(self._reserve(BowCopy(s, dest, n, "data")))
+                    dest, n = self._destination(e - s)
+                    copies.append(self._hold(BowCopy(s, dest, n, "data")))
                     s += n
         if copies:
             self._check_low_space()  # now, not when recorded: staged writes run ahead
@@ -911,8 +919,29 @@ class BowImage(Image):
         self.free_cursor = start + n
         return start, n
 
-    def _reserve(self, copy: BowCopy) -> BowCopy:
-        self.blocks.assign(copy.dest, copy.dest + copy.blocks, COPYING)
+    def _destination(self, wanted: int) -> tuple[int, int]:
+        """Sync. The start and length (<= wanted) of free blocks for a backup, COPYING
+        in the map. Taken from the reserved run, which is refilled with up to
+        RESERVED_BLOCKS free blocks at once: one map change for many backups."""
+        if self.reserved_from == self.reserved_end:
+            start, n = self._allocate(max(wanted, RESERVED_BLOCKS))
+            self.blocks.assign(start, start + n, COPYING)
+            self.reserved_from, self.reserved_end = start, start + n
+        dest = self.reserved_from
+        n = min(wanted, self.reserved_end - dest)
+        self.reserved_from += n
+        return dest, n
+
+    def _unreserve(self) -> None:
+        """Sync. The reserved run is free again."""
+        self.blocks.assign(self.reserved_from, self.reserved_end, FREE)
+        self.reserved_from = self.reserved_end = 0
+
+    def _free_blocks(self) -> int:
+        return self.blocks.length_of(FREE) + self.reserved_end - self.reserved_from
+
+    def _hold(self, copy: BowCopy) -> BowCopy:
+        """Its destination is held until the copy is recorded: no write lands there."""
         copy.hold = self.cbw.hold(copy.dest, copy.dest + copy.blocks)
         return copy
 
@@ -933,7 +962,7 @@ class BowImage(Image):
         # One call backs up at most one full log block (after that everything waits
         # for it). Without a free block for it, fail them all before recording any.
         if len(copies) >= bow_log.entries_per_block(self.block_size) - len(self.log.entries) \
-                and not self.log_copy_pending and not self.blocks.length_of(FREE):
+                and not self.log_copy_pending and not self._free_blocks():
             raise OSError(errno.ENOSPC, "no free block left to roll the log over")
         recorded, deferred, injected = [], [], []
         spb, changed = self.sectors_per_block, False
@@ -948,8 +977,8 @@ class BowImage(Image):
             elif self.log_copy_pending:
                 deferred.append(copy)
             elif self.log.full:
-                dest = self._allocate(1)[0]
-                log_copy = self._reserve(BowCopy(0, dest, 1, "log"))
+                dest = self._destination(1)[0]
+                log_copy = self._hold(BowCopy(0, dest, 1, "log"))
                 data = self.log.pack()
                 log_copy.checksum = bow_log.block_checksum(0, data, self.block_size)
                 self._write_for_barrier(data, dest * self.block_size)
@@ -1220,6 +1249,7 @@ class BowImage(Image):
         self.state = COMMITTED
         self.log = None
         self.log_copy_pending = False
+        self._unreserve()
         # What reads as zeros but holds old data is punched, so the device is what
         # bow.img showed; in-use is what the filesystem wrote.
         for s, e, kind in self.blocks.snapshot():
@@ -1245,7 +1275,7 @@ class BowImage(Image):
 
     @property
     def free_bytes(self) -> int:
-        return self.blocks.length_of(FREE) * self.block_size
+        return self._free_blocks() * self.block_size
 
     async def start(self, nursery: trio.Nursery) -> None:
         """Called before the mount serves (again after a refused upgrade)."""
@@ -1331,6 +1361,7 @@ class BowImage(Image):
         are; the successor reads the ones after what it read when it opened the
         image. The rest is what the journal does not hold. In the pause no request
         is in flight, so no copy is (`idle`), and the map equals the journal's."""
+        self._unreserve()  # the journal calls it free (if the upgrade is refused: taken again)
         self.journal.write_out()
         idle = self.cbw.idle
         return {**super().handover_state(), "device": self.device.path, "map": self.journal.path,
@@ -1375,6 +1406,7 @@ class BowImage(Image):
 
     async def close(self) -> None:
         try:
+            self._unreserve()
             self.journal.write_out()
             self.device.fsync()
             self.journal.fsync()
