@@ -69,9 +69,12 @@ Group commit and the ordering it guarantees
 Staged first writes (optional)
     Waiting for two rounds bounds a writer's throughput by its queue depth over two
     barriers. An image that can keep a write's new data somewhere that outlives the
-    server passes ``writing(..., stage=s)``: once the copies are written (3), ``s()``
+    server passes ``writing(..., stage=s)``: once the copies are planned (2), ``s()``
     (sync) stages the new data and returns ``finish(error)``, or None when it has no
-    room (then the write waits for its rounds as above: backpressure). The block is
+    room (then the write copies and waits for its rounds as above: backpressure).
+    A staged write's copies are made by the next round, together with those of
+    every write staged since (one ``policy.copy`` call, which may hand them to a
+    worker thread), before its barrier; their sources are held until then. The block is
     then entered with ``True`` (the write is done as far as its caller knows: the
     body must not overwrite), and the chunks *stay held* until the copies are
     durably recorded; then ``finish(None)`` applies the staged data in place and the
@@ -88,7 +91,8 @@ Staged first writes (optional)
     as one write that forgets all their records), then their chunks are released,
     with no await in between.
 
-    An exception from `write_records` fails the writers of the copies it was given
+    An exception from the `copy` of staged writes' copies fails those writers (their
+    copies are abandoned). An exception from `write_records` fails the writers of the copies it was given
     (they are abandoned, so it must raise only before recording any of them); one from `recorded` fails the writers of those copies
     (their records are durable: the copies count as recorded). Nobody waits forever.
     A failed barrier fails every writer of that round with the OSError: copies it
@@ -177,6 +181,7 @@ class CopyBeforeWrite:
         # chunk -> the trio.Event set when its holder releases it (no value index:
         # every holder's event is distinct)
         self.held = RangeMap(index_values=False)
+        self.uncopied: list[Any] = []  # copies of staged writes, made by the next round
         self.written: list[Any] = []  # copies written since the last barrier
         self.durable: list[Any] = []  # copies a barrier made durable, not yet recorded
         self.waiter_of: dict[int, _Waiter] = {}  # id(copy) -> its writer
@@ -269,11 +274,6 @@ class CopyBeforeWrite:
     # -- copy, then commit --------------------------------------------------------
 
     async def _copy_and_commit(self, copies, stage, first, end, released) -> _Staged | None:
-        try:
-            await self.policy.copy(copies)
-        except BaseException as exc:
-            self.policy.abandoned(copies, exc)
-            raise
         # No await from here to the hand-over: `drive_staged` is still running when
         # it sees the staged write.
         try:
@@ -285,9 +285,17 @@ class CopyBeforeWrite:
             staged = _Staged(self.staged_count, first, end, released, finish)
             self.staged_count += 1
             self.unfinished[staged.sequence] = staged
-            self._queue(copies, _Waiter(len(copies), on_done=lambda waiter: self.finishing.append((staged, waiter))))
+            waiter = _Waiter(len(copies), on_done=lambda waiter: self.finishing.append((staged, waiter)))
+            for copy in copies:
+                self.waiter_of[id(copy)] = waiter
+            self.uncopied.extend(copies)
             self.staged_work.set()
             return staged
+        try:
+            await self.policy.copy(copies)
+        except BaseException as exc:
+            self.policy.abandoned(copies, exc)
+            raise
         if self.group_commit:
             await self._commit_grouped(copies)
         else:
@@ -362,6 +370,8 @@ class CopyBeforeWrite:
         self.round_running = True
         self.round_done = trio.Event()
         try:
+            if self.uncopied:
+                await self._copy_staged()
             ready, self.durable = self.durable, []
             try:
                 recorded, deferred, injected = self.policy.write_records(ready) if ready else ([], [], [])
@@ -382,6 +392,17 @@ class CopyBeforeWrite:
         finally:
             self.round_running = False
             self.round_done.set()
+
+    async def _copy_staged(self) -> None:
+        """The copies of the writes staged since the last round, in one call; the
+        barrier that follows makes them durable."""
+        copies, self.uncopied = self.uncopied, []
+        try:
+            await self.policy.copy(copies)
+        except Exception as exc:  # their writers fail (the image must not apply them)
+            self._fail(copies, exc)
+            return
+        self.written.extend(copies)
 
     async def _commit_naively(self, copies: list[Any]) -> None:
         """Each write on its own: sync its copies, write its records, sync them."""
@@ -437,7 +458,8 @@ class CopyBeforeWrite:
         """No chunk held, no copy waiting for a round, no round running: every copy
         made so far is recorded (true once every writer is done, as in a live
         upgrade's pause)."""
-        return not (self.round_running or self.durable or self.written or self.held or self.unfinished)
+        return not (self.round_running or self.durable or self.written or self.uncopied or self.held
+                    or self.unfinished)
 
     def status(self) -> dict:
         return {"rounds": self.rounds, "barriers": self.barriers,

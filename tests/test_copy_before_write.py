@@ -8,6 +8,7 @@ import functools
 
 import pytest
 import trio
+import trio.testing
 
 from fusesnap.copy_before_write import CopyBeforeWrite
 
@@ -378,7 +379,7 @@ async def staged_writes(cbw, policy, chunks, *, then=None):
 
     async with trio.open_nursery() as background:
         background.start_soon(cbw.drive_staged)
-        await trio.sleep(0)
+        await trio.testing.wait_all_tasks_blocked()  # the driver runs: writes may stage
         async with trio.open_nursery() as nursery:
             for chunk in chunks:
                 nursery.start_soon(one, chunk)
@@ -441,7 +442,7 @@ def test_settled_waits_for_staged_writes_and_stopping_the_driver_finishes_them()
     async def main():
         async with trio.open_nursery() as background:
             background.start_soon(cbw.drive_staged)
-            await trio.sleep(0)
+            await trio.testing.wait_all_tasks_blocked()  # the driver runs
             async with cbw.writing(1, 2, stage=policy.stage_for(1)) as staged:
                 assert staged
             background.cancel_scope.cancel()  # at once: the driver finishes it first

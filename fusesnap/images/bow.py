@@ -43,12 +43,14 @@ the authority for backups: a re-mount applies log entries the journal has not se
 for `bow restore`.
 
 Staged first writes (`--bow-staging`, default 64 MiB; 0: off): a first write in
-checkpoint state is acknowledged once its backup is written (page cache) and its new
-data is *staged*: written to `<map>.stage` (`StagingFile`, page cache) and kept in
-`staged` (block -> StagedWrite, so reads see it). Its blocks stay held (a later
-write that needs a backup waits), and it is applied in place only after group
-commit has made its backup and log entry durable (`_apply_staged`), then its slots
-are cleared. A later write to blocks still staged needs no backup of its own (the
+checkpoint state is acknowledged once its backup destinations are reserved and its
+new data is *staged*: written to `<map>.stage` (`StagingFile`, page cache) and kept
+in `staged` (block -> StagedWrite, so reads see it). Its blocks stay held (a later
+write that needs a backup waits); the next group-commit round makes its backup (in a
+worker thread, with those of every write staged since: `copy`), and it is applied in
+place only after group commit has made its backup and log entry durable
+(`_apply_staged`), then its slots are cleared (a round's together: `staged_finished`).
+Until then the device still holds what the backup is made of. A later write to blocks still staged needs no backup of its own (the
 staged write's covers them): it replaces the staged data, in the staging file before
 it is acknowledged, and does not wait (`_restage`); the round applies the newest. So no
 overwrite reaches the device before its backup and log entry are durable, and one
@@ -120,6 +122,8 @@ MAP_DIR = "/var/lib/fusesnap/bow"
 LOG_RESERVE = 2
 # Free blocks set aside for backup destinations at a time (`_destination`).
 RESERVED_BLOCKS = 256
+# Backups of at least this many blocks in one `copy` are made in a worker thread.
+THREADED_COPY_BLOCKS = 16
 
 
 @dataclasses.dataclass(eq=False)
@@ -803,8 +807,8 @@ class BowImage(Image):
             self._write_pass_through(where, whole)
 
     def _stage(self, where: int, whole):
-        """Sync, the backups written (page cache): stage the write, or None (no room,
-        or a commit waits for staged writes to finish)."""
+        """Sync, the backups planned (the next round makes them): stage the write, or
+        None (no room, or a commit waits for staged writes to finish)."""
         if self.committing is not None or self.state != CHECKPOINT:
             return None
         bs = self.block_size
@@ -946,12 +950,26 @@ class BowImage(Image):
         return copy
 
     async def copy(self, copies: list[BowCopy]) -> None:
+        """The backups: a write's own on the trio thread, a round's (the copies of
+        every write staged since the last) in a worker thread, which touches no map."""
+        if sum(copy.blocks for copy in copies) >= THREADED_COPY_BLOCKS:
+            written = await trio.to_thread.run_sync(self._copy_blocks, copies)
+        else:
+            written = self._copy_blocks(copies)
+        self.unsynced.extend(written)
+
+    def _copy_blocks(self, copies: list[BowCopy]) -> list[tuple[int, bytes]]:
+        """(Any thread.) Read each copy's source, checksum it, write it to its
+        destination (page cache); (offset, data) of what was written."""
         bs = self.block_size
+        written = []
         for copy in copies:
             data = self.device.pread(copy.blocks * bs, copy.source * bs)
             if copy.kind == "data":
                 copy.checksum = bow_log.block_checksum(copy.source * self.sectors_per_block, data, bs)
-            self._write_for_barrier(data, copy.dest * bs)
+            self.device.pwrite(data, copy.dest * bs)
+            written.append((copy.dest * bs, data))
+        return written
 
     def write_records(self, copies: list[BowCopy]):
         """Sync. Append log entries for durable copies and write the log block; a full
