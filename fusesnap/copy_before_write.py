@@ -143,6 +143,54 @@ class CopyPolicy(Protocol):
     def staged_finished(self) -> None: ...  # only if it stages writes
 
 
+class _Holds:
+    """Held chunks -> the trio.Event their holder sets when it lets go. Holds never
+    overlap. A hold of one chunk (most writes, most copies' destinations) lives in
+    a dict, longer ones in a RangeMap: locking and releasing one chunk is two dict
+    operations. A longer query or release looks at the dict chunk by chunk, or at
+    each one-chunk hold (writes in flight) if there are fewer."""
+
+    def __init__(self):
+        self.one: dict[int, trio.Event] = {}
+        self.runs = RangeMap(index_values=False)  # every holder's event is distinct
+
+    def __bool__(self) -> bool:
+        return bool(self.one) or bool(self.runs)
+
+    def holder(self, first: int, end: int) -> trio.Event | None:
+        """The event of a hold overlapping [first, end), None if there is none."""
+        if end - first == 1 and first in self.one:
+            return self.one[first]
+        if self.runs:
+            found = self.runs.overlapping(first, end)
+            if found:
+                return found[0][2]
+        if end - first > 1:
+            for chunk in self._one_chunk_holds_in(first, end):
+                return self.one[chunk]
+        return None
+
+    def add(self, first: int, end: int, event: trio.Event) -> None:
+        if end - first == 1:
+            self.one[first] = event
+        else:
+            self.runs.assign(first, end, event)
+
+    def remove(self, first: int, end: int) -> None:
+        """Every hold within [first, end) ends."""
+        if end - first == 1 and self.one.pop(first, None) is not None:
+            return
+        for chunk in self._one_chunk_holds_in(first, end):
+            del self.one[chunk]
+        if self.runs:
+            self.runs.clear(first, end)
+
+    def _one_chunk_holds_in(self, first: int, end: int) -> list[int]:
+        if end - first <= len(self.one):
+            return [chunk for chunk in range(first, end) if chunk in self.one]
+        return [chunk for chunk in self.one if first <= chunk < end]
+
+
 @dataclass(eq=False)
 class _Waiter:
     """One `writing` block waiting for its copies to be recorded."""
@@ -178,9 +226,7 @@ class CopyBeforeWrite:
     def __init__(self, policy: CopyPolicy, *, group_commit: bool = True):
         self.policy = policy
         self.group_commit = group_commit
-        # chunk -> the trio.Event set when its holder releases it (no value index:
-        # every holder's event is distinct)
-        self.held = RangeMap(index_values=False)
+        self.held = _Holds()
         self.uncopied: list[Any] = []  # copies of staged writes, made by the next round
         self.written: list[Any] = []  # copies written since the last barrier
         self.durable: list[Any] = []  # copies a barrier made durable, not yet recorded
@@ -222,7 +268,7 @@ class CopyBeforeWrite:
             yield staged is not None
         finally:
             if staged is None:
-                self.held.clear(first, end)
+                self.held.remove(first, end)
                 released.set()
             # else the chunks are released when the staged write is finished
 
@@ -233,41 +279,38 @@ class CopyBeforeWrite:
         try:
             yield
         finally:
-            self.held.clear(first, end)
+            self.held.remove(first, end)
             released.set()
 
     # -- chunk locks --------------------------------------------------------------
 
     async def _lock(self, first: int, end: int) -> trio.Event:
-        while True:
-            holders = self.held.overlapping(first, end)
-            if not holders:
-                break
-            await holders[0][2].wait()  # then look again: others may have come first
+        while (holder := self.held.holder(first, end)) is not None:
+            await holder.wait()  # then look again: others may have come first
         released = trio.Event()
-        self.held.assign(first, end, released)
+        self.held.add(first, end, released)
         return released
 
     def is_held(self, first: int, end: int) -> bool:
         """Does any `writing`, `exclusive` or `hold` hold a chunk of [first, end)? (A
         write the policy knows needs no copy may skip the locks if not.)"""
-        return bool(self.held.overlapping(first, end))
+        return self.held.holder(first, end) is not None
 
     def hold(self, first: int, end: int) -> trio.Event:
         """Hold chunks [first, end) at once (sync, for `plan` or `write_records`:
         e.g. a copy's destination, so that no write lands there before the copy is
         recorded). They must be free: RuntimeError otherwise. Give the result to
         `release` when done."""
-        if self.held.overlapping(first, end):
+        if self.held.holder(first, end) is not None:
             raise RuntimeError(f"chunks [{first}, {end}) are already held")
         released = trio.Event()
-        self.held.assign(first, end, released)
+        self.held.add(first, end, released)
         return released
 
     def release(self, first: int, end: int, *tokens: trio.Event) -> None:
         """Release chunks taken with `hold`: [first, end) is what the holds of
         `tokens` took together (one map change for a run of them)."""
-        self.held.clear(first, end)
+        self.held.remove(first, end)
         for token in tokens:
             token.set()
 
@@ -320,7 +363,7 @@ class CopyBeforeWrite:
         finally:
             for staged, _ in finishing:
                 del self.unfinished[staged.sequence]
-                self.held.clear(staged.first, staged.end)
+                self.held.remove(staged.first, staged.end)
                 staged.released.set()
             self.staged_finished.set()
             self.staged_finished = trio.Event()

@@ -284,7 +284,7 @@ def test_exclusive_holds_without_planning_and_before_plan_runs_first():
 
     async def main():
         async with cbw.exclusive(0, 8):
-            assert cbw.held.overlapping(0, 8)
+            assert cbw.is_held(0, 8)
         assert policy.steps == []  # nothing planned or copied
         seen = []
         async with cbw.writing(2, 3, before_plan=lambda: seen.append(2 in policy.in_flight)):
