@@ -926,7 +926,11 @@ class BowImage(Image):
     def _destination(self, wanted: int) -> tuple[int, int]:
         """Sync. The start and length (<= wanted) of free blocks for a backup, COPYING
         in the map. Taken from the reserved run, which is refilled with up to
-        RESERVED_BLOCKS free blocks at once: one map change for many backups."""
+        RESERVED_BLOCKS free blocks at once: one map change for many backups. A
+        run too short for `wanted` is given back first, so that a large write's
+        backup stays one log entry where the free space allows."""
+        if self.reserved_end - self.reserved_from < wanted:
+            self._unreserve()
         if self.reserved_from == self.reserved_end:
             start, n = self._allocate(max(wanted, RESERVED_BLOCKS))
             self.blocks.assign(start, start + n, COPYING)
