@@ -91,9 +91,10 @@ Staged first writes (optional)
     as one write that forgets all their records), then their chunks are released,
     with no await in between.
 
-    An exception from the `copy` of staged writes' copies fails those writers (their
-    copies are abandoned). An exception from `write_records` fails the writers of the copies it was given
-    (they are abandoned, so it must raise only before recording any of them); one from `recorded` fails the writers of those copies
+    An exception from the round's `copy` of staged writes' copies fails those
+    writers (their copies are abandoned). One from `write_records` fails the writers
+    of the copies it was given (they are abandoned, so it must raise only before
+    recording any of them); one from `recorded` fails the writers of those copies
     (their records are durable: the copies count as recorded). Nobody waits forever.
     A failed barrier fails every writer of that round with the OSError: copies it
     should have made durable are abandoned (`abandoned` must forget them; their

@@ -49,10 +49,11 @@ in `staged` (block -> StagedWrite, so reads see it). Its blocks stay held (a lat
 write that needs a backup waits); the next group-commit round makes its backup (in a
 worker thread, with those of every write staged since: `copy`), and it is applied in
 place only after group commit has made its backup and log entry durable
-(`_apply_staged`), then its slots are cleared (a round's together: `staged_finished`).
-Until then the device still holds what the backup is made of. A later write to blocks still staged needs no backup of its own (the
-staged write's covers them): it replaces the staged data, in the staging file before
-it is acknowledged, and does not wait (`_restage`); the round applies the newest. So no
+(`_apply_staged`), then its slots are cleared (a round's together:
+`staged_finished`); until then the device holds what the backup is made of. A later
+write to blocks still staged needs no backup of its own (the staged write's covers
+them): it replaces the staged data, in the staging file before it is acknowledged,
+and does not wait (`_restage`); the round applies the newest. So no
 overwrite reaches the device before its backup and log entry are durable, and one
 barrier covers every write staged since the last, however many. Flush waits until
 every write acknowledged before it is applied in place, then syncs the device: a
@@ -68,7 +69,8 @@ its record stays for a re-mount to replay.
 Concurrency: `fusesnap.copy_before_write` holds per-block locks and runs the group
 commit (copy, barrier, log, barrier, overwrite); its `drive_staged` runs the rounds
 of staged writes as a background task. Everything runs on the trio thread;
-page-cached preads/pwrites run inline, fsyncs in a worker thread. Map changes happen
+page-cached preads/pwrites run inline, fsyncs in a worker thread, and so do a
+round's backups of staged writes (`_copy_blocks`, which touches no map). Map changes happen
 only in synchronous methods (`plan`, `write_records`, `recorded`, `abandoned`,
 discard and state changes), never across an await. In trim and committed state a
 write never awaits, so state changes (sync `control`) see no write half-done.
