@@ -278,6 +278,44 @@ def test_chunks_held_by_the_policy_make_writers_wait_until_released():
     assert order == ["release", "write"]
 
 
+def test_one_chunk_holds_and_longer_ones_exclude_each_other():
+    """One-chunk holds (most writes) and longer ones are kept apart internally; a
+    long exclusive waits for a one-chunk write inside it, a one-chunk write for a
+    long hold around it, and a release of a run ends every hold in it."""
+    policy = LoggingPolicy()
+    cbw = CopyBeforeWrite(policy)
+    order = []
+
+    async def main():
+        singles = [cbw.hold(chunk, chunk + 1) for chunk in (3, 4, 900)]
+        assert cbw.is_held(0, 10) and cbw.is_held(100, 1000) and not cbw.is_held(5, 900)
+        with pytest.raises(RuntimeError):
+            cbw.hold(2, 5)
+
+        async def long_exclusive():
+            async with cbw.exclusive(0, 1 << 20):
+                order.append("exclusive")
+                await trio.sleep(0.05)
+            order.append("exclusive done")
+
+        async def one_chunk_write():
+            await trio.sleep(0.02)
+            async with cbw.writing(500, 501):
+                order.append("write")
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(long_exclusive)
+            nursery.start_soon(one_chunk_write)
+            await trio.sleep(0.01)
+            order.append("release")
+            cbw.release(3, 5, *singles[:2])
+            cbw.release(900, 901, singles[2])
+        assert not cbw.held
+
+    trio.run(main)
+    assert order == ["release", "exclusive", "exclusive done", "write"]
+
+
 def test_exclusive_holds_without_planning_and_before_plan_runs_first():
     policy = LoggingPolicy()
     cbw = CopyBeforeWrite(policy)
