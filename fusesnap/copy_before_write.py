@@ -69,9 +69,12 @@ Group commit and the ordering it guarantees
 Staged first writes (optional)
     Waiting for two rounds bounds a writer's throughput by its queue depth over two
     barriers. An image that can keep a write's new data somewhere that outlives the
-    server passes ``writing(..., stage=s)``: once the copies are written (3), ``s()``
+    server passes ``writing(..., stage=s)``: once the copies are planned (2), ``s()``
     (sync) stages the new data and returns ``finish(error)``, or None when it has no
-    room (then the write waits for its rounds as above: backpressure). The block is
+    room (then the write copies and waits for its rounds as above: backpressure).
+    A staged write's copies are made by the next round, together with those of
+    every write staged since (one ``policy.copy`` call, which may hand them to a
+    worker thread), before its barrier; their sources are held until then. The block is
     then entered with ``True`` (the write is done as far as its caller knows: the
     body must not overwrite), and the chunks *stay held* until the copies are
     durably recorded; then ``finish(None)`` applies the staged data in place and the
@@ -82,10 +85,16 @@ Staged first writes (optional)
     background task the image starts, runs them; staging happens only while it
     runs, and when it is cancelled it stops staging and finishes what is staged
     (shielded) before it returns. `settled()` waits until every write staged before
-    the call is finished (an image's flush).
+    the call is finished (an image's flush). The staged writes a round finishes are
+    finished together: each one's ``finish``, then ``policy.staged_finished()``
+    (sync, never raises: the place for what the finishes of a round can share, such
+    as one write that forgets all their records), then their chunks are released,
+    with no await in between.
 
-    An exception from `write_records` fails the writers of the copies it was given
-    (they are abandoned, so it must raise only before recording any of them); one from `recorded` fails the writers of those copies
+    An exception from the round's `copy` of staged writes' copies fails those
+    writers (their copies are abandoned). One from `write_records` fails the writers
+    of the copies it was given (they are abandoned, so it must raise only before
+    recording any of them); one from `recorded` fails the writers of those copies
     (their records are durable: the copies count as recorded). Nobody waits forever.
     A failed barrier fails every writer of that round with the OSError: copies it
     should have made durable are abandoned (`abandoned` must forget them; their
@@ -100,6 +109,7 @@ Policy methods, all called on the trio thread:
     async barrier() -> None                            may await (fsync in a thread)
     recorded(copies) -> None                           sync, no await
     abandoned(copies, exc) -> None                     sync, no await
+    staged_finished() -> None                          sync, no await (only if it stages)
 
 Concurrency contract: everything runs on one trio thread; the module's own state
 (held chunks, pending copies) changes only between awaits. Policy map changes happen
@@ -131,6 +141,55 @@ class CopyPolicy(Protocol):
     async def barrier(self) -> None: ...
     def recorded(self, copies: list[Any]) -> None: ...
     def abandoned(self, copies: list[Any], exc: BaseException) -> None: ...
+    def staged_finished(self) -> None: ...  # only if it stages writes
+
+
+class _Holds:
+    """Held chunks -> the trio.Event their holder sets when it lets go. Holds never
+    overlap. A hold of one chunk (most writes, most copies' destinations) lives in
+    a dict, longer ones in a RangeMap: locking and releasing one chunk is two dict
+    operations. A longer query or release looks at the dict chunk by chunk, or at
+    each one-chunk hold (writes in flight) if there are fewer."""
+
+    def __init__(self):
+        self.one: dict[int, trio.Event] = {}
+        self.runs = RangeMap(index_values=False)  # every holder's event is distinct
+
+    def __bool__(self) -> bool:
+        return bool(self.one) or bool(self.runs)
+
+    def holder(self, first: int, end: int) -> trio.Event | None:
+        """The event of a hold overlapping [first, end), None if there is none."""
+        if end - first == 1 and first in self.one:
+            return self.one[first]
+        if self.runs:
+            found = self.runs.overlapping(first, end)
+            if found:
+                return found[0][2]
+        if end - first > 1:
+            for chunk in self._one_chunk_holds_in(first, end):
+                return self.one[chunk]
+        return None
+
+    def add(self, first: int, end: int, event: trio.Event) -> None:
+        if end - first == 1:
+            self.one[first] = event
+        else:
+            self.runs.assign(first, end, event)
+
+    def remove(self, first: int, end: int) -> None:
+        """Every hold within [first, end) ends."""
+        if end - first == 1 and self.one.pop(first, None) is not None:
+            return
+        for chunk in self._one_chunk_holds_in(first, end):
+            del self.one[chunk]
+        if self.runs:
+            self.runs.clear(first, end)
+
+    def _one_chunk_holds_in(self, first: int, end: int) -> list[int]:
+        if end - first <= len(self.one):
+            return [chunk for chunk in range(first, end) if chunk in self.one]
+        return [chunk for chunk in self.one if first <= chunk < end]
 
 
 @dataclass(eq=False)
@@ -168,9 +227,8 @@ class CopyBeforeWrite:
     def __init__(self, policy: CopyPolicy, *, group_commit: bool = True):
         self.policy = policy
         self.group_commit = group_commit
-        # chunk -> the trio.Event set when its holder releases it (no value index:
-        # every holder's event is distinct)
-        self.held = RangeMap(index_values=False)
+        self.held = _Holds()
+        self.uncopied: list[Any] = []  # copies of staged writes, made by the next round
         self.written: list[Any] = []  # copies written since the last barrier
         self.durable: list[Any] = []  # copies a barrier made durable, not yet recorded
         self.waiter_of: dict[int, _Waiter] = {}  # id(copy) -> its writer
@@ -184,7 +242,8 @@ class CopyBeforeWrite:
         self.staged_count = 0
         self.unfinished: dict[int, _Staged] = {}  # sequence -> staged write, oldest first
         self.staged_work = trio.Event()      # set when a staged write needs rounds
-        self.staged_finished = trio.Event()  # set (and replaced) whenever one finishes
+        self.staged_finished = trio.Event()  # set (and replaced) whenever some finish
+        self.finishing: list[tuple[_Staged, _Waiter]] = []  # done in this step: `_finish_staged`
 
     # -- the public entry -------------------------------------------------------
 
@@ -210,7 +269,7 @@ class CopyBeforeWrite:
             yield staged is not None
         finally:
             if staged is None:
-                self.held.clear(first, end)
+                self.held.remove(first, end)
                 released.set()
             # else the chunks are released when the staged write is finished
 
@@ -221,52 +280,44 @@ class CopyBeforeWrite:
         try:
             yield
         finally:
-            self.held.clear(first, end)
+            self.held.remove(first, end)
             released.set()
 
     # -- chunk locks --------------------------------------------------------------
 
     async def _lock(self, first: int, end: int) -> trio.Event:
-        while True:
-            holders = self.held.overlapping(first, end)
-            if not holders:
-                break
-            await holders[0][2].wait()  # then look again: others may have come first
+        while (holder := self.held.holder(first, end)) is not None:
+            await holder.wait()  # then look again: others may have come first
         released = trio.Event()
-        self.held.assign(first, end, released)
+        self.held.add(first, end, released)
         return released
 
     def is_held(self, first: int, end: int) -> bool:
         """Does any `writing`, `exclusive` or `hold` hold a chunk of [first, end)? (A
         write the policy knows needs no copy may skip the locks if not.)"""
-        return bool(self.held.overlapping(first, end))
+        return self.held.holder(first, end) is not None
 
     def hold(self, first: int, end: int) -> trio.Event:
         """Hold chunks [first, end) at once (sync, for `plan` or `write_records`:
         e.g. a copy's destination, so that no write lands there before the copy is
         recorded). They must be free: RuntimeError otherwise. Give the result to
         `release` when done."""
-        if self.held.overlapping(first, end):
+        if self.held.holder(first, end) is not None:
             raise RuntimeError(f"chunks [{first}, {end}) are already held")
         released = trio.Event()
-        self.held.assign(first, end, released)
+        self.held.add(first, end, released)
         return released
 
     def release(self, first: int, end: int, *tokens: trio.Event) -> None:
         """Release chunks taken with `hold`: [first, end) is what the holds of
         `tokens` took together (one map change for a run of them)."""
-        self.held.clear(first, end)
+        self.held.remove(first, end)
         for token in tokens:
             token.set()
 
     # -- copy, then commit --------------------------------------------------------
 
     async def _copy_and_commit(self, copies, stage, first, end, released) -> _Staged | None:
-        try:
-            await self.policy.copy(copies)
-        except BaseException as exc:
-            self.policy.abandoned(copies, exc)
-            raise
         # No await from here to the hand-over: `drive_staged` is still running when
         # it sees the staged write.
         try:
@@ -278,9 +329,17 @@ class CopyBeforeWrite:
             staged = _Staged(self.staged_count, first, end, released, finish)
             self.staged_count += 1
             self.unfinished[staged.sequence] = staged
-            self._queue(copies, _Waiter(len(copies), on_done=lambda waiter: self._finish_staged(staged, waiter)))
+            waiter = _Waiter(len(copies), on_done=lambda waiter: self.finishing.append((staged, waiter)))
+            for copy in copies:
+                self.waiter_of[id(copy)] = waiter
+            self.uncopied.extend(copies)
             self.staged_work.set()
             return staged
+        try:
+            await self.policy.copy(copies)
+        except BaseException as exc:
+            self.policy.abandoned(copies, exc)
+            raise
         if self.group_commit:
             await self._commit_grouped(copies)
         else:
@@ -292,15 +351,21 @@ class CopyBeforeWrite:
             self.waiter_of[id(copy)] = waiter
         self.written.extend(copies)
 
-    def _finish_staged(self, staged: _Staged, waiter: _Waiter) -> None:
-        """The staged write's copies are recorded (or failed): the image applies it,
-        then its chunks are free."""
+    def _finish_staged(self) -> None:
+        """The copies of the staged writes in `finishing` are recorded (or failed):
+        the image applies them, then their chunks are free."""
+        if not self.finishing:
+            return
+        finishing, self.finishing = self.finishing, []
         try:
-            staged.finish(waiter.error)
+            for staged, waiter in finishing:
+                staged.finish(waiter.error)
+            self.policy.staged_finished()
         finally:
-            del self.unfinished[staged.sequence]
-            self.held.clear(staged.first, staged.end)
-            staged.released.set()
+            for staged, _ in finishing:
+                del self.unfinished[staged.sequence]
+                self.held.remove(staged.first, staged.end)
+                staged.released.set()
             self.staged_finished.set()
             self.staged_finished = trio.Event()
 
@@ -349,6 +414,8 @@ class CopyBeforeWrite:
         self.round_running = True
         self.round_done = trio.Event()
         try:
+            if self.uncopied:
+                await self._copy_staged()
             ready, self.durable = self.durable, []
             try:
                 recorded, deferred, injected = self.policy.write_records(ready) if ready else ([], [], [])
@@ -369,6 +436,17 @@ class CopyBeforeWrite:
         finally:
             self.round_running = False
             self.round_done.set()
+
+    async def _copy_staged(self) -> None:
+        """The copies of the writes staged since the last round, in one call; the
+        barrier that follows makes them durable."""
+        copies, self.uncopied = self.uncopied, []
+        try:
+            await self.policy.copy(copies)
+        except Exception as exc:  # their writers fail (the image must not apply them)
+            self._fail(copies, exc)
+            return
+        self.written.extend(copies)
 
     async def _commit_naively(self, copies: list[Any]) -> None:
         """Each write on its own: sync its copies, write its records, sync them."""
@@ -407,6 +485,7 @@ class CopyBeforeWrite:
             waiter = self.waiter_of.pop(id(copy), None)
             if waiter is not None:
                 waiter.finish(error)
+        self._finish_staged()
 
     def _fail(self, copies: Sequence[Any], error: BaseException) -> None:
         if not copies:
@@ -416,13 +495,15 @@ class CopyBeforeWrite:
             waiter = self.waiter_of.pop(id(copy), None)
             if waiter is not None:
                 waiter.finish(error)
+        self._finish_staged()
 
     @property
     def idle(self) -> bool:
         """No chunk held, no copy waiting for a round, no round running: every copy
         made so far is recorded (true once every writer is done, as in a live
         upgrade's pause)."""
-        return not (self.round_running or self.durable or self.written or self.held or self.unfinished)
+        return not (self.round_running or self.durable or self.written or self.uncopied or self.held
+                    or self.unfinished)
 
     def status(self) -> dict:
         return {"rounds": self.rounds, "barriers": self.barriers,

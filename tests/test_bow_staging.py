@@ -242,3 +242,27 @@ def test_a_rewrite_the_staging_file_refuses_waits_for_the_staged_write(tmp_path,
         assert staged_records(tmp_path / "dev.map.stage") == []
 
     run_in_process(tmp_path, body)
+
+
+def test_free_blocks_set_aside_for_backups_stay_free_and_a_write_there_takes_them_back(tmp_path):
+    """A first write sets aside a run of free blocks for the backups to come (one map
+    change for many); they still count as free, and the filesystem, which thinks them
+    free, may write there: that write goes in place and no later backup lands on it."""
+    rng = random.Random(8)
+
+    async def body(image, device):
+        free = image.free_bytes
+        await image.write(3 * BLOCK, rng.randbytes(BLOCK))
+        await image.flush()
+        backup = image.log.entries[-1].dest * bow_log.SECTOR // BLOCK
+        assert image.free_bytes == free - BLOCK, "only the backup's block is used"
+        mine = rng.randbytes(BLOCK)
+        await image.write((backup + 1) * BLOCK, mine)  # the next block set aside
+        for block in range(10, 40):
+            await image.write(block * BLOCK, rng.randbytes(BLOCK))
+        await image.flush()
+        assert device.pread(BLOCK, (backup + 1) * BLOCK) == mine
+        assert all(entry.dest * bow_log.SECTOR // BLOCK != backup + 1 for entry in image.log.entries)
+        assert image.free_bytes == free - 32 * BLOCK
+
+    run_in_process(tmp_path, body)

@@ -8,6 +8,7 @@ import functools
 
 import pytest
 import trio
+import trio.testing
 
 from fusesnap.copy_before_write import CopyBeforeWrite
 
@@ -277,13 +278,51 @@ def test_chunks_held_by_the_policy_make_writers_wait_until_released():
     assert order == ["release", "write"]
 
 
+def test_one_chunk_holds_and_longer_ones_exclude_each_other():
+    """One-chunk holds (most writes) and longer ones are kept apart internally; a
+    long exclusive waits for a one-chunk write inside it, a one-chunk write for a
+    long hold around it, and a release of a run ends every hold in it."""
+    policy = LoggingPolicy()
+    cbw = CopyBeforeWrite(policy)
+    order = []
+
+    async def main():
+        singles = [cbw.hold(chunk, chunk + 1) for chunk in (3, 4, 900)]
+        assert cbw.is_held(0, 10) and cbw.is_held(100, 1000) and not cbw.is_held(5, 900)
+        with pytest.raises(RuntimeError):
+            cbw.hold(2, 5)
+
+        async def long_exclusive():
+            async with cbw.exclusive(0, 1 << 20):
+                order.append("exclusive")
+                await trio.sleep(0.05)
+            order.append("exclusive done")
+
+        async def one_chunk_write():
+            await trio.sleep(0.02)
+            async with cbw.writing(500, 501):
+                order.append("write")
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(long_exclusive)
+            nursery.start_soon(one_chunk_write)
+            await trio.sleep(0.01)
+            order.append("release")
+            cbw.release(3, 5, *singles[:2])
+            cbw.release(900, 901, singles[2])
+        assert not cbw.held
+
+    trio.run(main)
+    assert order == ["release", "exclusive", "exclusive done", "write"]
+
+
 def test_exclusive_holds_without_planning_and_before_plan_runs_first():
     policy = LoggingPolicy()
     cbw = CopyBeforeWrite(policy)
 
     async def main():
         async with cbw.exclusive(0, 8):
-            assert cbw.held.overlapping(0, 8)
+            assert cbw.is_held(0, 8)
         assert policy.steps == []  # nothing planned or copied
         seen = []
         async with cbw.writing(2, 3, before_plan=lambda: seen.append(2 in policy.in_flight)):
@@ -341,7 +380,8 @@ def test_a_policy_error_fails_its_writers_and_nobody_hangs(fail_in):
 
 class StagingPolicy(LoggingPolicy):
     """LoggingPolicy whose image stages first writes: `room` staged writes at a time;
-    `finish` logs the overwrite (or, failed, a "lost" step)."""
+    `finish` logs the overwrite (or, failed, a "lost" step), `staged_finished` a
+    "finished" step after the finishes of one round."""
 
     def __init__(self, *, room: int = 1000, **kwargs):
         super().__init__(**kwargs)
@@ -361,6 +401,9 @@ class StagingPolicy(LoggingPolicy):
             return finish
         return stage
 
+    def staged_finished(self):
+        self.steps.append(("finished",))
+
 
 async def staged_writes(cbw, policy, chunks, *, then=None):
     """Writes with staging, `drive_staged` running; returns what each write yielded."""
@@ -374,7 +417,7 @@ async def staged_writes(cbw, policy, chunks, *, then=None):
 
     async with trio.open_nursery() as background:
         background.start_soon(cbw.drive_staged)
-        await trio.sleep(0)
+        await trio.testing.wait_all_tasks_blocked()  # the driver runs: writes may stage
         async with trio.open_nursery() as nursery:
             for chunk in chunks:
                 nursery.start_soon(one, chunk)
@@ -409,7 +452,17 @@ def test_a_later_write_to_a_staged_chunk_waits_until_it_is_applied():
             policy.steps.append(("rewrite", 3))
 
     trio.run(functools.partial(staged_writes, cbw, policy, [3], then=rewrite))
-    assert policy.steps.index(("overwrite", 3)) < policy.steps.index(("rewrite", 3))
+    assert policy.steps.index(("overwrite", 3)) < policy.steps.index(("finished",)) \
+        < policy.steps.index(("rewrite", 3))
+
+
+def test_the_staged_writes_of_a_round_are_finished_together_then_released():
+    policy = StagingPolicy()
+    cbw = CopyBeforeWrite(policy)
+    trio.run(staged_writes, cbw, policy, [3, 4, 5])
+    finished = policy.steps.index(("finished",))
+    assert sorted(policy.steps[finished - 3:finished]) == [("overwrite", 3), ("overwrite", 4), ("overwrite", 5)]
+    assert policy.steps.count(("finished",)) == 1 and cbw.idle
 
 
 def test_without_room_a_write_waits_for_its_rounds_as_without_staging():
@@ -427,7 +480,7 @@ def test_settled_waits_for_staged_writes_and_stopping_the_driver_finishes_them()
     async def main():
         async with trio.open_nursery() as background:
             background.start_soon(cbw.drive_staged)
-            await trio.sleep(0)
+            await trio.testing.wait_all_tasks_blocked()  # the driver runs
             async with cbw.writing(1, 2, stage=policy.stage_for(1)) as staged:
                 assert staged
             background.cancel_scope.cancel()  # at once: the driver finishes it first

@@ -43,14 +43,17 @@ the authority for backups: a re-mount applies log entries the journal has not se
 for `bow restore`.
 
 Staged first writes (`--bow-staging`, default 64 MiB; 0: off): a first write in
-checkpoint state is acknowledged once its backup is written (page cache) and its new
-data is *staged*: written to `<map>.stage` (`StagingFile`, page cache) and kept in
-`staged` (block -> StagedWrite, so reads see it). Its blocks stay held (a later
-write that needs a backup waits), and it is applied in place only after group
-commit has made its backup and log entry durable (`_apply_staged`), then its slots
-are cleared. A later write to blocks still staged needs no backup of its own (the
-staged write's covers them): it replaces the staged data, in the staging file before
-it is acknowledged, and does not wait (`_restage`); the round applies the newest. So no
+checkpoint state is acknowledged once its backup destinations are reserved and its
+new data is *staged*: written to `<map>.stage` (`StagingFile`, page cache) and kept
+in `staged` (block -> StagedWrite, so reads see it). Its blocks stay held (a later
+write that needs a backup waits); the next group-commit round makes its backup (in a
+worker thread, with those of every write staged since: `copy`), and it is applied in
+place only after group commit has made its backup and log entry durable
+(`_apply_staged`), then its slots are cleared (a round's together:
+`staged_finished`); until then the device holds what the backup is made of. A later
+write to blocks still staged needs no backup of its own (the staged write's covers
+them): it replaces the staged data, in the staging file before it is acknowledged,
+and does not wait (`_restage`); the round applies the newest. So no
 overwrite reaches the device before its backup and log entry are durable, and one
 barrier covers every write staged since the last, however many. Flush waits until
 every write acknowledged before it is applied in place, then syncs the device: a
@@ -66,7 +69,8 @@ its record stays for a re-mount to replay.
 Concurrency: `fusesnap.copy_before_write` holds per-block locks and runs the group
 commit (copy, barrier, log, barrier, overwrite); its `drive_staged` runs the rounds
 of staged writes as a background task. Everything runs on the trio thread;
-page-cached preads/pwrites run inline, fsyncs in a worker thread. Map changes happen
+page-cached preads/pwrites run inline, fsyncs in a worker thread, and so do a
+round's backups of staged writes (`_copy_blocks`, which touches no map). Map changes happen
 only in synchronous methods (`plan`, `write_records`, `recorded`, `abandoned`,
 discard and state changes), never across an await. In trim and committed state a
 write never awaits, so state changes (sync `control`) see no write half-done.
@@ -118,6 +122,10 @@ MAP_DIR = "/var/lib/fusesnap/bow"
 # Free blocks kept back from backups of data for rolling the log over, so that a
 # full log block can always be backed up.
 LOG_RESERVE = 2
+# Free blocks set aside for backup destinations at a time (`_destination`).
+RESERVED_BLOCKS = 256
+# Backups of at least this many blocks in one `copy` are made in a worker thread.
+THREADED_COPY_BLOCKS = 16
 
 
 @dataclasses.dataclass(eq=False)
@@ -405,8 +413,20 @@ class StagingFile:
 
     def clear(self, slot: int, n: int) -> None:
         """The staged write is in place (or was never acknowledged): its slots are free."""
-        os.pwrite(self.fd, bytes(self.SLOT_SIZE), 4096 + slot * self.SLOT_SIZE)
-        self.used[slot:slot + n] = bytes(n)
+        self.clear_all([(slot, n)])
+
+    def clear_all(self, writes: list[tuple[int, int]]) -> None:
+        """`clear` for several staged writes, (slot, n) each: the records of writes
+        in neighbouring slots (the ring hands them out in order) in one pwrite."""
+        runs: list[list[int]] = []  # [first slot, end slot]
+        for slot, n in sorted(writes):
+            if runs and runs[-1][1] == slot:
+                runs[-1][1] = slot + n
+            else:
+                runs.append([slot, slot + n])
+        for start, end in runs:
+            os.pwrite(self.fd, bytes((end - start) * self.SLOT_SIZE), 4096 + start * self.SLOT_SIZE)
+            self.used[start:end] = bytes(end - start)
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -465,6 +485,10 @@ class BowImage(Image):
         self.block0_backup = 0                    # where the checkpoint's block 0 is backed up
         self.log_copy_pending = False             # a full log block is being backed up
         self.free_cursor = 0                      # next-fit start for backup destinations
+        # Free blocks taken out of FREE together, handed out one destination at a time
+        # (`_destination`): [reserved_from, reserved_end) is COPYING in the map but
+        # free; a write there gives it back first (`plan`).
+        self.reserved_from = self.reserved_end = 0
         self.punch_supported = True
         self.unsynced: list[tuple[int, bytes]] = []  # (offset, data) the next barrier makes durable
         # Barriers sync only what they cover where a ranged fsync is known to commit
@@ -475,6 +499,7 @@ class BowImage(Image):
         self.staging = staging
         self.staged: dict[int, StagedWrite] = {}    # device block -> its staged write, not yet in place
         self.restaged = 0                           # writes that replaced staged data (`_restage`)
+        self.applied: list[StagedWrite] = []        # in place this round, still in the staging file
         self.committing: trio.Event | None = None    # a commit is due or waits for staged writes: set when done
         self.commit_running = False
         self.commits_when_low = False               # `_commit_when_low` runs
@@ -784,8 +809,8 @@ class BowImage(Image):
             self._write_pass_through(where, whole)
 
     def _stage(self, where: int, whole):
-        """Sync, the backups written (page cache): stage the write, or None (no room,
-        or a commit waits for staged writes to finish)."""
+        """Sync, the backups planned (the next round makes them): stage the write, or
+        None (no room, or a commit waits for staged writes to finish)."""
         if self.committing is not None or self.state != CHECKPOINT:
             return None
         bs = self.block_size
@@ -799,27 +824,41 @@ class BowImage(Image):
         return lambda error: self._apply_staged(staged, error)
 
     def _apply_staged(self, staged: StagedWrite, error: BaseException | None) -> None:
-        """Its backups and log entries are durable (error None): in place, then out
-        of the staging file (a kill -9 between the two applies it again: same data,
-        and no later write to its blocks ran, they were held). Never raises: it runs
-        in a group-commit round."""
+        """Its backups and log entries are durable (error None): in place; out of the
+        staging file with the round's others (`staged_finished`, before their blocks
+        are released: a kill -9 between the two applies it again: same data, and no
+        later write to its blocks ran, they were held). Never raises: it runs in a
+        group-commit round."""
         if error is None and self.failed is None:
             try:
                 self._overwrite(staged.first * self.block_size, staged.data)
-                self.staging.clear(staged.slot, len(staged.data) // self.block_size)
-                self.journal.write_out()
             except OSError as exc:
                 error = exc
         if error is not None or self.failed is not None:
             # Acknowledged, but it must not reach the device without its backup: it
             # stays in the staging file (a re-mount replays it) and in `staged` (reads).
-            if self.failed is None:
-                self.failed = f"a staged write could not be applied: {error}"
-                self.error = self.failed
-                log.error("%s: %s; writes and flushes fail until a re-mount", self.name, self.failed)
+            self._fail_staging(f"a staged write could not be applied: {error}")
             return
-        for block in staged.blocks(self.block_size):
-            del self.staged[block]
+        self.applied.append(staged)
+
+    def staged_finished(self) -> None:
+        """Sync, never raises. The staged writes the round applied leave the staging
+        file (their slot records cleared, neighbours in one write) and `staged`."""
+        applied, self.applied = self.applied, []
+        try:
+            self.staging.clear_all([(staged.slot, len(staged.data) // self.block_size) for staged in applied])
+            self.journal.write_out()
+        except OSError as exc:
+            self._fail_staging(f"a staged write could not be applied: {exc}")
+            return  # its data is in place: reads see the same either way
+        for staged in applied:
+            for block in staged.blocks(self.block_size):
+                del self.staged[block]
+
+    def _fail_staging(self, reason: str) -> None:
+        if self.failed is None:
+            self.failed = self.error = reason
+            log.error("%s: %s; writes and flushes fail until a re-mount", self.name, self.failed)
 
     def _check_failed(self) -> None:
         if self.failed is not None:
@@ -848,10 +887,12 @@ class BowImage(Image):
         hold checkpoint data, a backup or block 0 get a destination each."""
         if self.state != CHECKPOINT:
             return []
+        if first < self.reserved_end and self.reserved_from < end:
+            self._unreserve()  # the filesystem writes free blocks set aside for backups
         segments = self.blocks.segments(first, end)
         needed = sum(e - s for s, e, kind in segments if kind in NEEDS_BACKUP)
         free_here = sum(e - s for s, e, kind in segments if kind == FREE)
-        if (needed or free_here) and self.blocks.length_of(FREE) - free_here - needed < LOG_RESERVE:
+        if (needed or free_here) and self._free_blocks() - free_here - needed < LOG_RESERVE:
             # Free blocks written count too: the last LOG_RESERVE are kept for the log.
             self._note_low_space()
             raise OSError(errno.ENOSPC, "no free space left for backups")
@@ -863,12 +904,12 @@ class BowImage(Image):
         copies = []
         for s, e, kind in segments:
             if kind == SECTOR0:
-                dest = self._allocate(1)[0]
-                copies.append(self._reserve(BowCopy(s, dest, 1, "sector0")))
+                dest = self._destination(1)[0]
+                copies.append(self._hold(BowCopy(s, dest, 1, "sector0")))
             elif kind in NEEDS_BACKUP:
                 while s < e:
-                    dest, n = self._allocate(e - s)
-                    copies.append(self._reserve(BowCopy(s, dest, n, "data")))
+                    dest, n = self._destination(e - s)
+                    copies.append(self._hold(BowCopy(s, dest, n, "data")))
                     s += n
         if copies:
             self._check_low_space()  # now, not when recorded: staged writes run ahead
@@ -884,18 +925,57 @@ class BowImage(Image):
         self.free_cursor = start + n
         return start, n
 
-    def _reserve(self, copy: BowCopy) -> BowCopy:
-        self.blocks.assign(copy.dest, copy.dest + copy.blocks, COPYING)
+    def _destination(self, wanted: int) -> tuple[int, int]:
+        """Sync. The start and length (<= wanted) of free blocks for a backup, COPYING
+        in the map. Taken from the reserved run, which is refilled with up to
+        RESERVED_BLOCKS free blocks at once: one map change for many backups. A
+        run too short for `wanted` is given back first, so that a large write's
+        backup stays one log entry where the free space allows."""
+        if self.reserved_end - self.reserved_from < wanted:
+            self._unreserve()
+        if self.reserved_from == self.reserved_end:
+            start, n = self._allocate(max(wanted, RESERVED_BLOCKS))
+            self.blocks.assign(start, start + n, COPYING)
+            self.reserved_from, self.reserved_end = start, start + n
+        dest = self.reserved_from
+        n = min(wanted, self.reserved_end - dest)
+        self.reserved_from += n
+        return dest, n
+
+    def _unreserve(self) -> None:
+        """Sync. The reserved run is free again."""
+        self.blocks.assign(self.reserved_from, self.reserved_end, FREE)
+        self.reserved_from = self.reserved_end = 0
+
+    def _free_blocks(self) -> int:
+        return self.blocks.length_of(FREE) + self.reserved_end - self.reserved_from
+
+    def _hold(self, copy: BowCopy) -> BowCopy:
+        """Its destination is held until the copy is recorded: no write lands there."""
         copy.hold = self.cbw.hold(copy.dest, copy.dest + copy.blocks)
         return copy
 
     async def copy(self, copies: list[BowCopy]) -> None:
+        """The backups: a write's own on the trio thread, a round's (the copies of
+        every write staged since the last) in a worker thread, which touches no map."""
+        if sum(copy.blocks for copy in copies) >= THREADED_COPY_BLOCKS:
+            written = await trio.to_thread.run_sync(self._copy_blocks, copies)
+        else:
+            written = self._copy_blocks(copies)
+        self.unsynced.extend(written)
+
+    def _copy_blocks(self, copies: list[BowCopy]) -> list[tuple[int, bytes]]:
+        """(Any thread.) Read each copy's source, checksum it, write it to its
+        destination (page cache); (offset, data) of what was written."""
         bs = self.block_size
+        written = []
         for copy in copies:
             data = self.device.pread(copy.blocks * bs, copy.source * bs)
             if copy.kind == "data":
                 copy.checksum = bow_log.block_checksum(copy.source * self.sectors_per_block, data, bs)
-            self._write_for_barrier(data, copy.dest * bs)
+            self.device.pwrite(data, copy.dest * bs)
+            written.append((copy.dest * bs, data))
+        return written
 
     def write_records(self, copies: list[BowCopy]):
         """Sync. Append log entries for durable copies and write the log block; a full
@@ -906,7 +986,7 @@ class BowImage(Image):
         # One call backs up at most one full log block (after that everything waits
         # for it). Without a free block for it, fail them all before recording any.
         if len(copies) >= bow_log.entries_per_block(self.block_size) - len(self.log.entries) \
-                and not self.log_copy_pending and not self.blocks.length_of(FREE):
+                and not self.log_copy_pending and not self._free_blocks():
             raise OSError(errno.ENOSPC, "no free block left to roll the log over")
         recorded, deferred, injected = [], [], []
         spb, changed = self.sectors_per_block, False
@@ -921,8 +1001,8 @@ class BowImage(Image):
             elif self.log_copy_pending:
                 deferred.append(copy)
             elif self.log.full:
-                dest = self._allocate(1)[0]
-                log_copy = self._reserve(BowCopy(0, dest, 1, "log"))
+                dest = self._destination(1)[0]
+                log_copy = self._hold(BowCopy(0, dest, 1, "log"))
                 data = self.log.pack()
                 log_copy.checksum = bow_log.block_checksum(0, data, self.block_size)
                 self._write_for_barrier(data, dest * self.block_size)
@@ -1193,6 +1273,7 @@ class BowImage(Image):
         self.state = COMMITTED
         self.log = None
         self.log_copy_pending = False
+        self._unreserve()
         # What reads as zeros but holds old data is punched, so the device is what
         # bow.img showed; in-use is what the filesystem wrote.
         for s, e, kind in self.blocks.snapshot():
@@ -1218,7 +1299,7 @@ class BowImage(Image):
 
     @property
     def free_bytes(self) -> int:
-        return self.blocks.length_of(FREE) * self.block_size
+        return self._free_blocks() * self.block_size
 
     async def start(self, nursery: trio.Nursery) -> None:
         """Called before the mount serves (again after a refused upgrade)."""
@@ -1304,6 +1385,7 @@ class BowImage(Image):
         are; the successor reads the ones after what it read when it opened the
         image. The rest is what the journal does not hold. In the pause no request
         is in flight, so no copy is (`idle`), and the map equals the journal's."""
+        self._unreserve()  # the journal calls it free (if the upgrade is refused: taken again)
         self.journal.write_out()
         idle = self.cbw.idle
         return {**super().handover_state(), "device": self.device.path, "map": self.journal.path,
@@ -1348,6 +1430,7 @@ class BowImage(Image):
 
     async def close(self) -> None:
         try:
+            self._unreserve()
             self.journal.write_out()
             self.device.fsync()
             self.journal.fsync()
