@@ -186,6 +186,15 @@ class _Holds:
         if self.runs:
             self.runs.clear(first, end)
 
+    def first_held(self, first: int, end: int) -> int | None:
+        """The first chunk of [first, end) a hold covers, None if there is none."""
+        starts = self._one_chunk_holds_in(first, end)
+        if self.runs:
+            found = self.runs.overlapping(first, end)
+            if found:
+                starts.append(max(first, found[0][0]))
+        return min(starts, default=None)
+
     def _one_chunk_holds_in(self, first: int, end: int) -> list[int]:
         if end - first <= len(self.one):
             return [chunk for chunk in range(first, end) if chunk in self.one]
@@ -296,6 +305,11 @@ class CopyBeforeWrite:
         """Does any `writing`, `exclusive` or `hold` hold a chunk of [first, end)? (A
         write the policy knows needs no copy may skip the locks if not.)"""
         return self.held.holder(first, end) is not None
+
+    def first_held(self, first: int, end: int) -> int | None:
+        """The first chunk of [first, end) that a `writing`, `exclusive` or `hold`
+        holds, None if none is held."""
+        return self.held.first_held(first, end)
 
     def hold(self, first: int, end: int) -> trio.Event:
         """Hold chunks [first, end) at once (sync, for `plan` or `write_records`:

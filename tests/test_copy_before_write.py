@@ -289,6 +289,10 @@ def test_one_chunk_holds_and_longer_ones_exclude_each_other():
     async def main():
         singles = [cbw.hold(chunk, chunk + 1) for chunk in (3, 4, 900)]
         assert cbw.is_held(0, 10) and cbw.is_held(100, 1000) and not cbw.is_held(5, 900)
+        run = cbw.hold(20, 30)
+        assert [cbw.first_held(0, 10), cbw.first_held(5, 1000), cbw.first_held(25, 1000),
+                cbw.first_held(30, 900)] == [3, 20, 25, None]
+        cbw.release(20, 30, run)
         with pytest.raises(RuntimeError):
             cbw.hold(2, 5)
 

@@ -550,9 +550,9 @@ class OriginImage(Image):
         once (`_copy_at_once`), they are recorded before anything else runs: no hold."""
         room = self.store.max_slots * (1 - LOW_SPACE_FRACTION) - len(self.state.refs)
         stop_at = min(self.n_chunks, end + COPY_AHEAD // self.chunk_size, end + int(room))
-        held = self.cbw.held.overlapping(end, stop_at) if stop_at > end else []
-        if held:
-            stop_at = held[0][0]
+        first_held = self.cbw.first_held(end, stop_at) if stop_at > end else None
+        if first_held is not None:
+            stop_at = first_held
         stop = end
         while stop < stop_at and any(stop not in s.map for s in intact):
             stop += 1
