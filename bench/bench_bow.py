@@ -3,8 +3,8 @@
 (group commit and the naive two-syncs order) and rewrites against the trim state, and
 the restore rate.
 
-    python bench/bench_bow.py                  # 512 MiB devices, 5 s runs, 2 rounds
-    python bench/bench_bow.py --size-mib 1024 --repeat 3
+    python bench/bench_bow.py                  # 512 MiB devices, 5 s runs, 5 rounds
+    python bench/bench_bow.py --size-mib 1024 --repeat 7
     python bench/bench_bow.py --only randwrite --no-naive   # one part, quicker
 
 Must run as root. In one run it:
@@ -15,7 +15,8 @@ Must run as root. In one run it:
    (time-based, whole device) on each, back to back, alternating which goes first;
    ratio bow.img / linear.img, floor 0.9;
 3. first writes: for each workload (rand write 4 KiB qd16, seq write 1 MiB qd8) and
-   each mode -- `trim` (no checkpoint), `group` (checkpoint, group commit) and `naive`
+   each mode -- `trim` (no checkpoint), `group` (checkpoint, group commit) and, in the
+   first round only (it takes longer than the others together),  `naive`
    (checkpoint, `--bow-naive-commit`: copy, sync, log, sync per first write) -- a fresh
    copy of the template is mounted with `--bow`, its upper half discarded (free space
    for backups), checkpointed (not in `trim` mode), and fio writes the first 3/8 of it
@@ -32,7 +33,14 @@ Must run as root. In one run it:
    unmounted and `fusesnap bow restore` is timed: MB/s of backed-up data over the
    time it reports (validation and copies), floor 200; beside it the same over the
    whole command (Python's start-up and imports included).
-   Modes run in rotating order each round; the best run counts.
+   Modes run in rotating order each round.
+4. prints, for each ratio, the median over the rounds of each round's ratio (two
+   runs seconds apart, so a change of the machine's load weighs on both sides) with
+   its range, and the median absolute figures beside it; restore rates are medians
+   of the rounds. (The best run of each side, which this printed before, picks the
+   two sides' outliers from different rounds: on a quiet machine a trim-state
+   baseline that swung 2x between rounds gave a rewrite ratio of 0.63 where the
+   two rounds' own ratios were 1.17 and 0.63.)
 
 Teardown always runs (loop devices, `fusesnap umount`, temp dir). Exit status: 0 if
 every figure reaches its floor, 1 if one is below, 2 if the benchmark failed, 130 if
@@ -47,14 +55,15 @@ import json
 import os
 import re
 import shutil
+import statistics
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import (  # noqa: E402
-    FUSESNAP, REPO, WORKLOADS, attached, fio_job, format_table, fusesnap_mounted,
-    page_cached_file, run, run_benchmark, scratch_dir, warm,
+    FUSESNAP, REPO, WORKLOADS, attached, fio_job, format_table, fusesnap_mounted, median_ratio,
+    page_cached_file, ratio_range, run, run_benchmark, scratch_dir, warm,
 )
 
 from fusesnap.devices import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, fallocate  # noqa: E402
@@ -70,7 +79,8 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size-mib", type=int, default=512, help="device size (default 512)")
     parser.add_argument("--runtime", type=float, default=5, help="seconds per time-based fio run (default 5)")
-    parser.add_argument("--repeat", type=int, default=2, help="rounds; the best run counts (default 2)")
+    parser.add_argument("--repeat", type=int, default=5,
+                        help="rounds; ratios are medians of the rounds' own ratios (default 5)")
     parser.add_argument("--tmpdir", help="where the temp dir goes (default: $TMPDIR or /tmp)")
     parser.add_argument("--only", choices=("trim", "randwrite", "seqwrite"), action="append",
                         help="run only this part (repeatable): the trim state against linear.img, "
@@ -88,9 +98,13 @@ def cell(result: dict) -> str:
     return f"{result['mbps']:.1f} ({result['iops']:.0f})"
 
 
-def keep_best(best: dict, key, result: dict) -> None:
-    if result["mbps"] > best.get(key, {"mbps": -1})["mbps"]:
-        best[key] = result
+def median_cell(results: list[dict]) -> str:
+    return f"{statistics.median(r['mbps'] for r in results):.1f} " \
+           f"({statistics.median(r['iops'] for r in results):.0f})"
+
+
+def mbps(results: list[dict]) -> list[float]:
+    return [result["mbps"] for result in results]
 
 
 def fio_once(device: str, kind: str, region: int) -> dict:
@@ -127,8 +141,9 @@ def discard(path, offset: int, length: int) -> None:
 
 
 def trim_state(args, tmp, template) -> dict:
-    """bow.img in trim state against linear.img, the four workloads."""
-    best: dict = {}
+    """bow.img in trim state against linear.img, the four workloads: for each
+    (workload, target), its result in each round."""
+    results: dict = {}
     linear, bow = tmp / "linear.raw", tmp / "bow.raw"
     shutil.copyfile(template, linear)
     shutil.copyfile(template, bow)
@@ -145,16 +160,16 @@ def trim_state(args, tmp, template) -> dict:
                     result = fio_job(devices[target], kind, args.runtime)
                     print(f"  trim round {round_index + 1}  {WORKLOADS[kind].label:<19} {target:<10} "
                           f"{cell(result)}", flush=True)
-                    keep_best(best, (kind, target), result)
-    return best
+                    results.setdefault((kind, target), []).append(result)
+    return results
 
 
-def first_writes(args, tmp, template, best: dict, round_index: int) -> None:
+def first_writes(args, tmp, template, results: dict, round_index: int) -> None:
     size = args.size_mib << 20
     region = size * 3 // 8  # backed up into the free upper half, with room for the log
     for kind in [kind for kind in ("randwrite", "seqwrite") if kind in args.only]:
         modes = MODES[round_index % 3:] + MODES[:round_index % 3]
-        if args.no_naive:
+        if args.no_naive or round_index > 0:
             modes = tuple(mode for mode in modes if mode != "naive")
         for mode in modes:
             device = tmp / f"bow-{mode}.raw"
@@ -183,10 +198,10 @@ def first_writes(args, tmp, template, best: dict, round_index: int) -> None:
                      if status.get("staged") else "")
                   + (f", {status['barrier_seconds'] / status['barriers'] * 1e3:.1f} ms each"
                      if status["barriers"] else ""), flush=True)
-            keep_best(best, ("first", kind, mode), first)
+            results.setdefault(("first", kind, mode), []).append(first)
             if again:
-                keep_best(best, ("rewrite", kind, mode), again)
-                keep_best(best, ("settled rewrite", kind, mode), settled)
+                results.setdefault(("rewrite", kind, mode), []).append(again)
+                results.setdefault(("settled rewrite", kind, mode), []).append(settled)
             if mode == "group":
                 backed_up = status["backed_up"]
                 started = time.monotonic()
@@ -198,62 +213,62 @@ def first_writes(args, tmp, template, best: dict, round_index: int) -> None:
                 print(f"  round {round_index + 1}  restore after {kind}: {backed_up >> 20} MiB "
                       f"in {own:.2f} s = {result['mbps']:.0f} MB/s (the command: {elapsed:.2f} s = "
                       f"{result['command_mbps']:.0f} MB/s)", flush=True)
-                keep_best(best, ("restore", kind), result)
+                results.setdefault(("restore", kind), []).append(result)
             device.unlink()
             map_path.unlink(missing_ok=True)  # the next round's device is a new file
 
 
-def report(trim: dict, best: dict) -> bool:
+def report(trim: dict, results: dict) -> bool:
     all_pass = True
-    rows = []
-    for kind in WORKLOADS if trim else ():
-        ratio = trim[(kind, "bow.img")]["mbps"] / trim[(kind, "linear.img")]["mbps"]
-        passed = ratio >= TRIM_FLOOR
+
+    def row(label, results_, baselines, floor, rows):
+        """One line: median absolute figures, the median and range of the rounds' ratios
+        (a baseline run only in the first round pairs with that round's run)."""
+        nonlocal all_pass
+        values, limits = mbps(results_), mbps(baselines)[:len(results_)]
+        ratio = median_ratio(values, limits)
+        passed = floor is None or ratio >= floor
         all_pass &= passed
-        rows.append([f"trim: {WORKLOADS[kind].label}", cell(trim[(kind, "linear.img")]),
-                     cell(trim[(kind, "bow.img")]), f"{ratio:.2f}", f"{TRIM_FLOOR:.2f}",
-                     "PASS" if passed else "BELOW-FLOOR"])
+        rows.append([label, median_cell(baselines[:len(results_)]), median_cell(results_), f"{ratio:.2f}",
+                     ratio_range(values, limits), f"{floor:.2f}" if floor else "-",
+                     ("PASS" if passed else "BELOW-FLOOR") if floor else "-"])
+
+    rows: list = []
+    for kind in WORKLOADS if trim else ():
+        row(f"trim: {WORKLOADS[kind].label}", trim[(kind, "bow.img")], trim[(kind, "linear.img")],
+            TRIM_FLOOR, rows)
     if rows:
         print(format_table(["bow.img trim state", "linear.img MB/s (IOPS)", "bow.img MB/s (IOPS)",
-                            "ratio", "floor", "mark"], rows))
+                            "ratio", "range", "floor", "mark"], rows))
         print()
-    kinds = [kind for kind in ("randwrite", "seqwrite") if ("restore", kind) in best]
+    kinds = [kind for kind in ("randwrite", "seqwrite") if ("restore", kind) in results]
     if not kinds:
         return all_pass
     rows = []
     for kind in kinds:
-        base = best[("first", kind, "trim")]
-        for mode in [mode for mode in ("group", "naive") if ("first", kind, mode) in best]:
-            ratio = best[("first", kind, mode)]["mbps"] / base["mbps"]
-            floor = FIRST_WRITE_FLOOR[kind] if mode == "group" else None
-            passed = floor is None or ratio >= floor
-            all_pass &= passed
-            rows.append([f"first writes, {WORKLOADS[kind].label}, {mode}", cell(base),
-                         cell(best[("first", kind, mode)]), f"{ratio:.2f}",
-                         f"{floor:.2f}" if floor else "-", ("PASS" if passed else "BELOW-FLOOR") if floor else "-"])
-        base = best[("rewrite", kind, "trim")]
-        ratio = best[("rewrite", kind, "group")]["mbps"] / base["mbps"]
-        rows.append([f"rewrites straight after, {WORKLOADS[kind].label}", cell(base),
-                     cell(best[("rewrite", kind, "group")]), f"{ratio:.2f}", "-", "-"])
-        base = best[("settled rewrite", kind, "trim")]
-        ratio = best[("settled rewrite", kind, "group")]["mbps"] / base["mbps"]
-        passed = ratio >= REWRITE_FLOOR
-        all_pass &= passed
-        rows.append([f"rewrites after a flush, {WORKLOADS[kind].label}", cell(base),
-                     cell(best[("settled rewrite", kind, "group")]), f"{ratio:.2f}", f"{REWRITE_FLOOR:.2f}",
-                     "PASS" if passed else "BELOW-FLOOR"])
+        label = WORKLOADS[kind].label
+        for mode in [mode for mode in ("group", "naive") if ("first", kind, mode) in results]:
+            row(f"first writes, {label}, {mode}", results[("first", kind, mode)],
+                results[("first", kind, "trim")], FIRST_WRITE_FLOOR[kind] if mode == "group" else None, rows)
+        row(f"rewrites straight after, {label}", results[("rewrite", kind, "group")],
+            results[("rewrite", kind, "trim")], None, rows)
+        row(f"rewrites after a flush, {label}", results[("settled rewrite", kind, "group")],
+            results[("settled rewrite", kind, "trim")], REWRITE_FLOOR, rows)
     print(format_table(["checkpoint state", "trim MB/s (IOPS)", "checkpoint MB/s (IOPS)", "ratio",
-                        "floor", "mark"], rows))
+                        "range", "floor", "mark"], rows))
     print()
     rows = []
     for kind in kinds:
-        result = best[("restore", kind)]
-        passed = result["mbps"] >= RESTORE_FLOOR_MBPS
+        restores = results[("restore", kind)]
+        rates = mbps(restores)
+        passed = statistics.median(rates) >= RESTORE_FLOOR_MBPS
         all_pass &= passed
-        rows.append([f"after {WORKLOADS[kind].label}", f"{result['bytes'] >> 20} MiB",
-                     f"{result['mbps']:.0f}", f"{result['command_mbps']:.0f}", f"{RESTORE_FLOOR_MBPS}",
+        rows.append([f"after {WORKLOADS[kind].label}", f"{restores[0]['bytes'] >> 20} MiB",
+                     f"{statistics.median(rates):.0f}", f"{min(rates):.0f}-{max(rates):.0f}",
+                     f"{statistics.median(r['command_mbps'] for r in restores):.0f}", f"{RESTORE_FLOOR_MBPS}",
                      "PASS" if passed else "BELOW-FLOOR"])
-    print(format_table(["bow restore", "backed up", "MB/s", "MB/s with start-up", "floor", "mark"], rows))
+    print(format_table(["bow restore", "backed up", "MB/s", "range", "MB/s with start-up", "floor", "mark"],
+                       rows))
     return all_pass
 
 
@@ -262,11 +277,13 @@ def bench(args) -> bool:
         print(f"filling a {args.size_mib} MiB template in {tmp} ...", flush=True)
         template = page_cached_file(tmp / "template.raw", args.size_mib << 20)
         trim = trim_state(args, tmp, template) if "trim" in args.only else {}
-        best: dict = {}
+        results: dict = {}
         for round_index in range(args.repeat):
-            first_writes(args, tmp, template, best, round_index)
+            first_writes(args, tmp, template, results, round_index)
     print()
-    return report(trim, best)
+    print(f"(medians over {args.repeat} rounds; load at the end "
+          + " ".join(f"{load:.2f}" for load in os.getloadavg()) + ")")
+    return report(trim, results)
 
 
 def main() -> int:

@@ -57,8 +57,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import (  # noqa: E402
     BenchError, attached, deferred_interrupts, fio_figures, format_table, fusesnap_mounted,
-    header_lines, page_cached_file, require_root, run, scratch_dir, terminate_as_interrupt,
-    warm, FUSESNAP,
+    header_lines, median_ratio, page_cached_file, ratio_range, require_root, run, scratch_dir,
+    terminate_as_interrupt, warm, FUSESNAP,
 )
 
 FIRST_TOUCH_FLOOR, COPIED_FLOOR, EIGHT_TOLERANCE, READ_FLOOR = 0.5, 0.9, 0.1, 0.8
@@ -215,7 +215,7 @@ def main(argv=None) -> int:
         passed = floor(ratio)
         ok &= passed
         cells = [label, f"{statistics.median(limits):.0f}", f"{statistics.median(values):.0f}",
-                 f"{ratio:.2f}", spread(values, limits), text_floor, "PASS" if passed else "BELOW-FLOOR"]
+                 f"{ratio:.2f}", ratio_range(values, limits), text_floor, "PASS" if passed else "BELOW-FLOOR"]
         if qemu:
             cells += [f"{statistics.median(qemu_values):.0f}" if qemu_values else "-",
                       f"{median_ratio(qemu_values, limits):.2f}" if qemu_values else "-"]
@@ -251,16 +251,6 @@ def drop_from_cache(path: Path) -> None:
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
     finally:
         os.close(fd)
-
-
-def median_ratio(values: list[float], limits: list[float]) -> float:
-    """The median of the per-round ratios (each a pair measured seconds apart)."""
-    return statistics.median(value / limit for value, limit in zip(values, limits))
-
-
-def spread(values: list[float], limits: list[float]) -> str:
-    ratios = [value / limit for value, limit in zip(values, limits)]
-    return f"{min(ratios):.2f}-{max(ratios):.2f}"
 
 
 if __name__ == "__main__":

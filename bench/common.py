@@ -26,6 +26,7 @@ import platform
 import shlex
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -366,6 +367,17 @@ def header_lines() -> list[str]:
         f"fusesnap at {_git('rev-parse', '--short', 'HEAD')}"
         f"{' + uncommitted changes in fusesnap/' if dirty else ''}",
     ]
+
+
+def median_ratio(values: list[float], limits: list[float]) -> float:
+    """The median of the per-round ratios values[i] / limits[i] (each a pair measured
+    seconds apart, so a swing of the machine's load weighs on both sides)."""
+    return statistics.median(value / limit for value, limit in zip(values, limits))
+
+
+def ratio_range(values: list[float], limits: list[float]) -> str:
+    ratios = [value / limit for value, limit in zip(values, limits)]
+    return f"{min(ratios):.2f}-{max(ratios):.2f}"
 
 
 def format_table(headers: list[str], rows: list[list[str]]) -> str:
