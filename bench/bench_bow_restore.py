@@ -35,7 +35,7 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_bow import discard, fio_once  # noqa: E402
+from bench_bow import discard, fio_once, flush  # noqa: E402
 from common import FUSESNAP, REPO, attached, fusesnap_mounted, page_cached_file, run, scratch_dir  # noqa: E402
 
 IN_PROCESS = """
@@ -65,6 +65,7 @@ def build_log(tmp: Path, size_mib: int) -> tuple[Path, int]:
         run([*FUSESNAP, "bow", "checkpoint", mount.mountpoint], cwd=REPO)
         with attached(mount / "bow.img") as loop:
             fio_once(loop, "randwrite", region)
+            flush(loop)  # (every staged first write backed up, so that the status counts it)
         backed_up = json.loads((mount / ".status.json").read_text())["images"]["bow.img"]["backed_up"]
     return device, backed_up
 
