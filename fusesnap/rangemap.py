@@ -214,6 +214,19 @@ class RangeMap:
         found = self.find(point)
         return default if found is None else found[2]
 
+    def uniform(self, a, b, mixed=None):
+        """The value every point of ``[a, b)`` has (``None``: all unmapped), or
+        ``mixed`` if they differ; ``a < b``. One bisection and no list: for the
+        hot path of a read that only needs to know whether its whole range is alike."""
+        before, after = _split(self._starts, a, bisect_right)
+        if after is not None and after < b:
+            return mixed  # a range starts inside (a, b)
+        if before is not None:
+            e, v = self._ranges[before]
+            if e > a:
+                return v if e >= b else mixed  # (a range then a gap)
+        return None
+
     def overlapping(self, a, b):
         """List of ``(start, end, value)`` of ranges overlapping ``[a, b)``, clipped to it, in order."""
         return [r for r in self._walk(a, b) if r[2] is not None]

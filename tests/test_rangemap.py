@@ -122,6 +122,19 @@ def test_overlapping_clips_and_skips_gaps():
     assert m.overlapping(25, 30) == []
 
 
+def test_uniform_is_the_value_of_a_range_all_alike_or_the_marker_for_mixed():
+    m = make((10, 20, "a"), (20, 25, "b"), (30, 40, "a"))
+    mixed = object()
+    assert m.uniform(12, 18, mixed) == "a"
+    assert m.uniform(10, 20, mixed) == "a"
+    assert m.uniform(26, 30, mixed) is None      # all unmapped
+    assert m.uniform(0, 10, mixed) is None
+    assert m.uniform(40, 99, mixed) is None
+    assert m.uniform(15, 21, mixed) is mixed     # two values
+    assert m.uniform(24, 26, mixed) is mixed     # a value, then a gap
+    assert m.uniform(5, 11, mixed) is mixed      # a gap, then a value
+
+
 def test_segments_is_a_list_unaffected_by_later_mutation():
     m = make((0, 10, "a"), (20, 30, "b"))
     segs = m.segments(0, 30)
@@ -309,6 +322,9 @@ class RangeMapVsModel(RuleBasedStateMachine):
         a, b = min(a, b), max(a, b)
         assert self.map.segments(a, b) == model_runs(self.model, a, b, with_gaps=True)
         assert self.map.overlapping(a, b) == model_runs(self.model, a, b)
+        if a < b:
+            alike = set(self.model[a:b])
+            assert self.unindexed.uniform(a, b, "mixed") == (alike.pop() if len(alike) == 1 else "mixed")
         assert self.map.first_with_value(value, start) == model_first_with_value(self.model, value, start)
 
     @invariant()

@@ -111,6 +111,7 @@ KIND_NAMES = {IN_USE: "in-use", FREE: "free", CHANGED: "changed", ZEROED: "zeroe
               BACKUP: "backup", LOG: "log", SECTOR0: "sector0", COPYING: "copying"}
 READS_AS_ZEROS = frozenset((FREE, ZEROED, BACKUP, COPYING, SECTOR0))
 NEEDS_BACKUP = frozenset((None, ZEROED, BACKUP, SECTOR0))
+_MIXED = object()  # `RangeMap.uniform`'s answer for blocks of more than one kind
 
 TRIM, CHECKPOINT, COMMITTED = "trim", "checkpoint", "committed"
 STATE_CODES = {TRIM: 0, CHECKPOINT: 1, COMMITTED: 2}
@@ -674,9 +675,17 @@ class BowImage(Image):
         bs = self.block_size
         first, stop = offset // bs, (end - 1) // bs + 1
         if not (self.state == CHECKPOINT and offset < bs) and not (self.staged and self._staged_in(first, stop)) \
-                and not any(kind in READS_AS_ZEROS for _, _, kind in self.blocks.overlapping(first, stop)):
+                and self._on_device(first, stop):
             return self.device.pread(end - offset, offset)  # all of it is on the device: one pread
         return self._view(offset, end - offset)
+
+    def _on_device(self, first: int, stop: int) -> bool:
+        """No block of [first, stop) reads as zeros (`READS_AS_ZEROS`): one bisection
+        when the blocks are all of one kind (the usual read), a walk otherwise."""
+        kind = self.blocks.uniform(first, stop, _MIXED)
+        if kind is not _MIXED:
+            return kind not in READS_AS_ZEROS
+        return not any(kind in READS_AS_ZEROS for _, _, kind in self.blocks.overlapping(first, stop))
 
     # -- writes --------------------------------------------------------------------
 
