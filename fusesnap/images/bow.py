@@ -731,8 +731,8 @@ class BowImage(Image):
         a state change never sees this half done."""
         bs = self.block_size
         first_block, end_block = offset // bs, -(-(offset + len(data)) // bs)
-        free = [(s, e) for s, e, kind in self.blocks.overlapping(first_block, end_block)]
-        if free:
+        if self.blocks.uniform(first_block, end_block, _MIXED) is not None:  # (None: all in use)
+            free = [(s, e) for s, e, kind in self.blocks.overlapping(first_block, end_block)]
             offset, data = self._merged(offset, data)
             for s, e in free:
                 self._assign(s, e, None)
