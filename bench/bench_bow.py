@@ -16,7 +16,7 @@ Must run as root. In one run it:
    ratio bow.img / linear.img, floor 0.9;
 3. first writes: for each workload (rand write 4 KiB qd16, seq write 1 MiB qd8) and
    each mode -- `trim` (no checkpoint), `group` (checkpoint, group commit) and, in the
-   first round only (it takes longer than the others together),  `naive`
+   first round only (it takes longer than the others together), `naive`
    (checkpoint, `--bow-naive-commit`: copy, sync, log, sync per first write) -- a fresh
    copy of the template is mounted with `--bow`, its upper half discarded (free space
    for backups), checkpointed (not in `trim` mode), and fio writes the first 3/8 of it
@@ -221,15 +221,15 @@ def first_writes(args, tmp, template, results: dict, round_index: int) -> None:
 def report(trim: dict, results: dict) -> bool:
     all_pass = True
 
-    def row(label, results_, baselines, floor, rows):
+    def row(label, measured, baselines, floor, rows):
         """One line: median absolute figures, the median and range of the rounds' ratios
-        (a baseline run only in the first round pairs with that round's run)."""
+        (a mode run only in the first round, naive, pairs with that round's baseline)."""
         nonlocal all_pass
-        values, limits = mbps(results_), mbps(baselines)[:len(results_)]
+        values, limits = mbps(measured), mbps(baselines)[:len(measured)]
         ratio = median_ratio(values, limits)
         passed = floor is None or ratio >= floor
         all_pass &= passed
-        rows.append([label, median_cell(baselines[:len(results_)]), median_cell(results_), f"{ratio:.2f}",
+        rows.append([label, median_cell(baselines[:len(measured)]), median_cell(measured), f"{ratio:.2f}",
                      ratio_range(values, limits), f"{floor:.2f}" if floor else "-",
                      ("PASS" if passed else "BELOW-FLOOR") if floor else "-"])
 
