@@ -5,10 +5,12 @@ A `BlockDevice` wraps one file descriptor on a block device or a regular file. E
 method is a plain blocking syscall on that fd (`pread`/`pwrite` are positional, so
 several threads may use one device at once). Images call them from the trio thread
 when the data is expected in the page cache and from worker threads otherwise.
+`WriteBehind` starts writeback of a long run of writes from a worker thread.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import ctypes
 import ctypes.util
@@ -19,6 +21,7 @@ import os
 import stat
 import struct
 import tempfile
+from typing import Callable
 
 from .errors import UserError
 
@@ -75,6 +78,7 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
 
 _libc.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
 _SYNC_FILE_RANGE_ALL = 1 | 2 | 4  # WAIT_BEFORE | WRITE | WAIT_AFTER
+_SYNC_FILE_RANGE_WRITE = 2
 
 
 #: Filesystems whose fsync of a range (an RWF_DSYNC write) commits all of the file's
@@ -98,6 +102,47 @@ def write_back(fd: int, offset: int, length: int) -> None:
     if _libc.sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_ALL) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
+
+
+class WriteBehind:
+    """Starts writeback of what a long run of buffered writes wrote while the writer
+    goes on: `wrote(offset, length)` after each write; every `span` bytes of the
+    device covered, a worker thread calls `start(offset, length)` for that range
+    (`BlockDevice.start_write_back`, which blocks while it queues the I/O).
+    `finish()` waits for the thread and raises its first OSError; an fsync after it
+    then waits for less. Not durable by itself. One writer thread."""
+
+    def __init__(self, start: Callable[[int, int], None], span: int):
+        self.start = start
+        self.span = span
+        self.low = self.high = None  # the range written since the last hand-over
+        self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="write-behind")
+        self.started: list[concurrent.futures.Future] = []
+
+    def wrote(self, offset: int, length: int) -> None:
+        end = offset + length
+        self.low = offset if self.low is None else min(self.low, offset)
+        self.high = end if self.high is None else max(self.high, end)
+        if self.high - self.low >= self.span:
+            self._hand_over()
+
+    def _hand_over(self) -> None:
+        self.started.append(self.pool.submit(self.start, self.low, self.high - self.low))
+        self.low = self.high = None
+
+    def finish(self) -> None:
+        """Start the rest, wait for the thread; its first OSError, if any."""
+        if self.low is not None:
+            self._hand_over()
+        try:
+            for future in self.started:
+                future.result()
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Wait for the thread without looking at its results (a writer that failed)."""
+        self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 #: Descriptors handed over by a live upgrade, by path (`fusesnap.upgrade`): a
@@ -204,6 +249,13 @@ class BlockDevice:
 
     def fsync(self) -> None:
         os.fsync(self.fd)
+
+    def start_write_back(self, offset: int, length: int) -> None:
+        """Start writing the range's dirty pages to the device, without waiting for
+        them (sync_file_range(2) SYNC_FILE_RANGE_WRITE; any thread). Not durable."""
+        if _libc.sync_file_range(self.fd, offset, length, _SYNC_FILE_RANGE_WRITE) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
 
     def close(self) -> None:
         if self.fd >= 0:

@@ -37,6 +37,7 @@ What this module owns (pure format logic, no trio, no policy):
 from __future__ import annotations
 
 import bisect
+import concurrent.futures
 import dataclasses
 import functools
 import operator
@@ -44,6 +45,7 @@ import struct
 import zlib
 from typing import Callable, NamedTuple
 
+from ..devices import WriteBehind
 from ..rangemap import RangeMap
 
 MAGIC = 0x00574F42                  # "BOW": a log
@@ -165,6 +167,8 @@ DIRECT_IO_BYTES = 8 << 20
 # checked) is written back from memory up to this much; beyond it, read again in
 # batches of this much once those are written.
 RESTORE_MEMORY = 256 << 20
+# Restored data is handed to the disk (`WriteBehind`) every this many bytes of the device.
+WRITE_BEHIND_BYTES = 4 << 20
 
 class _Relocations:
     """Where each sector's restored data would be read from: sector s reads device
@@ -322,17 +326,27 @@ def _read_backups(device, entries: list[LogEntry], block_size: int, *,
                   keep: int) -> dict[LogEntry, memoryview]:
     """Read the backups of `entries` (sorted by dest; adjacent ones at once) and check
     each against its entry's checksum (BowLogError if one differs). Returns the
-    backups of the runs that fit in `keep` bytes, first come first kept."""
+    backups of the runs that fit in `keep` bytes, first come first kept.
+
+    A worker thread reads the next run while this one is checked: the read (into
+    fresh memory) and the checksums took about as long as each other."""
     kept = {}
-    for run in _runs(entries, _by_dest):
+    runs = list(_runs(entries, _by_dest))
+
+    def read(run):
         at = run[0].dest * SECTOR
-        data = memoryview(device.pread(run[-1].dest * SECTOR + run[-1].size - at, at))
-        backups = [data[entry.dest * SECTOR - at:][:entry.size] for entry in run]
-        for entry, backup in zip(run, backups):
-            _check_backup(entry, backup, block_size)
-        if keep >= len(data):
-            kept.update(zip(run, backups))
-            keep -= len(data)
+        return at, memoryview(device.pread(run[-1].dest * SECTOR + run[-1].size - at, at))
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="read-ahead") as pool:
+        ahead = pool.submit(read, runs[0]) if runs else None
+        for index, run in enumerate(runs):
+            at, data = ahead.result()
+            ahead = pool.submit(read, runs[index + 1]) if index + 1 < len(runs) else None
+            backups = [data[entry.dest * SECTOR - at:entry.dest * SECTOR - at + entry.size] for entry in run]
+            _check_backups(run, backups, block_size)
+            if keep >= len(data):
+                kept.update(zip(run, backups))
+                keep -= len(data)
     return kept
 
 
@@ -439,17 +453,26 @@ def _restore_directly(device, summary: LogSummary, entries: list[LogEntry], bloc
                          key=lambda pair: pair[0].source)
                   for some in _batches(sorted(unread, key=_by_dest)))
     done = done_bytes = 0
-    while batch is not None:
-        for source, data, count in _side_by_side(batch):
-            device.pwrite(data, source * SECTOR)
-            if progress:
-                progress(len(data))
-            done += count
-            done_bytes += len(data)
-            if stop_after is not None and done >= stop_after:
-                return
-        batch = None  # (let it go before the next one is read)
-        batch = next(read_again, None)
+    # The disk writes what is restored while the next copies are made: a random
+    # run's backups are thousands of scattered blocks, whose writeback took as long
+    # as the copies (bench/bench_bow_restore.py).
+    write_behind = WriteBehind(device.start_write_back, WRITE_BEHIND_BYTES)
+    try:
+        while batch is not None:
+            for source, data, count in _side_by_side(batch):
+                device.pwrite(data, source * SECTOR)
+                write_behind.wrote(source * SECTOR, len(data))
+                if progress:
+                    progress(len(data))
+                done += count
+                done_bytes += len(data)
+                if stop_after is not None and done >= stop_after:
+                    return
+            batch = None  # (let it go before the next one is read)
+            batch = next(read_again, None)
+        write_behind.finish()
+    finally:
+        write_behind.close()
     if stop_after is not None and stop_after < summary.entries:
         return  # (the block 0 write restores the remaining entries, those of block 0)
     device.fsync()  # every copy durable before block 0 stops being the log
@@ -488,6 +511,18 @@ def _side_by_side(backups: list[tuple[LogEntry, memoryview]]):
         end = entry.source + entry.size // SECTOR
     if run:
         yield start, b"".join(run) if len(run) > 1 else run[0], len(run)
+
+
+def _check_backups(entries: list[LogEntry], backups: list, block_size: int) -> None:
+    """`_check_backup` for each entry and its backup, the checksums worked out inline
+    (a log holds thousands of entries: validation's largest cost)."""
+    per_block = block_size // SECTOR
+    crc32 = zlib.crc32
+    for entry, backup in zip(entries, backups):
+        checksum = entry.checksum
+        if checksum and crc32(backup, ((entry.source // per_block) & 0xFFFFFFFF) ^ 0xFFFFFFFF) ^ 0xFFFFFFFF \
+                != checksum:
+            _check_backup(entry, backup, block_size)  # (raises, naming it)
 
 
 def _check_backup(entry: LogEntry, data, block_size: int) -> None:
