@@ -605,7 +605,7 @@ def restore_images(images: list[Image], states: dict | None) -> None:
 
 def run_successor(args: argparse.Namespace) -> int:
     """`fusesnap takeover MNT --fd N`: started by a server handing MNT over."""
-    from .mount import MountServer, ReadyChannel, setup_logging
+    from .mount import MountServer, ReadyChannel, setup_logging, tune_garbage_collection
     channel = socket.socket(fileno=args.fd)
     setup_logging(False, None, ReadyChannel(None))  # stderr: the old server's log until COMMIT
     try:
@@ -629,6 +629,7 @@ def run_successor(args: argparse.Namespace) -> int:
     server = MountServer(os.path.abspath(args.mountpoint), images,
                          workers=mount_args.workers, debug=mount_args.debug)
     server.handover = HandOver(server, takeover)
+    tune_garbage_collection()
     try:
         trio.run(server.serve, lambda: None)
     except SuccessorFailed as exc:
