@@ -110,7 +110,8 @@ class WriteBehind:
     device covered, a worker thread calls `start(offset, length)` for that range
     (`BlockDevice.start_write_back`, which blocks while it queues the I/O).
     `finish()` waits for the thread and raises its first OSError; an fsync after it
-    then waits for less. Not durable by itself. One writer thread."""
+    then waits for less; `close()` stops the thread. Not durable by itself. One
+    writer thread."""
 
     def __init__(self, start: Callable[[int, int], None], span: int):
         self.start = start
@@ -131,17 +132,15 @@ class WriteBehind:
         self.low = self.high = None
 
     def finish(self) -> None:
-        """Start the rest, wait for the thread; its first OSError, if any."""
+        """Start the rest and wait for it all; the thread's first OSError, if any."""
         if self.low is not None:
             self._hand_over()
-        try:
-            for future in self.started:
-                future.result()
-        finally:
-            self.close()
+        for future in self.started:
+            future.result()
 
     def close(self) -> None:
-        """Wait for the thread without looking at its results (a writer that failed)."""
+        """Stop the thread (always, after `finish` or instead of it: a writer that
+        stopped early or failed), without looking at its results."""
         self.pool.shutdown(wait=True, cancel_futures=True)
 
 
