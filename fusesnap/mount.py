@@ -233,7 +233,8 @@ def setup_logging(debug: bool, log_path: str | None, channel: ReadyChannel) -> N
 # thread's samples (perf) in bow.img's random first writes. With this, in alternating
 # runs of bench_bow's first writes (/tmp harness, not kept): the serving thread's CPU
 # per random 4 KiB write 117-137 us against 121-148, sequential 1 MiB writes
-# 298-337 MB/s against 276-279; a second set of five pairs gave the same direction.
+# 298-337 MB/s against 276-279 (4 and 3 pairs); an earlier 8 pairs of random writes
+# pointed the same way.
 GC_THRESHOLDS = (100_000, 50, 100)
 
 

@@ -343,7 +343,8 @@ def _read_backups(device, entries: list[LogEntry], block_size: int, *,
             at, data = ahead.result()
             ahead = pool.submit(read, runs[index + 1]) if index + 1 < len(runs) else None
             backups = [data[entry.dest * SECTOR - at:entry.dest * SECTOR - at + entry.size] for entry in run]
-            _check_backups(run, backups, block_size)
+            for entry, backup in zip(run, backups):
+                _check_backup(entry, backup, block_size)
             if keep >= len(data):
                 kept.update(zip(run, backups))
                 keep -= len(data)
@@ -511,18 +512,6 @@ def _side_by_side(backups: list[tuple[LogEntry, memoryview]]):
         end = entry.source + entry.size // SECTOR
     if run:
         yield start, b"".join(run) if len(run) > 1 else run[0], len(run)
-
-
-def _check_backups(entries: list[LogEntry], backups: list, block_size: int) -> None:
-    """`_check_backup` for each entry and its backup, the checksums worked out inline
-    (a log holds thousands of entries)."""
-    per_block = block_size // SECTOR
-    crc32 = zlib.crc32
-    for entry, backup in zip(entries, backups):
-        checksum = entry.checksum
-        if checksum and crc32(backup, ((entry.source // per_block) & 0xFFFFFFFF) ^ 0xFFFFFFFF) ^ 0xFFFFFFFF \
-                != checksum:
-            _check_backup(entry, backup, block_size)  # (raises, naming it)
 
 
 def _check_backup(entry: LogEntry, data, block_size: int) -> None:
